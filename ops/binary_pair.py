@@ -1,0 +1,89 @@
+"""`fold_binary_pair`: STTN's two latent binary kernels -> one ternary kernel, with the original
+gradient rule as its VJP.
+
+The original (`util.BinOp`) binarizes each kernel of a pair to `alpha * sign(W)` with one alpha per
+output channel shared by the pair, runs two convolutions and adds them. Convolution is linear, so
+one convolution with T = B1 + B2 = alpha * (sign W1 + sign W2) gives the same output at half the
+cost, and dL/dB1 = dL/dB2 = dL/dT = G. The latent kernels then get the original's
+`updateBinaryGradWeight` gradient: G (zeroed where |W| > 1.96) + sign(W) * mean(sign(W) * G).
+
+Kernels are HWIO (or any layout with the output channel last): alpha and the means run over every
+axis but the last.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Names of the latent binary kernels in the models' parameter trees (`sttn_jax.layers`).
+LATENT_KERNEL_NAMES = ("kernel_1", "kernel_2")
+# The original zeroes the gradient of latent weights beyond this magnitude; after the clamp to
+# [-1, 1] that happens every step it never fires, but it keeps the op faithful without the clamp.
+GRADIENT_CUTOFF = 1.96
+
+
+def _reduce_axes(w):
+    return tuple(range(w.ndim - 1))
+
+
+def pair_alpha(w1, w2):
+    """alpha = (sum|w1| + sum|w2|) / (2n) per output channel (last axis), n = fan-in."""
+    if w1.shape != w2.shape:
+        raise ValueError(f"a binary pair needs two kernels of one shape, got {w1.shape} and {w2.shape}")
+    axes = _reduce_axes(w1)
+    n = math.prod(w1.shape[:-1])
+    return (jnp.sum(jnp.abs(w1), axis=axes) + jnp.sum(jnp.abs(w2), axis=axes)) / (2 * n)
+
+
+def _fold(w1, w2):
+    return pair_alpha(w1, w2) * (jnp.sign(w1) + jnp.sign(w2))
+
+
+@jax.custom_vjp
+def fold_binary_pair(w1, w2):
+    """alpha * (sign(w1) + sign(w2)): values in {-2 alpha, 0, +2 alpha} per output channel."""
+    return _fold(w1, w2)
+
+
+def _fold_fwd(w1, w2):
+    return _fold(w1, w2), (w1, w2)
+
+
+def latent_gradient(w, g):
+    """The original `updateBinaryGradWeight` for one latent kernel `w` given G = dL/d(binarized w)."""
+    s = jnp.sign(w).astype(g.dtype)
+    correction = s * jnp.mean(s * g, axis=_reduce_axes(w))
+    return jnp.where(jnp.abs(w) > GRADIENT_CUTOFF, jnp.zeros((), g.dtype), g) + correction
+
+
+def _fold_bwd(res, g):
+    w1, w2 = res
+    return latent_gradient(w1, g).astype(w1.dtype), latent_gradient(w2, g).astype(w2.dtype)
+
+
+fold_binary_pair.defvjp(_fold_fwd, _fold_bwd)
+
+
+def _is_latent_kernel(path) -> bool:
+    last = path[-1]
+    name = getattr(last, "key", getattr(last, "name", None))
+    return name in LATENT_KERNEL_NAMES
+
+
+def clamp_latent_kernels(params):
+    """Clamps exactly the latent binary kernels of a parameter tree to [-1, 1], as the original
+    does in place before every step (the clamp persists in the latent weights). Everything else
+    (stem, biases, BatchNorm, PReLU, fc, ternary kernels) is returned untouched."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.clip(leaf, -1, 1) if _is_latent_kernel(path) else leaf, params)
+
+
+def latent_kernel_paths(params):
+    """The '/'-joined paths of the latent binary kernels in `params` (for reports and tests)."""
+    out = []
+    for path, _ in jax.tree_util.tree_leaves_with_path(params):
+        if _is_latent_kernel(path):
+            out.append("/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path))
+    return out

@@ -1,0 +1,143 @@
+"""`ternary_activation`: STTN's ternary activation as a `jax.custom_vjp`.
+
+Forward (the original CUDA extension `TerActivateFunc`): x < -0.5 -> -1, -0.5 <= x < 0.5 -> 0,
+x >= 0.5 -> +1, in the input's dtype. One deliberate difference: NaN stays NaN (the extension
+turns it into +1, which hides a diverged run behind plausible activations).
+
+Backward (straight-through estimator with the extension's inclusive bounds):
+grad_in = grad_out where -1 <= x <= 1, else 0. Only that boolean mask is saved for the backward
+pass, not x: a quarter of the memory in float32, half in bfloat16.
+
+Backends: "xla" is a fused elementwise expression; "triton" runs `ops.kernels` through jax-triton
+(CUDA GPUs only); "auto" picks Triton on a CUDA GPU when jax-triton is importable, XLA otherwise.
+Both give bit-identical outputs and masks on every input.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "triton", "xla")
+TRITON_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _forward_xla(x):
+    dtype = x.dtype
+    y = jnp.where(x >= 0.5, jnp.ones((), dtype),
+                  jnp.where(x < -0.5, -jnp.ones((), dtype), jnp.zeros((), dtype)))
+    y = jnp.where(jnp.isnan(x), x, y)
+    keep = (x >= -1) & (x <= 1)
+    return y, keep
+
+
+def _triton_call(flat):
+    import triton
+    import jax_triton as jt
+
+    from ops import kernels
+
+    cfg = kernels.launch_config(flat.dtype.itemsize)
+    n = flat.size
+    return jt.triton_call(
+        flat, n,
+        kernel=kernels.ternary_forward_kernel,
+        out_shape=(jax.ShapeDtypeStruct(flat.shape, flat.dtype),
+                   jax.ShapeDtypeStruct(flat.shape, jnp.bool_)),
+        grid=(triton.cdiv(n, cfg["BLOCK_SIZE"]),),
+        num_warps=cfg["num_warps"],
+        BLOCK_SIZE=cfg["BLOCK_SIZE"],
+    )
+
+
+@jax.custom_batching.custom_vmap
+def _forward_triton(x):
+    if x.size == 0:
+        return _forward_xla(x)
+    y, keep = _triton_call(x.reshape(-1))
+    return y.reshape(x.shape), keep.reshape(x.shape)
+
+
+@_forward_triton.def_vmap
+def _forward_triton_vmap(axis_size, in_batched, x):
+    # Elementwise: the batched array is just a bigger array. (jax-triton has no batching rule.)
+    del axis_size
+    return _forward_triton(x), (in_batched[0], in_batched[0])
+
+
+@functools.lru_cache(maxsize=None)
+def triton_unavailable_reason() -> str | None:
+    """None when the Triton backend can run here, else a sentence saying why not."""
+    try:
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    except RuntimeError:
+        gpus = []
+    if not gpus or "cuda" not in gpus[0].client.platform_version.lower():
+        return ("backend='triton' needs a CUDA GPU, and JAX sees none here "
+                f"(default backend: {jax.default_backend()}); use backend='xla' or 'auto'")
+    try:
+        import jax_triton  # noqa: F401
+    except ImportError as e:
+        return (f"backend='triton' needs jax-triton, which failed to import ({e}); "
+                "install the 'gpu' extra (pip install 'sttn-jax[gpu]') or use backend='xla'")
+    return None
+
+
+def resolve_backend(backend: str, dtype) -> str:
+    """The backend that will actually run for `backend` and `dtype`: "triton" or "xla"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    dtype = jnp.dtype(dtype)
+    if backend == "xla":
+        return "xla"
+    if backend == "triton":
+        reason = triton_unavailable_reason()
+        if reason:
+            raise RuntimeError(reason)
+        if dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports float32, bfloat16 and float16, not {dtype}; "
+                            "use backend='xla' (or 'auto', which does so by itself)")
+        return "triton"
+    # auto
+    if dtype not in TRITON_DTYPES or jax.default_backend() != "gpu":
+        return "xla"
+    reason = triton_unavailable_reason()
+    if reason:
+        warnings.warn(f"ternary_activation falls back to XLA: {reason}", stacklevel=3)
+        return "xla"
+    return "triton"
+
+
+def _forward(x, backend):
+    return _forward_triton(x) if backend == "triton" else _forward_xla(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ternary(x, backend):
+    return _forward(x, backend)[0]
+
+
+def _ternary_fwd(x, backend):
+    y, keep = _forward(x, backend)
+    return y, keep
+
+
+def _ternary_bwd(backend, keep, g):
+    del backend
+    return (jnp.where(keep, g, jnp.zeros((), g.dtype)),)
+
+
+_ternary.defvjp(_ternary_fwd, _ternary_bwd)
+
+
+def ternary_activation(x, backend: str = "auto"):
+    """Ternarizes `x` to {-1, 0, +1} (same shape and dtype) with STTN's straight-through gradient.
+
+    backend: "auto" (Triton on a CUDA GPU, else XLA), "triton" (error without a CUDA GPU) or "xla".
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"ternary_activation takes a floating-point array, not {x.dtype}")
+    return _ternary(x, resolve_backend(backend, x.dtype))
