@@ -1,0 +1,174 @@
+"""PyTorch state_dict keys <-> Flax variable paths, derived from the Flax variable tree.
+
+The Flax models (`sttn_jax.models`) name their modules after the PyTorch ones, with `_` where
+PyTorch has `.` before an index (`features_4` <-> `features.4`, `layer1_0` <-> `layer1.0`,
+`downsample_1` <-> `downsample.1`). The mapping is therefore computed, not listed: walk the
+abstract variable tree of `models.create(arch)` (`jax.eval_shape`, no memory, no torch) and turn
+each leaf path into its PyTorch key:
+
+    params/features_0/kernel              features.0.weight        (7,7,3,64) HWIO <-> OIHW
+    params/features_1/{scale,bias}        features.1.{weight,bias}
+    batch_stats/features_1/{mean,var}     features.1.running_{mean,var}
+    batch_stats/.../num_batches_tracked   ....num_batches_tracked  int32 () <-> int64 ()
+    params/features_2/slope               features.2.weight        (PReLU)
+    params/features_4/conv1/kernel_1      features.4.conv1_1.weight (the binary pair of bwx2)
+    params/features_4/conv1/bias_2        features.4.conv1_2.bias
+    params/fc/kernel                      fc.weight                (in,out) <-> (out,in)
+
+This module does not import torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+from sttn_jax.models import ARCHS
+
+# How an array is laid out on each side.
+CONV = "conv"      # Flax HWIO kernel <-> torch OIHW weight
+DENSE = "dense"    # Flax (in, out) kernel <-> torch (out, in) weight
+VECTOR = "vector"  # same array on both sides (biases, BatchNorm, PReLU)
+COUNT = "count"    # BatchNorm num_batches_tracked: int32 scalar in Flax, int64 scalar in torch
+
+PARAMS = "params"
+BATCH_STATS = "batch_stats"
+COLLECTIONS = (PARAMS, BATCH_STATS)
+
+# Flax leaf name -> torch tensor name (for the leaves that are not kernels or pair members).
+_LEAF_NAMES = {
+    "bias": "bias",
+    "scale": "weight",
+    "slope": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+    "num_batches_tracked": "num_batches_tracked",
+}
+_PAIR_LEAF = re.compile(r"^(kernel|bias)_(\d+)$")  # kernel_1, bias_2 ... of a BinaryPairConv
+_INDEXED_MODULE = re.compile(r"^(.*)_(\d+)$")       # features_4, layer1_0, downsample_1
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor: its torch key (without the `module.` prefix) and its place in the Flax tree."""
+    torch_key: str
+    collection: str          # "params" or "batch_stats"
+    path: tuple[str, ...]    # path inside the collection
+    kind: str                # CONV, DENSE, VECTOR or COUNT
+    flax_shape: tuple[int, ...]
+    torch_shape: tuple[int, ...]
+
+    @property
+    def flax_name(self) -> str:
+        return "/".join((self.collection,) + self.path)
+
+
+def torch_module_name(flax_module: str) -> str:
+    """`features_4` -> `features.4`, `layer1_0` -> `layer1.0`; `bn_add1`, `conv1` unchanged."""
+    m = _INDEXED_MODULE.match(flax_module)
+    return f"{m.group(1)}.{m.group(2)}" if m else flax_module
+
+
+def torch_shape(kind: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if kind == CONV:
+        h, w, i, o = flax_shape
+        return (o, i, h, w)
+    if kind == DENSE:
+        i, o = flax_shape
+        return (o, i)
+    return tuple(flax_shape)
+
+
+def _entry(collection: str, path: tuple[str, ...], shape: tuple[int, ...]) -> Entry:
+    *modules, leaf = path
+    if not modules:
+        raise ValueError(f"unexpected top-level leaf {collection}/{leaf} in the Flax tree")
+    torch_modules = [torch_module_name(m) for m in modules]
+    pair = _PAIR_LEAF.match(leaf)
+    if pair:  # BinaryPairConv: conv1/kernel_1 -> conv1_1.weight
+        what, member = pair.groups()
+        torch_modules[-1] = f"{modules[-1]}_{member}"
+        torch_leaf = "weight" if what == "kernel" else "bias"
+        kind = CONV if what == "kernel" else VECTOR
+    elif leaf == "kernel":
+        torch_leaf = "weight"
+        if len(shape) == 4:
+            kind = CONV
+        elif len(shape) == 2:
+            kind = DENSE
+        else:
+            raise ValueError(f"kernel {collection}/{'/'.join(path)} has unexpected rank {len(shape)}")
+    elif leaf in _LEAF_NAMES:
+        torch_leaf = _LEAF_NAMES[leaf]
+        kind = COUNT if leaf == "num_batches_tracked" else VECTOR
+    else:
+        raise ValueError(f"no PyTorch name for Flax leaf {collection}/{'/'.join(path)}")
+    key = ".".join(torch_modules + [torch_leaf])
+    shape = tuple(int(d) for d in shape)
+    return Entry(key, collection, tuple(path), kind, shape, torch_shape(kind, shape))
+
+
+def _abstract_variables(arch: str, num_classes: int):
+    import jax
+    import jax.numpy as jnp
+
+    from sttn_jax import models
+
+    module = models.create(arch, num_classes=num_classes)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)  # parameters do not depend on size
+    return jax.eval_shape(lambda r, x: module.init(r, x, train=False), jax.random.key(0), x)
+
+
+def _walk(tree, prefix=()):
+    for name, value in tree.items():
+        if isinstance(value, dict) or hasattr(value, "items"):
+            yield from _walk(value, prefix + (str(name),))
+        else:
+            yield prefix + (str(name),), value
+
+
+@functools.lru_cache(maxsize=None)
+def entries(arch: str, num_classes: int = 1000) -> tuple[Entry, ...]:
+    """Every tensor of `arch`, in the Flax tree's order (params, then batch_stats)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    tree = _abstract_variables(arch, num_classes)
+    out = []
+    for collection in COLLECTIONS:
+        for path, leaf in _walk(tree.get(collection, {})):
+            out.append(_entry(collection, path, tuple(leaf.shape)))
+    keys = [e.torch_key for e in out]
+    if len(set(keys)) != len(keys):  # the naming scheme would be ambiguous: a bug, not bad input
+        raise AssertionError(f"{arch}: two Flax leaves map to one torch key")
+    return tuple(out)
+
+
+def by_torch_key(arch: str, num_classes: int = 1000) -> dict[str, Entry]:
+    return {e.torch_key: e for e in entries(arch, num_classes)}
+
+
+def torch_keys(arch: str, num_classes: int = 1000) -> list[str]:
+    return [e.torch_key for e in entries(arch, num_classes)]
+
+
+# Keys that tell the archs apart (each is present in exactly one of them).
+SIGNATURE_KEYS = {
+    "resnet18_bwx2": "features.4.conv1_1.weight",
+    "resnet18_ter": "features.4.conv1.weight",
+    "resnet50": "layer1.0.conv1.weight",
+}
+
+
+def infer_arch(keys) -> str | None:
+    """The arch whose signature key is among `keys` (prefix already stripped), else None."""
+    keys = set(keys)
+    found = [arch for arch, key in SIGNATURE_KEYS.items() if key in keys]
+    return found[0] if len(found) == 1 else None
+
+
+def describe_arch(arch: str) -> str:
+    return {
+        "resnet18_bwx2": "resnet18_bwx2 (STTN ResNet-18 with binary weight pairs, as trained)",
+        "resnet18_ter": "resnet18_ter (merged STTN ResNet-18 with ternary weights)",
+        "resnet50": "resnet50 (torchvision ResNet-50, the teacher)",
+    }[arch]

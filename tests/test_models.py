@@ -1,0 +1,188 @@
+"""The Flax models: structure, parameter counts, PyTorch-semantics layers, gradients, dtypes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ops
+from sttn_jax import layers, merging, models
+
+PARAM_COUNTS = {"resnet18_bwx2": 22_519_528, "resnet18_ter": 11_530_216, "resnet50": 25_557_032}
+STATE_KEYS = {"resnet18_bwx2": 249, "resnet18_ter": 217, "resnet50": 320}  # torch state_dict sizes
+
+
+@pytest.fixture(scope="module")
+def variables32():
+    return {arch: models.init_variables(models.create(arch), jax.random.PRNGKey(0), 32)
+            for arch in models.ARCHS}
+
+
+def count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_parameter_counts_equal_the_original(arch, variables32):
+    v = variables32[arch]
+    assert count(v["params"]) == PARAM_COUNTS[arch]
+    assert len(jax.tree_util.tree_leaves(v)) == STATE_KEYS[arch]
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(v["params"]))
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_output_shapes_at_32_and_224(arch, variables32):
+    module = models.create(arch, num_classes=1000)
+    v = variables32[arch]  # the same variables serve any input size: pooling is global
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    assert module.apply(v, x).shape == (2, 1000)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 224, 224, 3))
+    y = jax.jit(lambda v, x: module.apply(v, x))(v, x)
+    assert y.shape == (1, 1000) and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_num_classes_and_bad_input_errors():
+    module = models.create("resnet18_ter", num_classes=10)
+    v = models.init_variables(module, jax.random.PRNGKey(0), 32)
+    assert v["params"]["fc"]["kernel"].shape == (512, 10)
+    with pytest.raises(ValueError, match="at least 32x32"):
+        module.apply(v, jnp.zeros((1, 16, 16, 3)))
+    with pytest.raises(ValueError, match="NHWC"):
+        module.apply(v, jnp.zeros((1, 3, 32, 32)))
+    with pytest.raises(ValueError, match="unknown arch"):
+        models.create("resnet18")
+
+
+def test_block_structure_names_mirror_the_original(variables32):
+    p = variables32["resnet18_bwx2"]["params"]
+    assert sorted(k for k in p if k.startswith("features")) == sorted(
+        ["features_0", "features_1", "features_2"] + [f"features_{i}" for i in range(4, 12)])
+    block = p["features_6"]
+    assert sorted(block) == ["bn1", "bn2", "bn_add1", "bn_add2", "conv1", "conv2", "prelu1", "prelu2"]
+    assert block["conv1"]["kernel_1"].shape == (3, 3, 64, 128)
+    assert block["conv1"]["bias_1"].shape == (128,)
+    assert variables32["resnet18_ter"]["params"]["features_6"]["conv1"]["kernel"].shape == (3, 3, 64, 128)
+    assert "bias" not in p["features_0"]  # stem conv has no bias
+    assert len(ops.latent_kernel_paths(p)) == 32  # the 32 block convolutions
+
+
+def test_initialisation_follows_the_original(variables32):
+    p = variables32["resnet18_bwx2"]["params"]
+    k = np.asarray(p["features_11"]["conv2"]["kernel_1"])
+    fan_in = 3 * 3 * 512
+    assert k.std() == pytest.approx(1 / fan_in, rel=0.02)  # std = 1/fan_in, not variance
+    b = np.asarray(p["features_11"]["conv2"]["bias_1"])
+    assert np.abs(b).max() <= 1 / np.sqrt(fan_in) and np.abs(b).max() > 0.5 / np.sqrt(fan_in)
+    assert np.asarray(p["features_4"]["prelu1"]["slope"]) == pytest.approx(0.25)
+    fc = np.asarray(p["fc"]["kernel"])
+    assert fc.std() == pytest.approx(1 / 512, rel=0.05)
+
+
+def test_batchnorm_matches_torch_train_and_eval(x64):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(4, 5, 6, 3))
+    bn = layers.BatchNorm(dtype=jnp.float64)
+    v = bn.init(jax.random.PRNGKey(0), jnp.asarray(x), train=False)
+    v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, v)
+    v["params"]["scale"] = jnp.asarray([0.5, 1.5, -2.0])
+    v["params"]["bias"] = jnp.asarray([0.1, -0.2, 0.3])
+    tbn = torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        tbn.weight.copy_(torch.tensor([0.5, 1.5, -2.0], dtype=torch.float64))
+        tbn.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    for _ in range(2):  # two training steps: running stats accumulate
+        y, upd = bn.apply(v, jnp.asarray(x), train=True, mutable=["batch_stats"])
+        v = {"params": v["params"], "batch_stats": upd["batch_stats"]}
+        yt = tbn.train()(xt).detach().numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(y, yt, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(v["batch_stats"]["mean"], tbn.running_mean.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(v["batch_stats"]["var"], tbn.running_var.numpy(), rtol=1e-12)
+    assert int(v["batch_stats"]["num_batches_tracked"]) == int(tbn.num_batches_tracked) == 2
+    # explicitly: the running variance takes the unbiased batch variance
+    n = 4 * 5 * 6
+    m1 = 0.1 * x.reshape(-1, 3).var(0, ddof=1) + 0.9
+    m2 = 0.9 * m1 + 0.1 * x.reshape(-1, 3).var(0, ddof=1)
+    np.testing.assert_allclose(v["batch_stats"]["var"], m2, rtol=1e-12)
+    assert n > 1
+    y_eval = bn.apply(v, jnp.asarray(x), train=False)
+    yt_eval = tbn.eval()(xt).detach().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(y_eval, yt_eval, rtol=1e-12, atol=1e-12)
+
+
+def test_prelu_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(1).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    p = layers.PReLU()
+    v = p.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    v = {"params": {"slope": jnp.asarray([0.25, -0.5, 2.0])}}
+    t = torch.nn.PReLU(3)
+    with torch.no_grad():
+        t.weight.copy_(torch.tensor([0.25, -0.5, 2.0]))
+    want = t(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).detach().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(p.apply(v, jnp.asarray(x)), want, rtol=1e-6, atol=1e-7)
+
+
+def distillation_loss(student_logits, teacher_logits):
+    return -jnp.mean(jnp.sum(jax.nn.softmax(teacher_logits) * jax.nn.log_softmax(student_logits), -1))
+
+
+def test_jit_grad_of_distillation_loss(variables32):
+    student = models.create("resnet18_bwx2", num_classes=1000)
+    v = variables32["resnet18_bwx2"]
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 32, 32, 3))
+    teacher = jax.random.normal(jax.random.PRNGKey(3), (4, 1000))
+
+    @jax.jit
+    def grad_fn(params, batch_stats):
+        def loss(p):
+            logits, upd = student.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                        mutable=["batch_stats"])
+            return distillation_loss(logits, teacher), upd
+        return jax.grad(loss, has_aux=True)(ops.clamp_latent_kernels(params))
+
+    grads, upd = grad_fn(v["params"], v["batch_stats"])
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    g1 = grads["features_8"]["conv1"]["kernel_1"]
+    assert float(jnp.abs(g1).max()) > 0
+    assert int(upd["batch_stats"]["features_1"]["num_batches_tracked"]) == 1
+    # one Adam step changes the latent kernels
+    opt = optax.adam(0.005)
+    new = optax.apply_updates(v["params"], opt.update(grads, opt.init(v["params"]), v["params"])[0])
+    assert not np.array_equal(new["features_8"]["conv1"]["kernel_1"], v["params"]["features_8"]["conv1"]["kernel_1"])
+
+
+def test_bfloat16_compute_keeps_float32_state(variables32):
+    module = models.create("resnet18_bwx2", dtype=jnp.bfloat16)
+    v = variables32["resnet18_bwx2"]
+    x = jax.random.normal(jax.random.PRNGKey(4), (4, 32, 32, 3))
+    logits, upd = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
+    assert logits.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(logits)))
+    assert all(a.dtype in (jnp.float32, jnp.int32) for a in jax.tree_util.tree_leaves(upd))
+    grads = jax.jit(jax.grad(lambda p: jnp.mean(module.apply(
+        {"params": p, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])[0]
+        .astype(jnp.float32) ** 2)))(v["params"])
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+    # bf16 logits follow the float32 ones (activations near the thresholds may flip, so loosely)
+    ref = module.clone(dtype=jnp.float32).apply(v, x, train=True, mutable=["batch_stats"])[0]
+    corr = np.corrcoef(np.asarray(logits, np.float32).ravel(), np.asarray(ref).ravel())[0, 1]
+    assert corr > 0.7  # measured 0.90 at random init; a broken bf16 path gives ~0
+
+
+def test_merged_ternary_model_gives_the_same_logits(variables32):
+    bw = models.create("resnet18_bwx2")
+    ter = models.create("resnet18_ter")
+    v = variables32["resnet18_bwx2"]
+    x = jax.random.normal(jax.random.PRNGKey(5), (4, 32, 32, 3))
+    # realistic running statistics from two training-mode passes
+    for _ in range(2):
+        _, upd = bw.apply(v, x, train=True, mutable=["batch_stats"])
+        v = {"params": v["params"], "batch_stats": upd["batch_stats"]}
+    merged = merging.merge_variables(v)
+    assert count(merged["params"]) == PARAM_COUNTS["resnet18_ter"]
+    a, b = bw.apply(v, x), ter.apply(merged, x)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+    with pytest.raises(ValueError, match="no binary pairs"):
+        merging.merge_variables(merged)

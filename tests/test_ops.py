@@ -1,0 +1,285 @@
+"""The two STTN operators against the original semantics (REFERENCE.md), exactly."""
+import importlib.util
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+import ops
+from ops import binary_pair, ternary
+from tests.conftest import requires_gpu
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def boundary_grid(dtype):
+    """Every interesting value in `dtype`: both thresholds and gradient bounds with their
+    neighbours, signed zeros, infinities, NaN, and a sweep of ordinary values."""
+    dtype = np.dtype(dtype)
+    pts = []
+    for b in (-1.0, -0.5, 0.5, 1.0):
+        v = np.array(b, dtype)
+        pts += [np.nextafter(v, np.array(-np.inf, dtype)), v, np.nextafter(v, np.array(np.inf, dtype))]
+    pts += [np.array(v, dtype) for v in (0.0, -0.0, np.inf, -np.inf, 3.0, -3.0, 1e-30, -1e-30)]
+    sweep = np.linspace(-2, 2, 401).astype(dtype)
+    return np.concatenate([np.array(pts, dtype), sweep])
+
+
+def expected_forward(x):
+    """The CUDA extension's forward, evaluated in float64 (exact: every value converts exactly),
+    except NaN, which stays NaN (a documented deliberate difference)."""
+    x64 = x.astype(np.float64)
+    y = np.where(x64 >= 0.5, 1.0, np.where(x64 < -0.5, -1.0, 0.0))
+    y = y.astype(x.dtype)
+    return np.where(np.isnan(x), x, y)  # the very same NaN (sign and payload) passes through
+
+
+def bits(a):
+    a = np.asarray(a)
+    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+def test_activation_forward_exact_on_boundary_grid(dtype):
+    x = np.concatenate([boundary_grid(dtype), np.array([np.nan], dtype)])
+    y = np.asarray(ops.ternary_activation(jnp.asarray(x), backend="xla"))
+    assert y.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(bits(y), bits(expected_forward(x)))
+    assert np.isnan(y[-1])
+    # the thresholds themselves: -0.5 -> 0, +0.5 -> +1
+    assert y[list(x).index(np.array(-0.5, dtype))] == 0
+    assert y[list(x).index(np.array(0.5, dtype))] == 1
+
+
+def test_activation_forward_exact_float64(x64):
+    x = np.concatenate([boundary_grid(np.float64), [np.nan]])
+    y = np.asarray(ops.ternary_activation(jnp.asarray(x)))
+    assert y.dtype == np.float64
+    np.testing.assert_array_equal(bits(y), bits(expected_forward(x)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_activation_gradient_mask_inclusive_bounds(dtype):
+    x = boundary_grid(dtype)
+    g = np.random.default_rng(0).normal(size=x.shape).astype(dtype)
+    grad = jax.grad(lambda v: jnp.sum(ops.ternary_activation(v) * g).astype(jnp.float32))(jnp.asarray(x))
+    x64 = x.astype(np.float64)
+    want = np.where((x64 >= -1) & (x64 <= 1), g, 0).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(grad), want)
+    one, m_one = np.array(1, dtype), np.array(-1, dtype)
+    for v, passes in [(one, True), (m_one, True), (np.nextafter(one, np.array(2, dtype)), False),
+                      (np.nextafter(m_one, np.array(-2, dtype)), False)]:
+        gv = jax.grad(lambda t: ops.ternary_activation(t).astype(jnp.float32))(jnp.asarray(v))
+        assert float(gv) == (1.0 if passes else 0.0), (v, gv)
+
+
+def test_activation_saves_only_a_boolean_mask():
+    x = jnp.linspace(-2, 2, 64, dtype=jnp.float32)
+    _, vjp = jax.vjp(lambda v: ops.ternary_activation(v, backend="xla"), x)
+    residuals = [leaf for leaf in jax.tree_util.tree_leaves(vjp) if hasattr(leaf, "dtype")]
+    assert residuals, "the vjp closure should carry the mask"
+    assert all(r.dtype == jnp.bool_ for r in residuals), [r.dtype for r in residuals]
+
+
+def test_activation_under_jit_vmap_grad_and_shard_map():
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 4)) * 1.5
+    ref = expected_forward(np.asarray(x))
+    np.testing.assert_array_equal(jax.jit(ops.ternary_activation)(x), ref)
+    np.testing.assert_array_equal(jax.vmap(ops.ternary_activation)(x), ref)
+    np.testing.assert_array_equal(jax.vmap(jax.vmap(ops.ternary_activation))(x), ref)
+    g = jax.jit(jax.grad(lambda v: jnp.sum(ops.ternary_activation(v) * v)))(x)
+    want = np.where(np.abs(np.asarray(x)) <= 1, np.asarray(x), 0) + 0  # d/dv of y*v with STE: y + v*mask
+    np.testing.assert_allclose(g, want + ref, rtol=0, atol=0)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    f = jax.jit(jax.shard_map(lambda v: ops.ternary_activation(v), mesh=mesh, in_specs=P("data"),
+                              out_specs=P("data")))
+    np.testing.assert_array_equal(f(x), ref)
+
+
+def test_activation_errors_name_the_fix():
+    x = jnp.ones((4,))
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        with pytest.raises(RuntimeError, match="CUDA GPU.*backend='xla'"):
+            ops.ternary_activation(x, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        ops.ternary_activation(x, backend="cuda")
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.ternary_activation(jnp.ones((4,), jnp.int32))
+    assert ternary.resolve_backend("auto", jnp.float32) == ("triton" if ternary.triton_unavailable_reason() is None else "xla")
+
+
+# --- The Triton kernel on the CPU, through Triton's interpreter --------------------------------
+
+@pytest.fixture(scope="module")
+def interpreted_kernels():
+    """A private copy of ops.kernels whose @triton.jit was applied with TRITON_INTERPRET=1."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("_kernels_interpreted", REPO / "ops" / "kernels.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return module, torch
+
+
+def to_torch(torch, x):
+    if x.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(x.copy())
+
+
+def from_torch(torch, t):
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+def test_triton_kernel_in_interpreter_equals_xla(interpreted_kernels, dtype):
+    kernels, torch = interpreted_kernels
+    rng = np.random.default_rng(1)
+    grid = np.concatenate([boundary_grid(dtype), np.array([np.nan, -np.nan], dtype)])
+    # random values, a size that is not a multiple of the block, and the boundary grid
+    x = np.concatenate([grid, (rng.normal(size=5003) * 1.2).astype(dtype)]).reshape(-1)
+    y_t, keep_t = kernels.ternary_forward_torch(to_torch(torch, x))
+    y_t, keep_t = from_torch(torch, y_t), keep_t.numpy()
+    y_x, keep_x = ternary._forward_xla(jnp.asarray(x))
+    np.testing.assert_array_equal(bits(y_t), bits(np.asarray(y_x)))
+    np.testing.assert_array_equal(keep_t, np.asarray(keep_x))
+    np.testing.assert_array_equal(bits(y_t), bits(expected_forward(x)))
+
+
+def test_triton_kernel_rejects_other_dtypes(interpreted_kernels):
+    kernels, _ = interpreted_kernels
+    with pytest.raises(ValueError, match="backend='xla'"):
+        kernels.launch_config(8)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_triton_backend_on_gpu_equals_xla(dtype):
+    x = (jax.random.normal(jax.random.PRNGKey(0), (16, 9, 9, 40)) * 1.5).astype(dtype)
+    x = x.at[0, 0, 0, :4].set(jnp.array([0.5, -0.5, 1.0, -1.0], dtype))
+    f_t = jax.jit(lambda v: ops.ternary_activation(v, backend="triton"))
+    f_x = jax.jit(lambda v: ops.ternary_activation(v, backend="xla"))
+    np.testing.assert_array_equal(bits(f_t(x)), bits(f_x(x)))
+    g = lambda b: jax.jit(jax.grad(lambda v: jnp.sum(ops.ternary_activation(v, backend=b) * v).astype(jnp.float32)))
+    np.testing.assert_array_equal(bits(g("triton")(x)), bits(g("xla")(x)))
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sm = lambda b: jax.jit(jax.shard_map(lambda v: ops.ternary_activation(v, backend=b), mesh=mesh,
+                                         in_specs=P("data"), out_specs=P("data")))
+    np.testing.assert_array_equal(bits(sm("triton")(x)), bits(sm("xla")(x)))
+    np.testing.assert_array_equal(bits(jax.vmap(lambda v: ops.ternary_activation(v, backend="triton"))(x)),
+                                  bits(f_x(x)))
+
+
+# --- fold_binary_pair --------------------------------------------------------------------------
+
+def numpy_fold(w1, w2):
+    """Original BinOp.binarizeConvParams in numpy, per output channel, float64."""
+    c_out = w1.shape[-1]
+    n = w1[..., 0].size
+    alpha = np.array([(np.abs(w1[..., o]).sum() + np.abs(w2[..., o]).sum()) / (2 * n) for o in range(c_out)])
+    return alpha * np.sign(w1), alpha * np.sign(w2), alpha
+
+
+def numpy_latent_grad(w, g):
+    """Original BinOp.updateBinaryGradWeight in numpy (G zeroed where |W| > 1.96)."""
+    out = np.empty_like(g)
+    for o in range(w.shape[-1]):
+        s = np.sign(w[..., o])
+        m_add = (s * g[..., o]).sum() / s.size * s
+        m = np.where(np.abs(w[..., o]) > 1.96, 0.0, g[..., o])
+        out[..., o] = m + m_add
+    return out
+
+
+def latent_pair(key, shape, dtype=jnp.float64):
+    k1, k2 = jax.random.split(key)
+    w1 = jax.random.normal(k1, shape, dtype) * 1.2
+    w2 = jax.random.normal(k2, shape, dtype) * 1.2
+    w1 = w1.at[0, 0, 0, :].set(0.0)  # sign(0) = 0
+    w2 = w2.at[1, 1, 0, 0].set(2.5)  # beyond the 1.96 gradient cut-off
+    return w1, w2
+
+
+def test_fold_forward_and_vjp_match_the_original_formulas(x64):
+    w1, w2 = latent_pair(jax.random.PRNGKey(0), (3, 3, 5, 7))
+    b1, b2, alpha = numpy_fold(np.asarray(w1), np.asarray(w2))
+    t, vjp = jax.vjp(ops.fold_binary_pair, w1, w2)
+    np.testing.assert_allclose(t, b1 + b2, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(ops.pair_alpha(w1, w2), alpha, rtol=1e-14)
+    levels = np.round(np.asarray(t) / alpha, 12)
+    nonzero_latents = (np.asarray(w1) != 0) & (np.asarray(w2) != 0)
+    assert set(np.unique(levels[nonzero_latents])) == {-2.0, 0.0, 2.0}  # the ternary levels
+    assert set(np.unique(levels[~nonzero_latents])) <= {-1.0, 1.0}  # sign(0) = 0 leaves one alpha
+    g = np.asarray(jax.random.normal(jax.random.PRNGKey(1), t.shape, jnp.float64))
+    d1, d2 = vjp(jnp.asarray(g))
+    np.testing.assert_allclose(d1, numpy_latent_grad(np.asarray(w1), g), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(d2, numpy_latent_grad(np.asarray(w2), g), rtol=1e-13, atol=1e-15)
+    assert float(d2[1, 1, 0, 0]) == pytest.approx(float(np.sign(2.5) * (np.sign(np.asarray(w2)[..., 0]) * g[..., 0]).mean()))
+
+
+def conv(x, k, stride=1):
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_folded_convolution_equals_two_binary_convolutions(x64):
+    w1, w2 = latent_pair(jax.random.PRNGKey(2), (3, 3, 4, 6))
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 4), jnp.float64)
+    ct = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 4, 6), jnp.float64)
+
+    def folded(x, w1, w2):
+        return conv(x, ops.fold_binary_pair(w1, w2), 2)
+
+    def two_convs(x, b1, b2):  # the original: two convolutions with the binarized kernels
+        return conv(x, b1, 2) + conv(x, b2, 2)
+
+    b1, b2, _ = numpy_fold(np.asarray(w1), np.asarray(w2))
+    y_f, vjp_f = jax.vjp(folded, x, w1, w2)
+    y_o, vjp_o = jax.vjp(two_convs, x, jnp.asarray(b1), jnp.asarray(b2))
+    np.testing.assert_allclose(y_f, y_o, rtol=1e-12, atol=1e-12)
+    dx_f, dw1, dw2 = vjp_f(ct)
+    dx_o, g1, g2 = vjp_o(ct)
+    np.testing.assert_allclose(dx_f, dx_o, rtol=1e-12, atol=1e-12)
+    # dL/dB1 = dL/dB2 = dL/dT, and the latent gradients follow the original rule from them
+    np.testing.assert_allclose(dw1, numpy_latent_grad(np.asarray(w1), np.asarray(g1)), rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(dw2, numpy_latent_grad(np.asarray(w2), np.asarray(g2)), rtol=1e-11, atol=1e-12)
+
+
+def test_fold_rejects_mismatched_kernels():
+    with pytest.raises(ValueError, match="one shape"):
+        ops.fold_binary_pair(jnp.ones((3, 3, 2, 4)), jnp.ones((3, 3, 2, 5)))
+
+
+def test_clamp_touches_exactly_the_latent_kernels():
+    params = {
+        "features_0": {"kernel": jnp.full((2, 2), 3.0)},
+        "features_4": {"conv1": {"kernel_1": jnp.array([-3.0, 0.5, 2.0]), "kernel_2": jnp.array([1.5, -0.2, -1.0]),
+                                 "bias_1": jnp.array([5.0]), "bias_2": jnp.array([-5.0])},
+                       "bn1": {"scale": jnp.array([4.0])}, "prelu1": {"slope": jnp.array([2.0])}},
+        "fc": {"kernel": jnp.full((2,), -7.0), "bias": jnp.array([9.0])},
+    }
+    out = ops.clamp_latent_kernels(params)
+    np.testing.assert_array_equal(out["features_4"]["conv1"]["kernel_1"], [-1.0, 0.5, 1.0])
+    np.testing.assert_array_equal(out["features_4"]["conv1"]["kernel_2"], np.float32([1.0, -0.2, -1.0]))
+    for path in (("features_0", "kernel"), ("fc", "kernel"), ("fc", "bias")):
+        np.testing.assert_array_equal(out[path[0]][path[1]], params[path[0]][path[1]])
+    for k in ("bias_1", "bias_2"):
+        np.testing.assert_array_equal(out["features_4"]["conv1"][k], params["features_4"]["conv1"][k])
+    np.testing.assert_array_equal(out["features_4"]["bn1"]["scale"], [4.0])
+    assert sorted(binary_pair.latent_kernel_paths(params)) == ["features_4/conv1/kernel_1", "features_4/conv1/kernel_2"]
