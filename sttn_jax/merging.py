@@ -15,10 +15,12 @@ def _is_pair(node) -> bool:
 
 
 def merge_params(params):
-    """Ternary-model params from bwx2 params. The latent kernels are binarized as stored: the
-    original merges a checkpoint whose weights were already clamped by training."""
+    """Ternary-model params from bwx2 params. The latent kernels are clamped to [-1, 1] first, as
+    the original does before every binarization (a no-op for its saved checkpoints)."""
     if _is_pair(params):
-        kernel = fold_binary_pair(jnp.asarray(params["kernel_1"]), jnp.asarray(params["kernel_2"]))
+        w1 = jnp.clip(jnp.asarray(params["kernel_1"]), -1, 1)
+        w2 = jnp.clip(jnp.asarray(params["kernel_2"]), -1, 1)
+        kernel = fold_binary_pair(w1, w2)
         bias = jnp.asarray(params["bias_1"]) + jnp.asarray(params["bias_2"])
         return {"kernel": np.asarray(kernel), "bias": np.asarray(bias)}
     if isinstance(params, dict):

@@ -23,7 +23,7 @@ def fake_imagenet(tmp_path_factory):
     info = fabricate.fabricate_imagenet(root / "manual", num_classes=NUM_CLASSES,
                                         train_per_class=TRAIN_PER_CLASS,
                                         val_per_class=VAL_PER_CLASS)
-    seconds = fabricate.prepare_imagenet(root / "data", root / "manual")
+    seconds = fabricate.prepare_imagenet(root / "data", root / "manual", num_shards=3)
     assert seconds < 60, f"preparing the fake ImageNet took {seconds:.1f} s"
     info["data_dir"] = str(root / "data")
     return info
@@ -100,6 +100,14 @@ def test_train_batches_shapes_dtypes(fake_imagenet):
         assert set(b["label"].tolist()) <= set(range(NUM_CLASSES))
         raw = b["image"] * STD + MEAN  # undo Normalize: back in [0, 1]
         assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+
+
+def test_default_process_is_jax_process(fake_imagenet):
+    ds = pipeline.make_dataset("imagenet2012", "validation", batch_size=8, train=False,
+                               image_size=32, data_dir=fake_imagenet["data_dir"])
+    (b,) = list(pipeline.as_numpy(ds))
+    assert b["mask"].sum() == NUM_CLASSES * VAL_PER_CLASS
+    assert pipeline.steps_per_epoch("imagenet2012", "train", 8, fake_imagenet["data_dir"]) == 3
 
 
 def test_one_batch_at_224(fake_imagenet):
@@ -219,8 +227,8 @@ def test_unknown_split_lists_available(fake_imagenet):
 
 
 def test_ensure_fake_imagenet_once(tmp_path):
-    assert fabricate.ensure_fake_imagenet(tmp_path, num_classes=2, train_per_class=2,
-                                          val_per_class=1) is True
+    assert fabricate.ensure_fake_imagenet(tmp_path, num_shards=2, num_classes=2,
+                                          train_per_class=2, val_per_class=1) is True
     assert fabricate.ensure_fake_imagenet(tmp_path) is False
     assert pipeline.num_examples("imagenet2012", "train", tmp_path) == 4
     assert pipeline.num_examples("imagenet2012", "validation", tmp_path) == 2

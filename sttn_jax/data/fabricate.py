@@ -197,10 +197,11 @@ def prepare_imagenet(data_dir, manual_dir, num_shards: int | None = None) -> flo
     return time.perf_counter() - start
 
 
-def ensure_fake_imagenet(data_dir, **fabricate_kwargs) -> bool:
+def ensure_fake_imagenet(data_dir, num_shards: int | None = None, **fabricate_kwargs) -> bool:
     """Fabricates and prepares a tiny imagenet2012 into data_dir unless one is prepared there.
 
-    Returns True when it prepared one now. The tars go to `data_dir/manual/imagenet2012`.
+    Returns True when it prepared one now (about a second). The tars go to
+    `data_dir/manual/imagenet2012`; `fabricate_kwargs` go to `fabricate_imagenet`.
     """
     from sttn_jax.data import pipeline
 
@@ -210,5 +211,5 @@ def ensure_fake_imagenet(data_dir, **fabricate_kwargs) -> bool:
         return False
     manual_dir = os.path.join(data_dir, "manual", "imagenet2012")
     fabricate_imagenet(manual_dir, **fabricate_kwargs)
-    prepare_imagenet(data_dir, manual_dir)
+    prepare_imagenet(data_dir, manual_dir, num_shards=num_shards)
     return True

@@ -19,7 +19,7 @@ ARCHS = ("resnet18_bwx2", "resnet18_ter", "resnet50")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sttn_jax.interop", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m sttn_jax.interop", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{convert,export,parity}")
 

@@ -16,6 +16,7 @@ resnet18_bwx2 is evaluated as the original's `validate()` does: clamp the latent
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -73,7 +74,6 @@ def jax_logits(variables, arch: str, images_nchw, dtype: str = "float64",
     import jax.numpy as jnp
 
     import ops
-    from sttn_jax import models
 
     dtype = np.dtype(dtype)
     x = np.ascontiguousarray(as_nchw(images_nchw).transpose(0, 2, 3, 1)).astype(dtype)
@@ -83,10 +83,21 @@ def jax_logits(variables, arch: str, images_nchw, dtype: str = "float64",
         v = cast_floats(variables, dtype)
         if arch == "resnet18_bwx2":  # the original clamps before it binarizes, also to evaluate
             v = {**v, "params": ops.clamp_latent_kernels(v["params"])}
-        module = models.create(arch, num_classes=num_classes, dtype=jnp.dtype(dtype),
-                               act_backend=act_backend)
-        out = jax.jit(lambda v, x: module.apply(v, x, train=False))(v, x)
+        out = _eval_fn(arch, num_classes, jnp.dtype(dtype).name, act_backend)(v, x)
         return np.asarray(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(arch: str, num_classes: int, dtype: str, act_backend: str):
+    """The jitted eval-mode apply of one model configuration (cached: compiled once per shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sttn_jax import models
+
+    module = models.create(arch, num_classes=num_classes, dtype=jnp.dtype(dtype),
+                           act_backend=act_backend)
+    return jax.jit(lambda v, x: module.apply(v, x, train=False))
 
 
 def torch_model(variables, arch: str, dtype: str = "float64"):

@@ -1,0 +1,47 @@
+"""Every config key, with the original recipe's values (REFERENCE.md, "Training recipe").
+
+The other config files start from `get_config()` here and change what differs, so each key has
+one definition and one default. Override any key from the command line: --config.batch_size=512.
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    # model
+    c.arch = "resnet18_bwx2"
+    c.num_classes = 1000
+    c.dtype = "float32"  # computation dtype: float32 | bfloat16 (params/optimizer stay float32)
+    c.act_backend = "auto"  # ternary activation: auto (Triton on CUDA GPUs) | triton | xla
+    # data (TFDS)
+    c.dataset = "imagenet2012"
+    c.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.image_size = 224
+    c.resize_size = 256  # shorter side before the crop (bicubic), as torchvision Resize(256)
+    c.fabricate_data = False  # smoke tests: fabricate a tiny ImageNet in data_dir on first use
+    c.shuffle_buffer = 16384
+    # optimisation
+    c.batch_size = 256  # global, over all devices and processes
+    c.eval_batch_size = 128
+    c.num_epochs = 256
+    c.num_train_steps = -1  # -1: num_epochs * steps per epoch
+    c.learning_rate = 0.005
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.weight_decay = 0.0
+    # distillation
+    c.teacher_arch = "resnet50"
+    c.teacher_checkpoint = ""  # torchvision ResNet-50 .pth or a converted checkpoint; "" -> CE on labels
+    c.teacher_bn_train_mode = True  # the original runs the teacher in train mode
+    c.sync_batch_stats = True  # BatchNorm statistics over the global batch (= one device)
+    # bookkeeping
+    c.seed = 0
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.eval_every_epochs = 1
+    c.log_every_steps = 50
+    c.progress_bar = True
+    return c

@@ -1,0 +1,59 @@
+"""Shared plumbing of the command-line tools: logging, multi-host start-up, and turning the
+library's expected errors (bad config, bad checkpoint, missing data) into one line on stderr."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def setup_logging(level=logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
+
+
+def init_distributed(coordinator_address=None, num_processes=None, process_id=None,
+                     auto: bool = False) -> None:
+    """jax.distributed.initialize() for multi-process runs; a no-op for one process."""
+    import jax
+
+    if coordinator_address or num_processes or process_id is not None:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    elif auto:
+        jax.distributed.initialize()
+
+
+def expected_errors() -> tuple:
+    from sttn_jax.checkpoints import CheckpointError
+    from sttn_jax.train_loop import ConfigError
+
+    errors = [CheckpointError, ConfigError, FloatingPointError, FileNotFoundError]
+    try:
+        from sttn_jax.data.pipeline import DatasetNotPreparedError
+
+        errors.append(DatasetNotPreparedError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Expected failures print `error: <message>` and exit 2, without a stack trace."""
+    try:
+        yield
+    except expected_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
