@@ -20,6 +20,7 @@ def get_config():
     c.eval_split = "validation"
     c.image_size = 224
     c.resize_size = 256  # shorter side before the crop (bicubic), as torchvision Resize(256)
+    c.random_flip = True  # RandomHorizontalFlip in training (off for digits)
     c.fabricate_data = False  # smoke tests: fabricate a tiny ImageNet in data_dir on first use
     c.shuffle_buffer = 16384
     # optimisation

@@ -11,16 +11,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def setup_logging(level=logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+    """Our log lines at INFO on stderr; the libraries' chatter only from WARNING up."""
+    ours = logging.getLogger("sttn_jax")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        ours.addHandler(handler)
+    ours.setLevel(level)
+    ours.propagate = False
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    except ImportError:
-        pass
 
 
 def init_distributed(coordinator_address=None, num_processes=None, process_id=None,

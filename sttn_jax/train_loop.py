@@ -228,7 +228,7 @@ def train_and_evaluate(config, workdir) -> dict:
                 config.dataset, config.train_split, batch_size=per_process_batch, train=True,
                 image_size=config.image_size, resize_size=config.resize_size, seed=config.seed,
                 epoch=epoch, data_dir=_data_dir(config), skip_batches=skip,
-                shuffle_buffer=config.shuffle_buffer)
+                shuffle_buffer=config.shuffle_buffer, random_flip=config.random_flip)
             for batch in _prefetch(trainer, ds.as_numpy_iterator()):
                 state, metrics = trainer.train_step(state, batch, trainer.teacher_variables)
                 step += 1

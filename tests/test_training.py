@@ -78,63 +78,56 @@ def make_trainer(devices, dtype="float32", **overrides):
     return training.Trainer(c, steps_per_epoch=10, mesh=training.make_mesh(devices))
 
 
-def test_4_devices_equal_1_device_float64(x64):
-    # Random images: a structured batch can put a BatchNorm output exactly on a threshold, where
-    # summation order alone decides the level (seen with the batch of `fixed_batch`).
+def test_8_devices_equal_1_device_float64(x64):
+    """Data parallelism (shard_map, global-mean loss, synchronised BatchNorm, Adam) changes nothing.
+
+    Run on the merged ternary architecture: with the bwx2 pairs, ternary activations times ternary
+    kernels make every convolution output discrete, and in stride-2 blocks the zero-padded shortcut
+    channels feed such outputs (after BatchNorm) straight into PReLU: whenever a batch mean lands
+    exactly on a sample, a PReLU input is exactly 0, and the summation order alone (one mean vs a
+    pmean of eight) picks which side of the kink it is on (investigated: both derivatives are
+    valid; which device count disagrees is a rounding lottery). The ternary model has continuous
+    kernels, so no value sits on a kink and the comparison can be exact to rounding."""
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(16, 32, 32, 3)), "label": (np.arange(16) % 10).astype(np.int32)}
-    variables = models.init_variables(models.create("resnet18_bwx2", 10), jax.random.PRNGKey(0), 32)
+    variables = models.init_variables(models.create("resnet18_ter", 10), jax.random.PRNGKey(0), 32)
     variables = jax.tree_util.tree_map(
         lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, variables)
     finals = []
-    # 4 devices: on 8 simulated CPU devices the gradients of some layers differ from one device by
-    # up to 1e-1 relative (4 devices: 1e-15); not yet explained, tracked in the issue notes.
-    for devices in (jax.devices()[:1], jax.devices()[:4]):
-        tr = make_trainer(devices, "float64", sync_batch_stats=True)
+    for devices in (jax.devices()[:1], jax.devices()):
+        tr = make_trainer(devices, "float64", sync_batch_stats=True, arch="resnet18_ter")
         state = tr.state_from_variables(variables)
-        losses = []
+        losses, first_mu = [], None
         for _ in range(3):
             state, metrics = tr.train_step(state, tr.shard_batch(batch), None)
             losses.append(float(metrics["loss"]))
-        finals.append((jax.device_get(state), losses))
-    (one, loss1), (four, loss4) = finals
-    np.testing.assert_allclose(loss4, loss1, rtol=1e-12)
-    assert int(one.step) == int(four.step) == 3
-    assert jax.tree_util.tree_structure(one) == jax.tree_util.tree_structure(four)
+            first_mu = jax.device_get(state.opt_state[0].mu) if first_mu is None else first_mu
+        finals.append((jax.device_get(state), losses, first_mu))
+    (one, loss1, mu1), (eight, loss8, mu8) = finals
+    assert len(jax.devices()) == 8
+    # the first step's gradient (Adam's first moment = 0.1 * gradient), leaf by leaf
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mu1), jax.tree_util.tree_leaves(mu8)):
+        key = jax.tree_util.keystr(path)
+        atol = 1e-14 if ("conv" in key and key.endswith("['bias']")) else 1e-12 * np.abs(a).max()
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=atol, err_msg=key)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-12)
+    assert int(one.step) == int(eight.step) == 3
+    assert jax.tree_util.tree_structure(one) == jax.tree_util.tree_structure(eight)
     worst = 0.0
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree_util.tree_leaves(four)):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree_util.tree_leaves(eight)):
         a, b = np.asarray(a), np.asarray(b)
+        key = jax.tree_util.keystr(path)
         if a.dtype.kind != "f":
             np.testing.assert_array_equal(a, b)
-        elif "bias_" in jax.tree_util.keystr(path):
+        elif "conv" in key and key.endswith("['bias']"):
             # Block-conv biases feed a BatchNorm: their gradient is rounding noise (~1e-17), which
             # Adam (eps 1e-8) turns into ~lr * noise / eps steps. Compared on an absolute scale.
-            np.testing.assert_allclose(b, a, rtol=0, atol=5e-9)  # 1e-6 of one Adam step (lr 0.005)
+            np.testing.assert_allclose(b, a, rtol=0, atol=5e-9, err_msg=key)  # 1e-6 of an Adam step
         else:
             worst = max(worst, np.abs(a - b).max() / max(np.abs(a).max(), 1e-300))
-    # Adam divides by sqrt(v) + eps: the rounding noise of the bias gradients moves the biases by
-    # ~1e-10 after step 1, and every later step starts from that; 1e-8 still rejects any real
-    # mismatch (those show up at >= 1e-4). The gradients themselves agree far closer:
+    # The biases' ~1e-10 offsets after step 1 feed steps 2 and 3, and Adam's normalisation
+    # amplifies that rounding in near-zero gradients: measured 2e-9; a real mismatch is >= 1e-4.
     assert worst <= 1e-8, worst
-
-
-def test_data_parallel_gradient_equals_single_device_float64(x64):
-    rng = np.random.default_rng(1)
-    batch = {"image": rng.normal(size=(16, 32, 32, 3)), "label": (np.arange(16) % 10).astype(np.int32)}
-    variables = models.init_variables(models.create("resnet18_bwx2", 10), jax.random.PRNGKey(2), 32)
-    variables = jax.tree_util.tree_map(
-        lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, variables)
-    firsts = []
-    for devices in (jax.devices()[:1], jax.devices()[:4]):
-        tr = make_trainer(devices, "float64", sync_batch_stats=True)
-        state, _ = tr.train_step(tr.state_from_variables(variables), tr.shard_batch(batch), None)
-        firsts.append(jax.device_get(state.opt_state[0].mu))  # = 0.1 * gradient after one step
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(firsts[0]), jax.tree_util.tree_leaves(firsts[1])):
-        if "bias_" in jax.tree_util.keystr(path):
-            np.testing.assert_allclose(b, a, rtol=0, atol=1e-13)  # zero up to rounding (BatchNorm follows)
-        else:
-            np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12 * np.abs(a).max(),
-                                       err_msg=jax.tree_util.keystr(path))
 
 
 def test_loss_decreases_on_a_fixed_batch():

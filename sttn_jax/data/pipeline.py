@@ -242,8 +242,9 @@ def preprocess_for_eval(image, *, image_size: int = 224, resize_size: int | None
 
 
 def preprocess_for_train(image, seed, *, image_size: int = 224, resize_size: int | None = None,
-                         normalize="imagenet"):
+                         normalize="imagenet", random_flip: bool = True):
     """Resize shorter side (bicubic), RandomCrop, RandomHorizontalFlip(0.5), scale, normalise.
+    `random_flip=False` drops the flip (for data where mirroring changes the class, e.g. digits).
 
     `seed`: an int64 tensor of shape (2,), for stateless random ops.
     """
@@ -257,7 +258,7 @@ def preprocess_for_train(image, seed, *, image_size: int = 224, resize_size: int
     left = tf.random.stateless_uniform([], seeds[1], minval=0, maxval=shape[1] - image_size + 1,
                                        dtype=tf.int32)
     image = image[top:top + image_size, left:left + image_size]
-    flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
+    flip = tf.random.stateless_uniform([], seeds[2]) < (0.5 if random_flip else 0.0)
     image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
     image = tf.ensure_shape(image, (image_size, image_size, 3))
     return _to_output(image, normalize)
@@ -299,7 +300,7 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool, image_s
                  resize_size: int | None = None, seed: int = 0, epoch: int = 0, data_dir=None,
                  process_index: int | None = None, process_count: int | None = None,
                  skip_batches: int = 0, shuffle_buffer: int | None = None,
-                 normalize="imagenet"):
+                 normalize="imagenet", random_flip: bool = True):
     """One epoch of this process's shard of `name`/`split` as a batched tf.data.Dataset.
 
     Elements: {"image": float32 (batch_size, image_size, image_size, 3), "label": int32
@@ -359,7 +360,8 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool, image_s
             image, label = image_label
             ex_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
             image = preprocess_for_train(decode(image), ex_seed, image_size=image_size,
-                                         resize_size=resize_size, normalize=normalize)
+                                         resize_size=resize_size, normalize=normalize,
+                                         random_flip=random_flip)
             return {"image": image, "label": label, "mask": tf.constant(1.0, tf.float32)}
 
         ds = ds.map(train_map, num_parallel_calls=autotune, deterministic=True)
