@@ -7,6 +7,7 @@ STAMP := $(VENV)/.sttn-installed
 # A CPU build of PyTorch; override (e.g. TORCH_SPEC='torch==2.11.0') where another is wanted.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install test demo clean
 
@@ -23,9 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	@echo "make demo: the demo (train, merge and evaluate on an embedded data set) is not there yet;"
-	@echo "it is issue 6. Until then: make test."
-	@exit 1
+	$(PY) -m sttn_jax.demo --workdir runs/demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -64,3 +64,70 @@ def load_model_checkpoint(path, arch: str | None = None):
 def is_torch_file(path) -> bool:
     p = str(path)
     return os.path.isfile(p) and p.endswith((".pth", ".pt", ".pth.tar", ".tar", ".bin"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints (read side): the CheckpointManager directories of a training workdir
+# (`WORKDIR/checkpoints`, `WORKDIR/best`), each step holding the items "state" (the TrainState)
+# and "meta" (JSON). Read without the config or a Trainer: only params and batch_stats are
+# restored, as host numpy arrays (the Adam moments are never read), on any number of devices.
+
+TRAINING_ITEMS = ("state", "meta")
+
+
+def training_checkpoint_steps(directory) -> list[int]:
+    """The finalized steps in a training CheckpointManager directory, ascending ([] if none)."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        return []
+    return sorted(int(s) for s in ocp.path.step.checkpoint_steps(directory))
+
+
+def load_training_checkpoint(directory, step: int):
+    """(variables, meta) of `step` in a training CheckpointManager directory: variables
+    {"params", "batch_stats"} as numpy arrays exactly as saved (latent kernels unclamped), meta
+    the JSON item ({} when absent)."""
+    directory = Path(directory).absolute()
+    steps = training_checkpoint_steps(directory)
+    if step not in steps:
+        raise CheckpointError(f"{directory}: no checkpoint of step {step}; steps there: "
+                              f"{steps or 'none'}")
+    state_dir = directory / str(step) / TRAINING_ITEMS[0]
+    if not state_dir.is_dir():
+        raise CheckpointError(f"{directory / str(step)}: no '{TRAINING_ITEMS[0]}' item; not a "
+                              "checkpoint written by train.py")
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        metadata = handler.metadata(state_dir)
+        tree = getattr(metadata, "tree", metadata)
+        if not hasattr(tree, "keys") or "params" not in tree:
+            raise CheckpointError(f"{state_dir}: holds no 'params'; not a train.py checkpoint")
+        wanted = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+        restore_args = jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=wanted, restore_args=restore_args, partial_restore=True))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint becomes one message
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{state_dir}: cannot be restored ({type(e).__name__}: {last})") from None
+    finally:
+        handler.close()
+    variables = {"params": _plain_dict(restored["params"]),
+                 "batch_stats": _plain_dict(restored.get("batch_stats", {}))}
+    meta = {}
+    meta_file = directory / str(step) / TRAINING_ITEMS[1] / "metadata"
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except ValueError:
+            meta = {}
+    return variables, meta
+
+
+def _plain_dict(tree):
+    """Nested plain dicts of numpy arrays (Orbax may hand back other mappings)."""
+    if hasattr(tree, "items"):
+        return {str(k): _plain_dict(v) for k, v in tree.items()}
+    return np.asarray(tree)
