@@ -11,6 +11,7 @@ is used. Prints top-1, top-5 and the mean cross-entropy; --output writes them as
 {"top1", "top5", "loss", "num_examples", "arch", "checkpoint", ...} (top-1/top-5 as fractions).
 Errors print one line `error: ...` and exit with status 2.
 """
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -54,4 +55,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from sttn_jax.cli_support import check_config_overrides
+
+    check_config_overrides(sys.argv)
     app.run(main)

@@ -37,4 +37,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from sttn_jax.cli_support import check_config_overrides
+
+    check_config_overrides(sys.argv)
     app.run(main)

@@ -54,3 +54,41 @@ def one_line_errors():
     except expected_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _config_path(argv, default=None):
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return default
+
+
+def check_config_overrides(argv, default_config=None) -> None:
+    """Refuses `--config.KEY=...` for a KEY the config file does not have, listing the valid keys,
+    before absl parses the flags (whose own message for this is a stack trace)."""
+    path = _config_path(argv, default_config)
+    keys = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if not path or not keys:
+        return
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_sttn_cli_config", path)
+    if spec is None or not os.path.isfile(path):
+        print(f"error: config file {path} does not exist; pick one in configs/", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.getcwd())
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    config = module.get_config()
+    valid = sorted(config.keys())
+    for key in keys:
+        top = key.split(".", 1)[0]
+        if top not in valid:
+            print(f"error: unknown config key {key!r} in --config.{key}; {path} has: "
+                  f"{', '.join(valid)}", file=sys.stderr)
+            sys.exit(2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def main(argv=None):
         with cli_support.one_line_errors():
             run(flags.FLAGS.config, flags.FLAGS.workdir)
 
+    from sttn_jax.cli_support import check_config_overrides
+
+    check_config_overrides(sys.argv if argv is None else argv, "configs/demo.py")
     app.run(_main, argv=argv)
 
 

@@ -170,3 +170,22 @@ def test_bad_config_values_are_refused_with_the_fix(smoke_data_dir, tmp_path):
     for overrides, message in bad:
         with pytest.raises(train_loop.ConfigError, match=message):
             train_loop.train_and_evaluate(smoke_config(smoke_data_dir, **overrides), tmp_path / "w")
+
+
+def test_train_cli_refuses_unknown_config_keys_and_bad_values(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    run = lambda *args: subprocess.run([sys.executable, "train.py", "--config", "configs/smoke.py",  # noqa: E731
+                                        "--workdir", str(tmp_path / "w"), *args],
+                                       cwd=repo, capture_output=True, text=True, timeout=300)
+    r = run("--config.bogus_key=3")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown config key 'bogus_key'") and "batch_size" in last
+    assert "Traceback" not in r.stderr
+    r = run("--config.batch_size=abc")
+    assert r.returncode != 0 and "batch_size" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
