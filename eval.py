@@ -16,6 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from sttn_jax import cli_support
+
 ARCHS = ("resnet18_bwx2", "resnet18_ter", "resnet50")
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
@@ -24,22 +26,15 @@ flags.DEFINE_enum("arch", None, ARCHS, "The arch SRC must hold (default: whateve
 flags.DEFINE_string("split", None, "TFDS split (default: config.eval_split).")
 flags.DEFINE_integer("step", None, "Workdir only: evaluate the checkpoint of this step.")
 flags.DEFINE_string("output", None, "Write the metrics as JSON to this file.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster "
-                  "auto-detection (TPU pods, SLURM) even without the three flags above.")
+cli_support.define_distributed_flags()
 flags.mark_flags_as_required(["config", "checkpoint"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    from sttn_jax import cli_support
-
     cli_support.setup_logging()
-    cli_support.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                 FLAGS.distributed)
+    cli_support.init_distributed_from_flags()
     import jax
 
     from sttn_jax import evaluation
@@ -55,7 +50,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from sttn_jax.cli_support import check_config_overrides
-
-    check_config_overrides(sys.argv)
+    cli_support.check_config_overrides(sys.argv)
     app.run(main)

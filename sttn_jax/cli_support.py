@@ -23,6 +23,24 @@ def setup_logging(level=logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def define_distributed_flags() -> None:
+    """--coordinator_address / --num_processes / --process_id / --distributed (train.py, eval.py)."""
+    from absl import flags
+
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster "
+                      "auto-detection (TPU pods, SLURM) even without the three flags above.")
+
+
+def init_distributed_from_flags() -> None:
+    from absl import flags
+
+    f = flags.FLAGS
+    init_distributed(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
+
+
 def init_distributed(coordinator_address=None, num_processes=None, process_id=None,
                      auto: bool = False) -> None:
     """jax.distributed.initialize() for multi-process runs; a no-op for one process."""

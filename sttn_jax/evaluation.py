@@ -39,20 +39,10 @@ def eval_config(config, loaded):
 
 
 def validate_eval_config(cfg, num_devices: int, split: str) -> None:
-    import jax
+    from sttn_jax import training
+    from sttn_jax.train_loop import validate_model_config
 
-    from sttn_jax import models, training
-
-    if cfg.dtype not in training.DTYPES:
-        raise _config_error(f"config.dtype={cfg.dtype!r}: choose one of {sorted(training.DTYPES)}")
-    if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
-        raise _config_error("config.dtype='float64' needs JAX_ENABLE_X64=1 in the environment")
-    if cfg.image_size < models.MIN_IMAGE_SIZE:
-        raise _config_error(f"config.image_size={cfg.image_size}: images must be at least "
-                            f"{models.MIN_IMAGE_SIZE}")
-    if cfg.resize_size < cfg.image_size:
-        raise _config_error(f"config.resize_size={cfg.resize_size} is below image_size="
-                            f"{cfg.image_size}; use resize_size >= image_size")
+    validate_model_config(cfg)
     if cfg.eval_batch_size <= 0:
         raise _config_error(f"config.eval_batch_size={cfg.eval_batch_size} must be positive")
     try:

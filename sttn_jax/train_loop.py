@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from sttn_jax import checkpoints, data, models, training
@@ -29,11 +27,8 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
 
 
-def validate_config(config, num_devices: int) -> None:
-    """Refuses bad values up front, each with a one-line message that names the fix."""
-    if config.arch not in ("resnet18_bwx2", "resnet18_ter"):
-        raise ConfigError(f"config.arch={config.arch!r}: train.py trains 'resnet18_bwx2' (or "
-                          "'resnet18_ter' as a plain network); set --config.arch=resnet18_bwx2")
+def validate_model_config(config) -> None:
+    """The checks training and evaluation share: dtype, image and resize sizes."""
     if config.dtype not in training.DTYPES:
         raise ConfigError(f"config.dtype={config.dtype!r}: choose one of {sorted(training.DTYPES)}")
     if config.dtype == "float64" and not jax.config.jax_enable_x64:
@@ -45,6 +40,14 @@ def validate_config(config, num_devices: int) -> None:
     if config.resize_size < config.image_size:
         raise ConfigError(f"config.resize_size={config.resize_size} is below image_size="
                           f"{config.image_size}; the crop must fit: use resize_size >= image_size")
+
+
+def validate_config(config, num_devices: int) -> None:
+    """Refuses bad values up front, each with a one-line message that names the fix."""
+    if config.arch not in ("resnet18_bwx2", "resnet18_ter"):
+        raise ConfigError(f"config.arch={config.arch!r}: train.py trains 'resnet18_bwx2' (or "
+                          "'resnet18_ter' as a plain network); set --config.arch=resnet18_bwx2")
+    validate_model_config(config)
     for key in ("batch_size", "eval_batch_size"):
         value = config[key]
         if value <= 0:

@@ -13,11 +13,9 @@ and the running statistics are averaged.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """A shortened `make demo`: train a few steps on the embedded digits, merge, evaluate both."""
 import json
 
-import pytest
 
 from configs import demo as demo_config
 from sttn_jax import demo
