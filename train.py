@@ -27,7 +27,11 @@ def main(argv):
     from sttn_jax import train_loop
 
     with cli_support.one_line_errors():
-        result = train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        try:
+            result = train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        except train_loop.Preempted as e:
+            print(f"stopped: {e}; run the same command to resume", file=sys.stderr)
+            sys.exit(143)  # 128 + SIGTERM, what a scheduler expects of a terminated job
     logging.getLogger("sttn_jax").info("done: %s", result)
 
 

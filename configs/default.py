@@ -45,4 +45,5 @@ def get_config():
     c.eval_every_epochs = 1
     c.log_every_steps = 50
     c.progress_bar = True
+    c.skip_nonfinite_steps = False  # False: stop at a non-finite loss; True: skip such steps
     return c

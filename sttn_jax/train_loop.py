@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,10 @@ log = logging.getLogger("sttn_jax")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of the current step was saved before stopping."""
 
 
 def validate_model_config(config) -> None:
@@ -120,6 +125,28 @@ def restore(manager: ocp.CheckpointManager, trainer: training.Trainer, step: int
     return restored["state"], restored["meta"]
 
 
+def restore_newest_good(manager: ocp.CheckpointManager, trainer: training.Trainer):
+    """(state, meta) from the newest checkpoint that reads back; a damaged one (half-written,
+    truncated, corrupted) is skipped with a warning naming it. None when there is none at all."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return restore(manager, trainer, step)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike
+            bad = Path(manager.directory) / str(step)
+            aside = Path(manager.directory).parent / "unreadable_checkpoints" / f"{step}-{int(time.time())}"
+            log.warning("checkpoint %s is unreadable (%s: %s); moving it to %s and trying an older "
+                        "one", bad, type(e).__name__, (str(e).splitlines() or [""])[0][:200], aside)
+            if jax.process_index() == 0:
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                bad.rename(aside)  # out of the manager's way: that step is written anew later
+            manager.reload()
+    if steps:
+        raise ConfigError(f"no checkpoint in {manager.directory} reads back (steps {steps}); move "
+                          "that directory away to start over, or restore it from a backup")
+    return None
+
+
 class _Progress:
     """A tqdm bar with ETA and live loss / top-1 / images per second (process 0 only)."""
 
@@ -210,8 +237,9 @@ def train_and_evaluate(config, workdir) -> dict:
     manager = checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints)
     best_manager = checkpoint_manager(workdir / "best", 1)
     meta = {"arch": config.arch, "best_top1": None, "eval": None}
-    if manager.latest_step() is not None:
-        state, meta = restore(manager, trainer)
+    restored = restore_newest_good(manager, trainer)
+    if restored is not None:
+        state, meta = restored
         log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
     else:
         state = trainer.init_state(jax.random.PRNGKey(config.seed))
@@ -223,6 +251,8 @@ def train_and_evaluate(config, workdir) -> dict:
                    f"({steps_per_epoch} per epoch), global batch {config.batch_size} over "
                    f"{mesh.devices.size} devices, workdir {workdir}")
     last_train = {}
+    nonfinite = _NonFiniteWatch(config, workdir)
+    term = _TermSignal()
     try:
         window_start, window_images = time.perf_counter(), 0
         while step < total_steps:
@@ -235,6 +265,7 @@ def train_and_evaluate(config, workdir) -> dict:
             for batch in _prefetch(trainer, ds.as_numpy_iterator()):
                 state, metrics = trainer.train_step(state, batch, trainer.teacher_variables)
                 step += 1
+                nonfinite.push(step, metrics)  # checks the previous step's: no stall per step
                 window_images += config.batch_size
                 if step % config.log_every_steps == 0 or step == total_steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -247,11 +278,6 @@ def train_and_evaluate(config, workdir) -> dict:
                     progress.update(0, loss=f"{metrics['loss']:.4f}", top1=f"{metrics['top1']:.3f}",
                                     img_s=f"{metrics['images_per_sec']:.0f}")
                     log.info("step %d/%d epoch %d: %s", step, total_steps, epoch, _fmt(metrics))
-                    if not math.isfinite(metrics["loss"]):
-                        raise FloatingPointError(
-                            f"loss is {metrics['loss']} at step {step}: the run diverged; the last "
-                            f"good checkpoint in {workdir / 'checkpoints'} is kept; lower "
-                            "--config.learning_rate and run the same command again")
                 progress.update(1)
                 epoch_end = step % steps_per_epoch == 0 or step == total_steps
                 eval_due = epoch_end and (step == total_steps or
@@ -265,16 +291,25 @@ def train_and_evaluate(config, workdir) -> dict:
                         meta["best_top1"] = ev["top1"]
                         save(best_manager, state, meta)
                 if epoch_end or step % config.checkpoint_every_steps == 0:
+                    nonfinite.flush()
                     save(manager, state, meta)
+                if term.received:
+                    nonfinite.flush()
+                    save(manager, state, meta)
+                    progress.write(f"SIGTERM at step {step}: checkpoint saved in "
+                                   f"{workdir / 'checkpoints'}; run the same command to resume")
+                    raise Preempted(f"preempted at step {step}; checkpoint saved")
                 if step >= total_steps:
                     break
+        nonfinite.flush()
     finally:
+        term.restore()
         progress.close()
         tb.close()
         manager.wait_until_finished()
         best_manager.wait_until_finished()
     result = {"step": step, "train": last_train, "eval": meta.get("eval"),
-              "best_top1": meta.get("best_top1")}
+              "best_top1": meta.get("best_top1"), "skipped_nonfinite_steps": nonfinite.skipped}
     if jax.process_index() == 0:
         (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     trainer.final_state = state
@@ -287,6 +322,59 @@ def evaluate(trainer: training.Trainer, state, config) -> dict:
                            image_size=config.image_size, resize_size=config.resize_size,
                            data_dir=_data_dir(config))
     return trainer.evaluate(trainer.variables(state), ds.as_numpy_iterator())
+
+
+class _NonFiniteWatch:
+    """Acts on a step's `finite` metric one step late, so checking never stalls the device.
+    The step itself already kept the old state on a non-finite loss (see training.py)."""
+
+    def __init__(self, config, workdir: Path):
+        self.skip = bool(config.skip_nonfinite_steps)
+        self.workdir = workdir
+        self.pending = None
+        self.skipped = 0
+
+    def push(self, step: int, metrics) -> None:
+        self.flush()
+        self.pending = (step, metrics["finite"], metrics["loss"])
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, finite, loss = self.pending
+        self.pending = None
+        if float(jax.device_get(finite)):
+            return
+        loss = float(jax.device_get(loss))
+        if self.skip:
+            self.skipped += 1
+            log.warning("loss is %s at step %d: step skipped (parameters unchanged; %d skipped so "
+                        "far)", loss, step, self.skipped)
+            return
+        raise FloatingPointError(
+            f"loss is {loss} at step {step}: the run diverged. Nothing of that step was kept and "
+            f"the last good checkpoint in {self.workdir / 'checkpoints'} is intact; lower "
+            "--config.learning_rate (or set --config.skip_nonfinite_steps=True to skip such "
+            "steps) and run the same command again")
+
+
+class _TermSignal:
+    """Notes SIGTERM (the usual preemption notice) so the loop can save and stop cleanly."""
+
+    def __init__(self):
+        self.received = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.received = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
 
 
 def _prefetch(trainer: training.Trainer, batches, depth: int = 2):

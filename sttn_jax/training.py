@@ -209,6 +209,12 @@ class Trainer:
             }
             new_state = TrainState(step=state.step + 1, params=new_params, batch_stats=batch_stats,
                                    opt_state=opt_state)
+            # A non-finite loss leaves everything but the step counter as it was, so a diverged
+            # step can never reach a checkpoint; the loop stops (or skips) on metrics["finite"].
+            finite = jnp.isfinite(loss)
+            kept = state.replace(step=state.step + 1)
+            new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
+            metrics["finite"] = finite.astype(jnp.float32)
             return new_state, metrics
 
         mapped = jax.shard_map(step_fn, mesh=self.mesh,

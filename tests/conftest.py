@@ -1,8 +1,14 @@
-"""Test setup: 8 simulated CPU devices (for shard_map tests), TensorFlow kept off any GPU."""
+"""Test setup: 8 simulated CPU devices (for shard_map tests), TensorFlow kept quiet, and one
+persistent XLA compilation cache for the session (the tests build the same networks many times,
+also in the CLI subprocesses they start, which inherit these variables)."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="sttn-jax-test-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
