@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# GPU check for issue 8, prepared for a session with a CUDA GPU (measured target: one H100).
+#
+# Run from the repository root on the GPU machine, carrying the jax-triton wheel, which is
+# git-ignored (.whl/). Obtain it on a machine with internet access first:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl jax-triton==0.3.1
+# then, with the device tool:  command "bash benchmarks/gpu_check.sh", carry [".whl"].
+#
+# The machine is expected to have python 3.12, jax 0.11.2 (CUDA), triton 3.6.0, flax, optax, orbax,
+# torch and pytest, and no internet. This script installs the jax-triton wheel (no dependencies)
+# into a private directory and nothing else, then:
+#   1. the GPU-only tests: pytest -q tests/test_ops.py -k gpu   (tests.log)
+#   2. python benchmarks/run.py --compare-backends              (bench.json, bench.log)
+# Everything lands in $OUT (default ./gpu_check_out), which the device tool brings back; bench.json
+# is rewritten after every measurement, so a run cut short still returns what it measured.
+#
+# Environment knobs: BENCH_ARGS (extra run.py options, e.g. "--steps 10 --warmup 2"),
+# SKIP_TESTS=1, TOTAL_TIMEOUT (s for the whole script, default 570: the device tool allows 600 per
+# command), TEST_TIMEOUT (s, default 180), JAX_COMPILATION_CACHE_DIR (default /tmp/sttn_jax_cache:
+# a rerun on a warm machine compiles less; compile_s in the JSON then says so).
+set -uo pipefail
+DEADLINE=$((SECONDS + ${TOTAL_TIMEOUT:-570}))
+left() { echo $((DEADLINE - SECONDS)); }
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/gpu_check_out}
+mkdir -p "$OUT"
+status=0
+
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+# -- environment -----------------------------------------------------------------------------
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+  python --version 2>&1
+  python - <<'EOF' 2>&1
+import importlib.metadata as md
+for d in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax", "triton",
+          "torch", "pytest", "tensorflow"):
+    try:
+        print(d, md.version(d))
+    except md.PackageNotFoundError:
+        print(d, "-")
+EOF
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+# -- jax-triton from the carried wheel, private site dir ---------------------------------------
+shopt -s nullglob
+wheels=(.whl/jax_triton-0.3.1-*.whl)
+site=$(mktemp -d /tmp/sttn_site.XXXXXX)
+if (( ${#wheels[@]} == 0 )); then
+  log "no .whl/jax_triton-0.3.1-*.whl here (carry .whl): the triton backend will be unavailable"
+  status=1
+else
+  python -m pip install --quiet --no-deps --no-index --target "$site" "${wheels[@]}" \
+    > "$OUT/pip.log" 2>&1 || { log "pip install of ${wheels[*]} failed (pip.log)"; status=1; }
+fi
+export PYTHONPATH="$site:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/sttn_jax_cache}
+export TF_CPP_MIN_LOG_LEVEL=2
+
+python - > "$OUT/backend.txt" 2>&1 <<'EOF'
+import jax
+from ops import ternary
+print("devices:", jax.devices())
+print("triton unavailable:", ternary.triton_unavailable_reason())
+for dt in ("float32", "bfloat16"):
+    print("auto ->", dt, ternary.resolve_backend("auto", dt))
+EOF
+cat "$OUT/backend.txt"
+grep -q "triton unavailable: None" "$OUT/backend.txt" || { log "Triton backend NOT available (backend.txt)"; status=1; }
+
+# -- 1. GPU-only tests -------------------------------------------------------------------------
+if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+  if python -c "import pytest" 2>/dev/null; then
+    t=$(left); (( t > ${TEST_TIMEOUT:-180} )) && t=${TEST_TIMEOUT:-180}
+    timeout "$t" python -m pytest -q -rs tests/test_ops.py -k gpu -p no:cacheprovider \
+      2>&1 | tee "$OUT/tests.log"
+    rc=${PIPESTATUS[0]}
+    log "gpu tests: exit $rc"
+    (( rc == 0 )) || status=1
+    grep -qE "[1-9][0-9]* passed" "$OUT/tests.log" || { log "no GPU test passed (all skipped?)"; status=1; }
+  else
+    log "pytest is not installed here: GPU tests not run"
+    status=1
+  fi
+fi
+
+# -- 2. benchmark ------------------------------------------------------------------------------
+t=$(( $(left) - 15 )); (( t < 60 )) && t=60
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+timeout "$t" python benchmarks/run.py --compare-backends --output "$OUT/bench.json" \
+  ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+rc=${PIPESTATUS[0]}
+log "benchmark: exit $rc"
+(( rc == 0 )) || status=1
+if [[ -f "$OUT/bench.json" ]]; then
+  # Also under the name benchmarks/results/ uses, ready to be committed from the session.
+  name=$(python -c "import json, re, sys; r = json.load(open(sys.argv[1])); \
+print(r['date'] + '_' + (re.sub('[^a-z0-9]+', '-', r['device']['kind'].lower()).strip('-') or 'device') + '.json')" \
+    "$OUT/bench.json") && cp "$OUT/bench.json" "$OUT/$name" && log "results: $OUT/$name"
+else
+  log "no bench.json written"
+  status=1
+fi
+log "gpu_check exit $status"
+exit $status

@@ -1,0 +1,441 @@
+"""Times sttn-jax on one device and writes the numbers as JSON (issue 8: the speed-up, proven).
+
+    python benchmarks/run.py                      # batch 256, 224x224, 20 timed steps, backend auto
+    python benchmarks/run.py --smoke              # tiny sizes: checks the script runs (CPU tests)
+    python benchmarks/run.py --only act,copy      # a subset: train, eval, act, copy
+    python benchmarks/run.py --compare-backends   # also the training step with act_backend triton vs xla
+
+Measurements (synthetic data already on the device, `jax.block_until_ready` after each sample,
+median of --steps samples after --warmup untimed ones, each program compiled before timing):
+- train: one `sttn_jax.training.Trainer.train_step` (resnet18_bwx2 student, train-mode ResNet-50
+  teacher from random weights, distillation loss, Adam), float32 and bfloat16 compute, images/s;
+  the peak device memory of the float32 step where the backend reports it (GPU; None on CPU).
+- eval: resnet18_ter inference (`module.apply(..., train=False)`; the student's random variables
+  merged by `sttn_jax.merging`), float32 and bfloat16, images/s.
+- act: `ops.ternary_activation` forward as training runs it (reads x, writes y and the boolean mask
+  saved for the backward) and backward (reads the mask and the incoming gradient, writes the
+  gradient), GB/s counting exactly those bytes, on a 256x56x56x64 tensor (the first stage's size).
+- copy: `x * s` with a runtime scalar s (cannot be folded away): the bandwidth the activation is
+  measured against, counting bytes read + written. Each act and copy sample times 10 back-to-back
+  calls (2 with --smoke), so that one sync per call does not dominate a sub-millisecond kernel.
+
+Everything runs on `jax.devices()[0]`. Nothing here imports TensorFlow (the GPU machine has none).
+Writes benchmarks/results/<date>_<device-kind-slug>.json (or --output) and prints a table. A failed
+measurement is recorded under "errors" and the run goes on; the exit status is then 1. The JSON is
+rewritten after every measurement ("complete": false until the end), so a run cut short keeps its
+numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python benchmarks/run.py` from a checkout that is not installed
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import ops  # noqa: E402
+from configs import default as default_config  # noqa: E402
+from ops import ternary as ternary_mod  # noqa: E402
+from sttn_jax import merging, models, training  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SECTIONS = ("train", "eval", "act", "copy")
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+CONFIG_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+STUDENT, TEACHER, EVAL_ARCH = "resnet18_bwx2", "resnet50", "resnet18_ter"
+NUM_CLASSES = 1000
+FULL = {"batch": 256, "image_size": 224, "steps": 20, "warmup": 5, "act_shape": (256, 56, 56, 64),
+        "calls_per_sample": 10}
+SMOKE = {"batch": 8, "image_size": 32, "steps": 2, "warmup": 1, "act_shape": (8, 16, 16, 8),
+         "calls_per_sample": 2}
+RESULT_KEYS = ("train_fp32_img_s", "train_bf16_img_s", "eval_fp32_img_s", "eval_bf16_img_s",
+               "act_fwd_gbps_fp32", "act_fwd_gbps_bf16", "act_bwd_gbps_fp32", "act_bwd_gbps_bf16",
+               "copy_gbps_fp32", "copy_gbps_bf16", "train_fp32_peak_gib")
+GIB = 2 ** 30
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes (batch 8, 32x32, 2 timed steps, activation 8x16x16x8)")
+    p.add_argument("--batch", type=int, help="global batch of the train and eval steps (256)")
+    p.add_argument("--image-size", type=int, help="square image side (224)")
+    p.add_argument("--steps", type=int, help="timed samples per measurement; the median is kept (20)")
+    p.add_argument("--warmup", type=int, help="untimed calls before timing (5)")
+    p.add_argument("--backend", default="auto", choices=ternary_mod.BACKENDS,
+                   help="ternary activation backend for every measurement (auto)")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (all)")
+    p.add_argument("--compare-backends", action="store_true",
+                   help="also time the training step with act_backend triton and xla (fp32 and bf16)")
+    p.add_argument("--output", help="JSON path (default benchmarks/results/<date>_<device>.json)")
+    args = p.parse_args(argv)
+    base = SMOKE if args.smoke else FULL
+    for key in ("batch", "image_size", "steps", "warmup"):
+        if getattr(args, key) is None:
+            setattr(args, key, base[key])
+    args.act_shape = base["act_shape"]
+    args.calls_per_sample = base["calls_per_sample"]
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown or not only:
+        p.error(f"--only takes a comma-separated subset of {','.join(SECTIONS)}, got {args.only!r}")
+    args.only = [s for s in SECTIONS if s in only]
+    if args.steps < 1 or args.warmup < 0 or args.batch < 2:
+        p.error("need --steps >= 1, --warmup >= 0 and --batch >= 2 (BatchNorm in training)")
+    if args.image_size < models.MIN_IMAGE_SIZE:
+        p.error(f"--image-size must be at least {models.MIN_IMAGE_SIZE}")
+    if args.backend == "triton" and ternary_mod.triton_unavailable_reason():
+        p.error(ternary_mod.triton_unavailable_reason())
+    return args
+
+
+# -- timing -----------------------------------------------------------------------------------
+def median_seconds(call, steps: int, warmup: int, calls_per_sample: int = 1) -> float:
+    """Median wall time of one `call()` over `steps` samples, after `warmup` untimed calls. Each
+    sample runs `calls_per_sample` calls back to back and blocks once on the last result."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    samples = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        for _ in range(calls_per_sample):
+            out = call()
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / calls_per_sample)
+    return statistics.median(samples)
+
+
+def compile_timed(jitted, *args):
+    """(compiled executable, compile seconds, temp bytes XLA planned or None)."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    try:
+        temp = compiled.memory_analysis().temp_size_in_bytes
+    except Exception:  # not every backend reports it
+        temp = None
+    return compiled, seconds, temp
+
+
+def peak_bytes(device):
+    """The device's peak bytes in use so far (GPU/TPU), or None where the backend has no stats."""
+    try:
+        stats = device.memory_stats()
+    except Exception:
+        return None
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+# -- measurements -----------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = jax.devices()[0]
+        self.mesh = training.make_mesh([self.device])
+        self.details: dict = {}  # name -> median ms, compile s, bytes, ...
+        self._student = self._teacher = self._ternary = None
+        rng = np.random.default_rng(0)
+        self.images = rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32)
+        self.labels = (np.arange(args.batch) % NUM_CLASSES).astype(np.int32)
+
+    # Random-weight variables, created once and shared by the fp32 and bf16 runs (parameters are
+    # float32 in both; only the computation dtype differs).
+    def student_variables(self):
+        if self._student is None:
+            self._student = models.init_variables(models.create(STUDENT, NUM_CLASSES),
+                                                  jax.random.PRNGKey(0), self.args.image_size)
+        return self._student
+
+    def teacher_variables(self):
+        if self._teacher is None:
+            self._teacher = models.init_variables(models.create(TEACHER, NUM_CLASSES),
+                                                  jax.random.PRNGKey(1), self.args.image_size)
+        return self._teacher
+
+    def ternary_variables(self):
+        """The student's variables merged into resnet18_ter's (the workflow, and no second init)."""
+        if self._ternary is None:
+            self._ternary = merging.merge_variables(self.student_variables())
+        return self._ternary
+
+    def train(self, dtype: str, backend: str, name: str) -> float:
+        """Images/s of the full training step."""
+        a = self.args
+        config = default_config.get_config()
+        config.arch, config.teacher_arch, config.num_classes = STUDENT, TEACHER, NUM_CLASSES
+        config.dtype, config.act_backend = CONFIG_DTYPE[dtype], backend
+        config.batch_size, config.image_size = a.batch, a.image_size
+        config.teacher_bn_train_mode = True
+        trainer = training.Trainer(config, steps_per_epoch=1000, mesh=self.mesh,
+                                   teacher_variables=self.teacher_variables())
+        state = trainer.state_from_variables(self.student_variables())
+        batch = trainer.shard_batch({"image": self.images, "label": self.labels})
+        teacher = trainer.teacher_variables
+        step, compile_s, temp = compile_timed(trainer.train_step, state, batch, teacher)
+        holder = {"state": state}
+        del state
+
+        def call():
+            holder["state"], metrics = step(holder["state"], batch, teacher)
+            return holder["state"], metrics
+
+        seconds = median_seconds(call, a.steps, a.warmup)
+        loss = float(call()[1]["loss"])
+        self.details[name] = {"median_ms": seconds * 1e3, "compile_s": compile_s,
+                              "compiled_temp_gib": None if temp is None else temp / GIB,
+                              "final_loss": loss, "act_backend": backend}
+        return a.batch / seconds
+
+    def inference(self, dtype: str, name: str) -> float:
+        """Images/s of resnet18_ter inference."""
+        a = self.args
+        module = models.create(EVAL_ARCH, NUM_CLASSES, DTYPES[dtype], a.backend)
+        variables = jax.device_put(self.ternary_variables(), self.device)
+        images = jax.device_put(self.images, self.device)
+        fn, compile_s, _ = compile_timed(jax.jit(lambda v, x: module.apply(v, x, train=False)),
+                                         variables, images)
+        seconds = median_seconds(lambda: fn(variables, images), a.steps, a.warmup)
+        self.details[name] = {"median_ms": seconds * 1e3, "compile_s": compile_s}
+        return a.batch / seconds
+
+    def _tensor(self, dtype: str):
+        x = np.random.default_rng(3).normal(size=self.args.act_shape).astype(np.float32)
+        return jax.device_put(jnp.asarray(x, DTYPES[dtype]), self.device)
+
+    def activation(self, dtype: str) -> tuple[float, float]:
+        """GB/s of the ternary activation's training forward and its backward."""
+        a = self.args
+        backend = a.backend
+        x = self._tensor(dtype)
+        fwd, fwd_compile, _ = compile_timed(
+            jax.jit(lambda x: jax.vjp(lambda t: ops.ternary_activation(t, backend), x)), x)
+        y, vjp_fn = fwd(x)
+        saved = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp_fn))  # the boolean mask
+        fwd_bytes = x.nbytes + y.nbytes + saved
+        fwd_s = median_seconds(lambda: fwd(x), a.steps, a.warmup, a.calls_per_sample)
+        g = self._tensor(dtype)
+        bwd, bwd_compile, _ = compile_timed(jax.jit(lambda f, g: f(g)[0]), vjp_fn, g)
+        bwd_bytes = saved + g.nbytes + x.nbytes
+        bwd_s = median_seconds(lambda: bwd(vjp_fn, g), a.steps, a.warmup, a.calls_per_sample)
+        resolved = ternary_mod.resolve_backend(backend, x.dtype)
+        self.details[f"act_fwd_{dtype}"] = {"median_ms": fwd_s * 1e3, "bytes": fwd_bytes,
+                                            "compile_s": fwd_compile, "backend": resolved}
+        self.details[f"act_bwd_{dtype}"] = {"median_ms": bwd_s * 1e3, "bytes": bwd_bytes,
+                                            "compile_s": bwd_compile, "backend": resolved}
+        return fwd_bytes / fwd_s / 1e9, bwd_bytes / bwd_s / 1e9
+
+    def copy(self, dtype: str) -> float:
+        """GB/s of an elementwise pass over the same tensor (read + write)."""
+        a = self.args
+        x = self._tensor(dtype)
+        s = jax.device_put(jnp.ones((), x.dtype), self.device)
+        fn, compile_s, _ = compile_timed(jax.jit(lambda x, s: x * s), x, s)
+        seconds = median_seconds(lambda: fn(x, s), a.steps, a.warmup, a.calls_per_sample)
+        nbytes = 2 * x.nbytes
+        self.details[f"copy_{dtype}"] = {"median_ms": seconds * 1e3, "bytes": nbytes,
+                                         "compile_s": compile_s}
+        return nbytes / seconds / 1e9
+
+
+def resolved_backends(backend: str) -> dict:
+    out = {}
+    for dtype, jdt in DTYPES.items():
+        try:
+            out[dtype] = ternary_mod.resolve_backend(backend, jdt)
+        except Exception as e:  # noqa: BLE001 - reported, not raised
+            out[dtype] = f"unavailable: {e}"
+    return out
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("jax", "jaxlib", "flax", "optax", "triton", "jax-triton"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def run(args, save=lambda result: None) -> dict:
+    """All measurements; `save(result)` is called after each, so a run cut short keeps its numbers."""
+    device = jax.devices()[0]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = {
+        "device": {"kind": device.device_kind, "platform": device.platform,
+                   "device_count": jax.device_count(), "devices_used": 1},
+        **{key: None for key in RESULT_KEYS},
+        "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
+        "warmup": args.warmup, "backend": args.backend,
+        "backend_resolved": resolved_backends(args.backend),
+        "act_shape": list(args.act_shape), "calls_per_sample": args.calls_per_sample,
+        "smoke": args.smoke, "only": args.only, "models": {"student": STUDENT, "teacher": TEACHER,
+                                                           "eval": EVAL_ARCH},
+        "jax_version": jax.__version__, "versions": versions(),
+        "date": now.strftime("%Y-%m-%d"), "timestamp": now.isoformat(timespec="seconds"),
+        "errors": {},
+    }
+    bench = Bench(args)
+    errors = result["errors"]
+
+    def measure(name, fn, *keys):
+        """Runs one measurement; stores its value(s) under `keys`; records an error instead of
+        raising; saves the JSON so far."""
+        print(f"... {name}", file=sys.stderr, flush=True)
+        try:
+            value = fn()
+            result.update(zip(keys, value if len(keys) > 1 else (value,)))
+            return value
+        except Exception as e:  # noqa: BLE001 - one failed measurement must not lose the others
+            traceback.print_exc()
+            errors[name] = f"{type(e).__name__}: {e}"[:2000]
+            return None
+        finally:
+            save(dict(result, details=bench.details, complete=False))
+
+    def train_fp32():
+        # First: the device's peak memory is a high-water mark for the whole process, so read
+        # right after this step, it is this step's peak (teacher, state and batch included).
+        speed = bench.train("fp32", args.backend, "train_fp32")
+        peak = peak_bytes(device)
+        return speed, None if peak is None else peak / GIB
+
+    if "train" in args.only:
+        measure("train_fp32", train_fp32, "train_fp32_img_s", "train_fp32_peak_gib")
+        measure("train_bf16", lambda: bench.train("bf16", args.backend, "train_bf16"),
+                "train_bf16_img_s")
+    if args.compare_backends:  # right after the main training runs: the "within 3 %" target
+        result["compare_backends"] = {}
+        compare_backends(bench, result, measure, result["compare_backends"])
+    if "eval" in args.only:
+        for dtype in DTYPES:
+            measure(f"eval_{dtype}", lambda d=dtype: bench.inference(d, f"eval_{d}"),
+                    f"eval_{dtype}_img_s")
+    if "act" in args.only:
+        for dtype in DTYPES:
+            measure(f"act_{dtype}", lambda d=dtype: bench.activation(d),
+                    f"act_fwd_gbps_{dtype}", f"act_bwd_gbps_{dtype}")
+    if "copy" in args.only:
+        for dtype in DTYPES:
+            measure(f"copy_{dtype}", lambda d=dtype: bench.copy(d), f"copy_gbps_{dtype}")
+    result["details"] = bench.details
+    result["complete"] = True
+    return result
+
+
+def compare_backends(bench, result, measure, out: dict) -> None:
+    """Fills `out` with the training step's images/s with the Triton and the XLA activation, per
+    dtype. A main-run measurement whose backend resolved to the same one is reused."""
+    reason = ternary_mod.triton_unavailable_reason()
+    out["triton_unavailable"] = reason
+    for dtype in DTYPES:
+        row = out[f"train_{dtype}_img_s"] = {"triton": None, "xla": None, "triton_over_xla": None}
+        for backend in ("triton", "xla"):
+            if backend == "triton" and reason:
+                continue
+            main = result.get(f"train_{dtype}_img_s")
+            if main is not None and result["backend_resolved"][dtype] == backend:
+                row[backend] = main
+                continue
+            name = f"train_{dtype}_{backend}"
+            row[backend] = measure(name, lambda d=dtype, b=backend, n=name: bench.train(d, b, n))
+        if row["triton"] and row["xla"]:
+            row["triton_over_xla"] = row["triton"] / row["xla"]
+
+
+# -- report -----------------------------------------------------------------------------------
+def fmt(value, digits=1):
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(result: dict) -> str:
+    d = result["details"]
+    resolved = result["backend_resolved"]
+    lines = [f"sttn-jax benchmark on {result['device']['kind']} ({result['device']['platform']}), "
+             f"jax {result['jax_version']}, {result['date']}",
+             f"batch {result['batch']}, {result['image_size']}x{result['image_size']}, median of "
+             f"{result['steps']} steps after {result['warmup']}, activation backend "
+             f"{result['backend']} (fp32: {resolved['fp32']}, bf16: {resolved['bf16']}), "
+             f"activation tensor {'x'.join(map(str, result['act_shape']))}"
+             + (" [SMOKE: sizes too small to mean anything]" if result["smoke"] else ""),
+             f"{'measurement':<26}{'value':>12}  {'unit':<7}{'median ms':>11}  note"]
+
+    def row(label, key, unit, detail, note=""):
+        ms = d.get(detail, {}).get("median_ms")
+        lines.append(f"{label:<26}{fmt(result.get(key)):>12}  {unit:<7}{fmt(ms, 3):>11}  {note}")
+
+    for dtype in DTYPES:
+        row(f"train step {dtype}", f"train_{dtype}_img_s", "img/s", f"train_{dtype}",
+            f"loss {fmt(d.get(f'train_{dtype}', {}).get('final_loss'), 3)}")
+    lines.append(f"{'train fp32 peak memory':<26}{fmt(result['train_fp32_peak_gib'], 2):>12}  GiB")
+    for dtype in DTYPES:
+        row(f"eval {EVAL_ARCH} {dtype}", f"eval_{dtype}_img_s", "img/s", f"eval_{dtype}")
+    for dtype in DTYPES:
+        copy = result.get(f"copy_gbps_{dtype}")
+        for way in ("fwd", "bwd"):
+            speed = result.get(f"act_{way}_gbps_{dtype}")
+            note = f"{100 * speed / copy:.0f}% of copy" if speed and copy else ""
+            row(f"activation {way} {dtype}", f"act_{way}_gbps_{dtype}", "GB/s",
+                f"act_{way}_{dtype}", note)
+        row(f"copy {dtype}", f"copy_gbps_{dtype}", "GB/s", f"copy_{dtype}")
+    cmp = result.get("compare_backends")
+    if cmp:
+        for dtype in DTYPES:
+            r = cmp[f"train_{dtype}_img_s"]
+            ratio = r["triton_over_xla"]
+            lines.append(f"{'train ' + dtype + ' triton/xla':<26}{fmt(r['triton']):>12} / "
+                         f"{fmt(r['xla'])} img/s"
+                         + (f"  triton {100 * (ratio - 1):+.1f}%" if ratio else ""))
+        if cmp["triton_unavailable"]:
+            lines.append(f"triton unavailable: {cmp['triton_unavailable']}")
+    for name, err in result["errors"].items():
+        lines.append(f"ERROR {name}: {err.splitlines()[0][:200]}")
+    return "\n".join(lines)
+
+
+def output_path(args) -> Path:
+    if args.output:
+        return Path(args.output)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return RESULTS_DIR / f"{date}_{slug(jax.devices()[0].device_kind)}.json"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    path = output_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(result):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(path)
+
+    result = run(args, save)
+    save(result)
+    print(table(result))
+    print(f"wrote {path}")
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
