@@ -2,8 +2,8 @@
 
 A *model checkpoint* is a directory holding an Orbax `StandardCheckpointer` tree
 `{"params", "batch_stats"}` plus `sttn_model.json` naming the arch, so every tool knows what it
-holds. A *training workdir* holds an Orbax `CheckpointManager` (see `sttn_jax.training`).
-`load_model` reads either, and the original PyTorch .pth/.pth.tar files.
+holds. A *training workdir* holds Orbax `CheckpointManager`s (see `sttn_jax.train_loop`).
+`sttn_jax.model_sources.load` reads either, and the original PyTorch .pth/.pth.tar files.
 """
 from __future__ import annotations
 
