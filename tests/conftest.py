@@ -33,3 +33,26 @@ def x64():
         yield
     finally:
         jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture(scope="session")
+def smoke_data_dir(tmp_path_factory):
+    """The fabricated tiny ImageNet of configs/smoke.py, prepared once per test session through
+    the real TFDS imagenet2012 builder."""
+    from sttn_jax import data
+
+    d = tmp_path_factory.mktemp("smoke_data")
+    data.ensure_fake_imagenet(str(d))
+    return str(d)
+
+
+def smoke_config(data_dir, **overrides):
+    """configs/smoke.py reading `data_dir`, without a progress bar, with `overrides` applied."""
+    from configs import smoke
+
+    c = smoke.get_config()
+    c.data_dir = data_dir
+    c.progress_bar = False
+    for k, v in overrides.items():
+        c[k] = v
+    return c

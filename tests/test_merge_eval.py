@@ -19,12 +19,12 @@ torch = pytest.importorskip("torch")
 
 import jax  # noqa: E402
 
-from configs import smoke  # noqa: E402
-from sttn_jax import (checkpoints, data, evaluation, merging, model_sources, report,  # noqa: E402
+from sttn_jax import (checkpoints, evaluation, merging, model_sources, report,  # noqa: E402
                       train_loop)
 from sttn_jax.checkpoints import CheckpointError  # noqa: E402
 from sttn_jax.interop import parity, reference  # noqa: E402
 from sttn_jax.models import RESNET18_BLOCKS  # noqa: E402
+from tests.conftest import smoke_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -55,15 +55,6 @@ def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def smoke_config(data_dir, **overrides):
-    c = smoke.get_config()
-    c.data_dir = data_dir
-    c.progress_bar = False
-    for k, v in overrides.items():
-        c[k] = v
-    return c
-
-
 def count(tree):
     return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree))
 
@@ -73,10 +64,8 @@ def count(tree):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("smoke_data")
-    data.ensure_fake_imagenet(str(d))
-    return str(d)
+def data_dir(smoke_data_dir):
+    return smoke_data_dir
 
 
 @pytest.fixture(scope="module")

@@ -7,30 +7,13 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import smoke
-from sttn_jax import data, models, train_loop, training
+from sttn_jax import train_loop, training
+from tests.conftest import smoke_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def smoke_data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("smoke_data")
-    data.ensure_fake_imagenet(str(d))
-    return str(d)
-
-
-def smoke_config(data_dir, **overrides):
-    c = smoke.get_config()
-    c.data_dir = data_dir
-    c.progress_bar = False
-    for k, v in overrides.items():
-        c[k] = v
-    return c
 
 
 def test_a_nonfinite_step_changes_nothing_but_the_step_counter():

@@ -7,24 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import smoke
-from sttn_jax import data, models, train_loop, training
-
-
-@pytest.fixture(scope="module")
-def smoke_data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("smoke_data")
-    data.ensure_fake_imagenet(str(d))
-    return str(d)
-
-
-def smoke_config(data_dir, **overrides):
-    c = smoke.get_config()
-    c.data_dir = data_dir
-    c.progress_bar = False
-    for k, v in overrides.items():
-        c[k] = v
-    return c
+from sttn_jax import models, train_loop, training
+from tests.conftest import smoke_config
 
 
 def latest_params(workdir):

@@ -56,6 +56,13 @@ def _listing(items, limit: int = _MAX_LISTED) -> str:
 # Reading
 
 
+def _key_mismatch(missing, unexpected, noun: str = "") -> str:
+    """'missing<noun>: a, b; unexpected<noun>: c' for the parts that are non-empty."""
+    parts = [f"{what}{noun}: {_listing(keys)}"
+             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    return "; ".join(parts)
+
+
 def read_torch_file(path):
     """`torch.load(path, weights_only=True, map_location="cpu")`, with one clear CheckpointError
     for a missing file, a file that is not a torch.save file, and a file whose unpickling would run
@@ -203,12 +210,8 @@ def _convert(state_dict, arch, path, num_classes):
                and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        raise CheckpointError(f"{path}: does not match {arch}: " + "; ".join(parts))
+        raise CheckpointError(f"{path}: does not match {arch}: "
+                              + _key_mismatch(missing, unexpected, " keys"))
     wrong = []
     for key, entry in expected.items():
         if key in state_dict:
@@ -299,12 +302,8 @@ def variables_to_state_dict(variables, arch: str, prefix: str = DATA_PARALLEL_PR
     missing = ["/".join(k) for k in want if k not in given]
     unexpected = ["/".join(k) for k in given if k not in want]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected: {_listing(unexpected)}")
-        raise CheckpointError(f"{where}: not {arch} variables; " + "; ".join(parts))
+        raise CheckpointError(f"{where}: not {arch} variables; "
+                              + _key_mismatch(missing, unexpected))
     wrong = [f"{'/'.join(k)} {tuple(np.shape(given[k]))} (expected {e.flax_shape})"
              for k, e in want.items() if tuple(np.shape(given[k])) != e.flax_shape]
     if wrong:
