@@ -23,6 +23,9 @@ def get_config():
     c.random_flip = True  # RandomHorizontalFlip in training (off for digits)
     c.fabricate_data = False  # smoke tests: fabricate a tiny ImageNet in data_dir on first use
     c.shuffle_buffer = 16384
+    c.data_shards = 0  # training split read as this many shards; 0 = one per process. The batch
+    # stream depends on it, not on the process count: fix it (e.g. to the largest host count
+    # you use) to get the same batches on 1, 2, 4, ... hosts, and resume on another count.
     # optimisation
     c.batch_size = 256  # global, over all devices and processes
     c.eval_batch_size = 128

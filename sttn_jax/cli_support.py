@@ -55,9 +55,11 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
 
 def expected_errors() -> tuple:
     from sttn_jax.checkpoints import CheckpointError
-    from sttn_jax.train_loop import ConfigError
+    from sttn_jax.preflight import ConfigError
+    from sttn_jax.run_checkpoints import CheckpointWriteError
 
-    errors = [CheckpointError, ConfigError, FloatingPointError, FileNotFoundError]
+    errors = [CheckpointError, ConfigError, CheckpointWriteError, FloatingPointError,
+              FileNotFoundError]
     pipeline = sys.modules.get("sttn_jax.data.pipeline")  # only if loaded: it imports TensorFlow
     if pipeline is not None:
         errors.append(pipeline.DatasetNotPreparedError)
@@ -66,11 +68,14 @@ def expected_errors() -> tuple:
 
 @contextlib.contextmanager
 def one_line_errors():
-    """Expected failures print `error: <message>` and exit 2, without a stack trace."""
+    """Expected failures print `error: <message>` and exit 2, without a stack trace. The
+    message is joined into one line (some, such as the "not prepared" hint with its `tfds build`
+    command, span several), so the error is always the last line of stderr, whole."""
     try:
         yield
     except expected_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message or type(e).__name__}", file=sys.stderr)
         sys.exit(2)
 
 

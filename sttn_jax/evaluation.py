@@ -20,7 +20,7 @@ RESULT_KEYS = ("top1", "top5", "loss", "num_examples", "arch", "checkpoint")
 
 
 def _config_error(message: str):
-    from sttn_jax.train_loop import ConfigError
+    from sttn_jax.preflight import ConfigError
 
     return ConfigError(message)
 
@@ -40,7 +40,7 @@ def eval_config(config, loaded):
 
 def validate_eval_config(cfg, num_devices: int, split: str) -> None:
     from sttn_jax import training
-    from sttn_jax.train_loop import validate_model_config
+    from sttn_jax.preflight import validate_model_config
 
     validate_model_config(cfg)
     if cfg.eval_batch_size <= 0:
@@ -66,7 +66,7 @@ def evaluate_checkpoint(config, checkpoint, *, arch: str | None = None, split: s
     import numpy as np
 
     import ops
-    from sttn_jax import data, model_sources, training, train_loop
+    from sttn_jax import data, model_sources, preflight, training
 
     if loaded is None:
         loaded = model_sources.load(checkpoint, arch=arch, step=step)
@@ -76,7 +76,9 @@ def evaluate_checkpoint(config, checkpoint, *, arch: str | None = None, split: s
     mesh = mesh or training.make_mesh()
     split = split or cfg.eval_split
     validate_eval_config(cfg, mesh.devices.size, split)
-    train_loop.prepare_data(cfg)
+    preflight.prepare_data(cfg)
+    cfg.eval_split = split
+    preflight.check_data(cfg, split_keys=("eval_split",))  # one line for an unknown name or split
     data_dir = cfg.data_dir or None
     try:
         num_batches = data.steps_per_epoch(cfg.dataset, split, cfg.eval_batch_size, data_dir,

@@ -1,150 +1,34 @@
 """`train_and_evaluate(config, workdir)`: the whole training run, resumable.
 
-The workdir holds `checkpoints/` (an Orbax CheckpointManager keeping the last k), `best/` (the
-checkpoint with the best top-1 so far), `tensorboard/` event files, and `config.json`. Running the
-same command on the workdir of an interrupted run resumes exactly: the state (step, parameters,
-Adam moments, BatchNorm statistics) comes from the newest checkpoint, and the data stream is a pure
-function of (seed, epoch) from which the batches already seen in the epoch are skipped.
+The workdir holds `checkpoints/` (the last k steps) and `best/` (the best top-1 so far), both
+written by `run_checkpoints`, `tensorboard/` event files, `config.json` and, at the end,
+`final_metrics.json`. Before the first step, `preflight` refuses bad input. Running the same
+command on the workdir of an interrupted run (killed, preempted, out of disk) resumes exactly: the
+state (step, parameters, Adam moments, BatchNorm statistics) comes from the newest complete
+checkpoint, and the data stream is a pure function of (seed, epoch, data_shards) from which the
+batches already seen in the epoch are skipped.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 import time
 from pathlib import Path
 
 import jax
-import orbax.checkpoint as ocp
 
-from sttn_jax import checkpoints, data, models, training
+from sttn_jax import data, training
+from sttn_jax.preflight import (ConfigError, check_data, check_workdir_writable, data_dir,
+                                load_teacher, prepare_data, validate_config)
+from sttn_jax.run_checkpoints import checkpoint_manager, restore_newest_good, save
 
 log = logging.getLogger("sttn_jax")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the fix."""
-
-
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint of the current step was saved before stopping."""
-
-
-def validate_model_config(config) -> None:
-    """The checks training and evaluation share: dtype, image and resize sizes."""
-    if config.dtype not in training.DTYPES:
-        raise ConfigError(f"config.dtype={config.dtype!r}: choose one of {sorted(training.DTYPES)}")
-    if config.dtype == "float64" and not jax.config.jax_enable_x64:
-        raise ConfigError("config.dtype='float64' needs JAX_ENABLE_X64=1 in the environment")
-    if config.image_size < models.MIN_IMAGE_SIZE:
-        raise ConfigError(f"config.image_size={config.image_size}: images must be at least "
-                          f"{models.MIN_IMAGE_SIZE} (the network downsamples 32x); use "
-                          f"--config.image_size={models.MIN_IMAGE_SIZE} or more")
-    if config.resize_size < config.image_size:
-        raise ConfigError(f"config.resize_size={config.resize_size} is below image_size="
-                          f"{config.image_size}; the crop must fit: use resize_size >= image_size")
-
-
-def validate_config(config, num_devices: int) -> None:
-    """Refuses bad values up front, each with a one-line message that names the fix."""
-    if config.arch not in ("resnet18_bwx2", "resnet18_ter"):
-        raise ConfigError(f"config.arch={config.arch!r}: train.py trains 'resnet18_bwx2' (or "
-                          "'resnet18_ter' as a plain network); set --config.arch=resnet18_bwx2")
-    validate_model_config(config)
-    for key in ("batch_size", "eval_batch_size"):
-        value = config[key]
-        if value <= 0:
-            raise ConfigError(f"config.{key}={value} must be positive")
-        try:
-            training.check_batch_divisible(value, num_devices, key)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    if config.num_epochs <= 0 and config.num_train_steps <= 0:
-        raise ConfigError("set config.num_epochs or config.num_train_steps to a positive number")
-    if config.checkpoint_every_steps <= 0:
-        raise ConfigError("config.checkpoint_every_steps must be positive")
-    if config.teacher_checkpoint and not os.path.exists(config.teacher_checkpoint):
-        raise ConfigError(f"config.teacher_checkpoint={config.teacher_checkpoint!r} does not exist")
-
-
-def check_workdir_writable(workdir: Path, min_free_bytes: int = 64 << 20) -> None:
-    """Fails at start-up, not at the first save, when the workdir cannot take checkpoints."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_probe"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"workdir {workdir} is not writable ({e.strerror}); pick another "
-                          "--workdir or fix its permissions") from None
-    free = _free_bytes(workdir)
-    if free < min_free_bytes:
-        raise ConfigError(f"workdir {workdir} has only {free >> 20} MiB free; a checkpoint needs "
-                          f"more: free some space or pick another --workdir")
-
-
-def _free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def load_teacher(config):
-    """Teacher variables from a torchvision .pth (via interop) or a converted model checkpoint."""
-    path = config.teacher_checkpoint
-    if checkpoints.is_model_checkpoint(path):
-        variables, _ = checkpoints.load_model_checkpoint(path, arch=config.teacher_arch)
-    else:
-        from sttn_jax import interop
-
-        variables = interop.load_torch_checkpoint(path, arch=config.teacher_arch)
-    return variables
-
-
-def checkpoint_manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager(directory.absolute(), options=options,
-                                 item_names=("state", "meta"))
-
-
-def save(manager: ocp.CheckpointManager, state, meta: dict) -> None:
-    step = int(jax.device_get(state.step))
-    if manager.latest_step() == step:
-        return
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
-
-
-def restore(manager: ocp.CheckpointManager, trainer: training.Trainer, step: int | None = None):
-    step = manager.latest_step() if step is None else step
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(trainer.abstract_state()), meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
-
-
-def restore_newest_good(manager: ocp.CheckpointManager, trainer: training.Trainer):
-    """(state, meta) from the newest checkpoint that reads back; a damaged one (half-written,
-    truncated, corrupted) is skipped with a warning naming it. None when there is none at all."""
-    steps = sorted(manager.all_steps(), reverse=True)
-    for step in steps:
-        try:
-            return restore(manager, trainer, step)
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike
-            bad = Path(manager.directory) / str(step)
-            aside = Path(manager.directory).parent / "unreadable_checkpoints" / f"{step}-{int(time.time())}"
-            log.warning("checkpoint %s is unreadable (%s: %s); moving it to %s and trying an older "
-                        "one", bad, type(e).__name__, (str(e).splitlines() or [""])[0][:200], aside)
-            if jax.process_index() == 0:
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                bad.rename(aside)  # out of the manager's way: that step is written anew later
-            manager.reload()
-    if steps:
-        raise ConfigError(f"no checkpoint in {manager.directory} reads back (steps {steps}); move "
-                          "that directory away to start over, or restore it from a backup")
-    return None
 
 
 class _Progress:
@@ -196,22 +80,6 @@ class _Tensorboard:
             self.writer.close()
 
 
-def _data_dir(config):
-    return config.data_dir or None
-
-
-def prepare_data(config) -> None:
-    if config.fabricate_data:
-        if config.dataset != "imagenet2012":
-            raise ConfigError("config.fabricate_data fabricates an imagenet2012; set "
-                              "--config.dataset=imagenet2012 or --config.fabricate_data=False")
-        if jax.process_index() == 0:
-            data.ensure_fake_imagenet(config.data_dir)
-    elif config.dataset == "sttn_digits":
-        if jax.process_index() == 0:
-            data.ensure_digits(config.data_dir)
-
-
 def train_and_evaluate(config, workdir) -> dict:
     """Trains (or resumes) in `workdir`; returns the final metrics
     {"step", "train": {...}, "eval": {...} or None, "best_top1"}."""
@@ -220,12 +88,17 @@ def train_and_evaluate(config, workdir) -> dict:
     validate_config(config, mesh.devices.size)
     check_workdir_writable(workdir)
     prepare_data(config)
+    check_data(config)
     process_count = jax.process_count()
     per_process_batch = config.batch_size // process_count
+    try:
+        num_shards = data.check_num_shards(config.data_shards, process_count, config.batch_size)
+    except ValueError as e:
+        raise ConfigError(f"config.data_shards: {e}") from None
     steps_per_epoch = data.steps_per_epoch(config.dataset, config.train_split, config.batch_size,
-                                           _data_dir(config))
+                                           data_dir(config), num_shards=num_shards)
     if steps_per_epoch == 0:
-        n = data.num_examples(config.dataset, config.train_split, _data_dir(config))
+        n = data.num_examples(config.dataset, config.train_split, data_dir(config))
         raise ConfigError(f"the {config.train_split} split has {n} examples, fewer than one batch "
                           f"of {config.batch_size}; lower --config.batch_size")
     total_steps = training.steps_from_epochs(config, steps_per_epoch)
@@ -260,8 +133,9 @@ def train_and_evaluate(config, workdir) -> dict:
             ds = data.make_dataset(
                 config.dataset, config.train_split, batch_size=per_process_batch, train=True,
                 image_size=config.image_size, resize_size=config.resize_size, seed=config.seed,
-                epoch=epoch, data_dir=_data_dir(config), skip_batches=skip,
-                shuffle_buffer=config.shuffle_buffer, random_flip=config.random_flip)
+                epoch=epoch, data_dir=data_dir(config), skip_batches=skip,
+                shuffle_buffer=config.shuffle_buffer, random_flip=config.random_flip,
+                num_shards=num_shards)
             for batch in _prefetch(trainer, ds.as_numpy_iterator()):
                 state, metrics = trainer.train_step(state, batch, trainer.teacher_variables)
                 step += 1
@@ -293,7 +167,7 @@ def train_and_evaluate(config, workdir) -> dict:
                 if epoch_end or step % config.checkpoint_every_steps == 0:
                     nonfinite.flush()
                     save(manager, state, meta)
-                if term.received:
+                if term.reached(step) and step < total_steps:  # a finished run just ends
                     nonfinite.flush()
                     save(manager, state, meta)
                     progress.write(f"SIGTERM at step {step}: checkpoint saved in "
@@ -320,7 +194,7 @@ def evaluate(trainer: training.Trainer, state, config) -> dict:
     per_process = config.eval_batch_size // jax.process_count()
     ds = data.make_dataset(config.dataset, config.eval_split, batch_size=per_process, train=False,
                            image_size=config.image_size, resize_size=config.resize_size,
-                           data_dir=_data_dir(config))
+                           data_dir=data_dir(config))
     return trainer.evaluate(trainer.variables(state), ds.as_numpy_iterator())
 
 
@@ -359,17 +233,39 @@ class _NonFiniteWatch:
 
 
 class _TermSignal:
-    """Notes SIGTERM (the usual preemption notice) so the loop can save and stop cleanly."""
+    """SIGTERM, the usual preemption notice, as "save and stop after this step", at the same step
+    on every process.
+
+    One process: a Python handler notes the signal and the loop asks after each step. Several
+    processes: the notice often reaches one host only, or the hosts at different steps, and a
+    save is collective, so a process stopping on its own would hang the others. There JAX's
+    preemption service (started by jax.distributed.initialize) takes SIGTERM on any host, tells
+    the others, and `multihost_utils.reached_preemption_sync_point` turns True at one step on
+    all of them."""
 
     def __init__(self):
         self.received = False
         self._old = None
-        if threading.current_thread() is threading.main_thread():
+        self._multi = jax.process_count() > 1
+        if not self._multi and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
         self.received = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step` (asked after every step, on every process)."""
+        if not self._multi:
+            return self.received
+        from jax.experimental import multihost_utils
+
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError as e:  # the service is off (jax_enable_preemption_service=False)
+            log.warning("no preemption handling across processes: %s", e)
+            self._multi = False
+            return False
 
     def restore(self):
         if self._old is not None:

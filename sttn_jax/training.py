@@ -146,8 +146,18 @@ class Trainer:
         variables = models.init_variables(self.eval_model, rng, self.config.image_size)
         return self.state_from_variables(variables)
 
+    def _stored_dtype(self, tree):
+        """float64 runs keep parameters, statistics and Adam moments in float64 too (float32 and
+        bfloat16 runs keep them in float32): a parity run must not round its state to float32
+        after every step."""
+        if self.dtype != jnp.float64:
+            return tree
+        return jax.tree_util.tree_map(
+            lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x, tree)
+
     def state_from_variables(self, variables) -> TrainState:
         # Copies: the train step donates its state, which must never free the caller's arrays.
+        variables = self._stored_dtype(variables)
         params = jax.tree_util.tree_map(jnp.array, variables["params"])
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            batch_stats=jax.tree_util.tree_map(jnp.array, variables["batch_stats"]),
@@ -161,6 +171,7 @@ class Trainer:
             jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32), train=False))
 
         def build(v):
+            v = self._stored_dtype(v)
             return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
                               batch_stats=v["batch_stats"], opt_state=self.tx.init(v["params"]))
 

@@ -190,6 +190,33 @@ def test_train_shards_equal_sizes(fake_imagenet):
     assert [len(p) for p in per] == [2] * 5
 
 
+
+@pytest.mark.parametrize("epoch,skip", [(0, 0), (1, 1)])
+def test_global_train_batches_depend_on_num_shards_not_on_the_process_count(fake_imagenet, epoch, skip):
+    """num_shards=2: one process reading both shards yields, batch for batch, the concatenation
+    of what two processes yield (the same crops and flips too), so a 2-process run trains on
+    exactly the batches of a 1-process run."""
+    d = fake_imagenet["data_dir"]
+    kw = dict(train=True, image_size=32, seed=3, epoch=epoch, skip_batches=skip, num_shards=2)
+    one = batches("imagenet2012", "train", d, batch_size=4, process_index=0, process_count=1, **kw)
+    two = [batches("imagenet2012", "train", d, batch_size=2, process_index=i, process_count=2, **kw)
+           for i in range(2)]
+    assert len(one) == len(two[0]) == len(two[1]) == 6 - skip
+    for whole, a, b in zip(one, *two, strict=True):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(whole[key], np.concatenate([a[key], b[key]]))
+    assert pipeline.steps_per_epoch("imagenet2012", "train", 4, d, process_count=1, num_shards=2) == 6
+    # shards are independent streams: the two halves of a batch are different examples and crops
+    assert not np.array_equal(one[0]["image"][:2], one[0]["image"][2:])
+
+
+def test_bad_num_shards_are_refused(fake_imagenet):
+    d = fake_imagenet["data_dir"]
+    with pytest.raises(ValueError, match="multiple of the 2 processes"):
+        pipeline.steps_per_epoch("imagenet2012", "train", 8, d, process_count=2, num_shards=3)
+    with pytest.raises(ValueError, match="not divisible by num_shards=3"):
+        pipeline.steps_per_epoch("imagenet2012", "train", 8, d, process_count=1, num_shards=3)
+
 def test_eval_padding_counts_every_example_once(fake_imagenet):
     d = fake_imagenet["data_dir"]
     bs = batches("imagenet2012", "validation", d, batch_size=3, train=False, image_size=32)

@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 
 import jax  # noqa: E402
 
-from sttn_jax import (checkpoints, evaluation, merging, model_sources, report,  # noqa: E402
-                      train_loop)
+from sttn_jax import (checkpoints, evaluation, merging, model_sources, preflight,  # noqa: E402
+                      report, train_loop)
 from sttn_jax.checkpoints import CheckpointError  # noqa: E402
 from sttn_jax.interop import parity, reference  # noqa: E402
 from sttn_jax.models import RESNET18_BLOCKS  # noqa: E402
@@ -346,11 +346,17 @@ def test_eval_from_pytorch_files(bwx2_pth, data_dir, tmp_path):
 
 
 def test_eval_refuses_bad_batch_and_split(workdir, data_dir):
-    with pytest.raises(train_loop.ConfigError, match="not divisible by the 8 devices"):
+    with pytest.raises(preflight.ConfigError, match="not divisible by the 8 devices"):
         evaluation.evaluate_checkpoint(smoke_config(data_dir, eval_batch_size=12), workdir)
-    with pytest.raises(train_loop.ConfigError, match="Unknown split 'nope'"):
+    with pytest.raises(preflight.ConfigError,
+                       match=r"eval_split='nope' is not a split of imagenet2012.*'validation'"):
         evaluation.evaluate_checkpoint(smoke_config(data_dir), workdir, split="nope")
-    with pytest.raises(train_loop.ConfigError, match="num_classes=1000"):
+    with pytest.raises(preflight.ConfigError, match=r"'imagenet2021' is not a dataset TFDS knows"
+                                                    r" \(did you mean imagenet2012\?\)") as e:
+        evaluation.evaluate_checkpoint(smoke_config(data_dir, dataset="imagenet2021",
+                                                    fabricate_data=False), workdir)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+    with pytest.raises(preflight.ConfigError, match="num_classes=1000"):
         evaluation.evaluate_checkpoint(smoke_config(data_dir, num_classes=10), workdir)
 
 

@@ -1,19 +1,17 @@
-"""Runs survive preemption and damaged checkpoints, and stop cleanly on a diverged step."""
+"""Runs survive SIGKILL (also mid-save), preemption and damaged checkpoints, and stop cleanly on a
+diverged step."""
 import logging
-import os
+import random
 import signal
-import subprocess
-import sys
-from pathlib import Path
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from sttn_jax import train_loop, training
-from tests.conftest import smoke_config
-
-REPO = Path(__file__).resolve().parents[1]
+from sttn_jax import run_checkpoints, train_loop, training
+from tests.conftest import SMOKE_RUN, latest_checkpoint, smoke_config
+from tests.train_process import TrainProcess
 
 
 def test_a_nonfinite_step_changes_nothing_but_the_step_counter():
@@ -51,17 +49,17 @@ def poison_batch(monkeypatch, index):
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(smoke_data_dir, tmp_path, monkeypatch):
-    poison_batch(monkeypatch, 2)  # step 3
-    cfg = smoke_config(smoke_data_dir, num_train_steps=5, checkpoint_every_steps=1, keep_checkpoints=5)
-    with pytest.raises(FloatingPointError, match="at step 3: the run diverged.*last good checkpoint"):
+    poison_batch(monkeypatch, 1)  # step 2
+    cfg = smoke_config(smoke_data_dir, num_train_steps=3, checkpoint_every_steps=1, keep_checkpoints=5)
+    with pytest.raises(FloatingPointError, match="at step 2: the run diverged.*last good checkpoint"):
         train_loop.train_and_evaluate(cfg, tmp_path / "stop")
-    manager = train_loop.checkpoint_manager(tmp_path / "stop" / "checkpoints", 5)
-    assert manager.latest_step() == 2
+    manager = run_checkpoints.checkpoint_manager(tmp_path / "stop" / "checkpoints", 5)
+    assert manager.all_steps() == [1]
     # skipping instead, by config
-    poison_batch(monkeypatch, 2)
+    poison_batch(monkeypatch, 1)
     result = train_loop.train_and_evaluate(
-        smoke_config(smoke_data_dir, num_train_steps=4, skip_nonfinite_steps=True), tmp_path / "skip")
-    assert result["step"] == 4 and result["skipped_nonfinite_steps"] == 1
+        smoke_config(smoke_data_dir, num_train_steps=3, skip_nonfinite_steps=True), tmp_path / "skip")
+    assert result["step"] == 3 and result["skipped_nonfinite_steps"] == 1
     assert np.isfinite(result["train"]["loss"])
 
 
@@ -72,36 +70,96 @@ def test_damaged_checkpoint_is_skipped_and_training_resumes_from_an_older_one(sm
     for f in damaged.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "meta" not in f.parts:
             f.write_bytes(b"\0garbage" * 3)
-    with caplog.at_level(logging.WARNING, logger="sttn_jax"):
-        result = train_loop.train_and_evaluate(smoke_config(smoke_data_dir, num_train_steps=3,
-                                                            checkpoint_every_steps=1), tmp_path)
-    assert result["step"] == 3
+    with caplog.at_level(logging.INFO, logger="sttn_jax"):
+        result = train_loop.train_and_evaluate(cfg, tmp_path)  # resumes from step 1
+    assert result["step"] == 2
     assert any("checkpoints/2 is unreadable" in r.getMessage() for r in caplog.records)
+    assert any("resumed from" in r.getMessage() and "at step 1" in r.getMessage()
+               for r in caplog.records)
     assert list((tmp_path / "unreadable_checkpoints").iterdir())
-    assert train_loop.checkpoint_manager(tmp_path / "checkpoints", 2).latest_step() == 3
+    state, _ = latest_checkpoint(tmp_path)  # step 2, trained anew, reads back
+    assert int(state["step"]) == 2
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes_without_losing_a_step(smoke_data_dir, tmp_path):
-    workdir = tmp_path / "w"
-    args = [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir", str(workdir),
-            f"--config.data_dir={smoke_data_dir}", "--config.progress_bar=False",
-            "--config.num_train_steps=6", "--config.checkpoint_every_steps=100"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if "step 1/6" in line:
-            proc.send_signal(signal.SIGTERM)
+def temporary_checkpoints(checkpoint_dir):
+    return list(checkpoint_dir.glob("*.orbax-checkpoint-tmp*")) if checkpoint_dir.exists() else []
+
+
+def kill_during_a_save(run: TrainProcess, checkpoint_dir, timeout=300) -> bool:
+    """SIGKILLs `run` the moment a checkpoint directory is being written; True when the kill
+    landed mid-save (the unfinished directory is still there afterwards)."""
+    deadline = time.monotonic() + timeout
+    while not temporary_checkpoints(checkpoint_dir):
+        assert run.proc.poll() is None, f"exited before a save:\n{run.log()}"
+        assert time.monotonic() < deadline, run.log()
+        time.sleep(0.002)
+    run.proc.kill()
+    assert run.finish() == -signal.SIGKILL
+    return bool(temporary_checkpoints(checkpoint_dir))
+
+
+def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run(
+        smoke_data_dir, uninterrupted_smoke_run, tmp_path):
+    """SIGKILL between and during steps, SIGKILL in the middle of a checkpoint save, and SIGTERM
+    (which saves first, losing no step), each followed by the same command: the final parameters,
+    BatchNorm statistics and Adam moments equal those of one uninterrupted run bit for bit.
+    The moments are random, from a fixed seed (printed below on failure)."""
+    rng = random.Random(2026)
+    reference, reference_dir = uninterrupted_smoke_run
+    workdir = tmp_path / "killed"
+    checkpoint_dir = workdir / "checkpoints"
+    args = ["--config", "configs/smoke.py", "--workdir", str(workdir),
+            f"--config.data_dir={smoke_data_dir}", "--config.progress_bar=False"]
+    args += [f"--config.{k}={v}" for k, v in SMOKE_RUN.items()]
+    total = SMOKE_RUN["num_train_steps"]
+    history = []
+
+    # 1. SIGKILL at a random moment after the first step (mid-step, mid-eval, mid-save, ...).
+    run = TrainProcess(args)
+    run.wait_for_line(f"step 1/{total}")
+    delay = rng.uniform(0.0, 2.0)
+    time.sleep(delay)
+    run.proc.kill()
+    assert run.finish() == -signal.SIGKILL
+    history.append(f"SIGKILL {delay:.2f} s after step 1")
+
+    # 2. SIGKILL in the middle of writing a checkpoint (retried if a save outran the kill).
+    for attempt in range(3):
+        before = run_checkpoints.checkpoint_manager(checkpoint_dir, 2).latest_step()
+        run = TrainProcess(args)
+        landed = kill_during_a_save(run, checkpoint_dir)
+        history.append(f"SIGKILL during a save (landed: {landed}) after step {before}")
+        if landed:
             break
-    _, rest = proc.communicate(timeout=300)
-    lines += rest.splitlines()
-    assert proc.returncode == 143, "".join(lines[-20:])
-    saved = [ln for ln in lines if "SIGTERM at step" in ln]
-    assert saved, "".join(lines[-20:])
+    assert landed, history
+    # the unfinished save is invisible: the newest checkpoint is still the last complete one
+    assert run_checkpoints.checkpoint_manager(checkpoint_dir, 2).latest_step() == before, history
+
+    # 3. SIGTERM after a random later step: saves that step, exits 143 (what schedulers expect).
+    resumed_from = before or 0
+    assert resumed_from <= total - 2, history
+    term_after = rng.randint(resumed_from + 1, total - 1)
+    run = TrainProcess(args)
+    run.wait_for_line(f"step {term_after}/{total}")
+    assert run.signal(signal.SIGTERM) == 143, run.log()
+    saved = [ln for ln in run.lines if "SIGTERM at step" in ln]
+    assert saved, run.log()
     step = int(saved[0].split("SIGTERM at step ")[1].split(":")[0])
-    assert step >= 1
-    manager = train_loop.checkpoint_manager(workdir / "checkpoints", 3)
-    assert manager.latest_step() == step
-    result = train_loop.train_and_evaluate(smoke_config(smoke_data_dir, num_train_steps=6), workdir)
-    assert result["step"] == 6
+    assert step >= term_after
+    assert run_checkpoints.checkpoint_manager(checkpoint_dir, 2).latest_step() == step  # no step lost
+    history.append(f"SIGTERM after step {term_after}, saved step {step}")
+
+    # 4. The same command once more runs to the end.
+    run = TrainProcess(args)
+    assert run.finish() == 0, run.log()
+    assert any(f"at step {step}" in ln and "resumed from" in ln for ln in run.lines), run.log()
+    assert not temporary_checkpoints(checkpoint_dir), "leftover unfinished saves were not cleaned up"
+
+    state, meta = latest_checkpoint(workdir)
+    expected, expected_meta = latest_checkpoint(reference_dir)
+    assert int(state["step"]) == int(expected["step"]) == total, history
+    leaves = jax.tree_util.tree_leaves_with_path(expected)
+    assert len(leaves) == len(jax.tree_util.tree_leaves(state))
+    for (path, want), got in zip(leaves, jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(got, want, err_msg=f"{jax.tree_util.keystr(path)}; {history}")
+    assert meta["best_top1"] == expected_meta["best_top1"] == reference["best_top1"]

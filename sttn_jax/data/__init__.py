@@ -12,6 +12,7 @@ _EXPORTS = {
     "make_dataset": "pipeline",
     "num_examples": "pipeline",
     "steps_per_epoch": "pipeline",
+    "check_num_shards": "pipeline",
     "get_builder": "pipeline",
     "DatasetNotPreparedError": "pipeline",
     "preprocess_for_train": "pipeline",

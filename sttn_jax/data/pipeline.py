@@ -15,10 +15,14 @@ pass, round and clip; the long side is `int(size * long / short)` and the centre
 JPEGs of 32x32 .. 1200x900: about 1 value in 8,000 differs, by 1/255 (PIL's fixed-point weights).
 Images smaller than the crop are upsampled by the same resize.
 
-Determinism: the batch stream of one call is a pure function of (seed, epoch, process_index,
-process_count): file order and the shuffle buffer are seeded from (seed, epoch), and each
-example's crop and flip come from stateless random ops seeded from (seed, epoch, position of the
-example in this epoch's stream). One call gives one epoch (no repeat); `skip_batches=k` gives
+Determinism: a training split is cut into `num_shards` equal shards (default: one per process);
+each shard is a stream of its own whose file order, shuffle buffer, crops and flips are seeded from
+(seed, epoch, shard) and the example's position in that stream. Global batch b is the b-th
+sub-batch of every shard, shard after shard, and process p reads (and decodes) only its shards:
+p * S/P .. (p + 1) * S/P - 1. So the global batch stream is a pure function of (seed, epoch,
+num_shards), whatever the number of processes that divides num_shards: one process with
+num_shards=2 sees exactly the batches two processes see, and a run can resume on another number
+of hosts without changing its data. One call gives one epoch (no repeat); `skip_batches=k` gives
 exactly the stream without its first k batches, without decoding them.
 """
 from __future__ import annotations
@@ -137,16 +141,33 @@ def _process(process_index, process_count) -> tuple[int, int]:
 
 
 def _process_splits(split: str, process_count: int, train: bool):
-    """One sub-split per process: disjoint; equal sizes for training (the remainder dropped)."""
+    """One sub-split per process (or per shard): disjoint; equal sizes for training (the
+    remainder dropped)."""
     tfds = _tfds()
     return tfds.even_splits(split, n=process_count, drop_remainder=train)
 
 
+def check_num_shards(num_shards: int, process_count: int, global_batch_size: int) -> int:
+    """The number of training shards, validated: a multiple of the process count that divides
+    the global batch. `num_shards` 0 or None means one per process."""
+    if not num_shards:
+        return process_count
+    if num_shards < 0 or num_shards % process_count:
+        raise ValueError(f"num_shards={num_shards} must be a positive multiple of the "
+                         f"{process_count} processes (each process reads whole shards)")
+    if global_batch_size % num_shards:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by num_shards="
+                         f"{num_shards} (every shard gives an equal part of each batch)")
+    return int(num_shards)
+
+
 def steps_per_epoch(name: str, split: str, global_batch_size: int, data_dir=None, *,
-                    train: bool = True, process_count: int | None = None) -> int:
+                    train: bool = True, process_count: int | None = None,
+                    num_shards: int | None = None) -> int:
     """Batches per epoch, the same on every process.
 
-    train=True: full batches only, `(N // P) // (global_batch_size // P)` (= N // global batch).
+    train=True: full batches only, `(N // S) // (global_batch_size // S)` for S shards (about
+    N // global batch).
     train=False: the eval count, ceil(largest process shard / per-process batch): what
     `make_dataset(train=False)` yields on every process (padding batches included).
     """
@@ -154,13 +175,15 @@ def steps_per_epoch(name: str, split: str, global_batch_size: int, data_dir=None
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} "
                          "processes")
-    per_process = global_batch_size // process_count
     builder = get_builder(name, data_dir)
     _split_info(builder, split)
+    if train:
+        num_shards = check_num_shards(num_shards, process_count, global_batch_size)
+        shard = _process_splits(split, num_shards, True)[0]
+        return int(builder.info.splits[shard].num_examples) // (global_batch_size // num_shards)
+    per_process = global_batch_size // process_count
     sizes = [int(builder.info.splits[s].num_examples)
              for s in _process_splits(split, process_count, train)]
-    if train:
-        return sizes[0] // per_process
     return math.ceil(max(sizes) / per_process)
 
 
@@ -300,22 +323,23 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool, image_s
                  resize_size: int | None = None, seed: int = 0, epoch: int = 0, data_dir=None,
                  process_index: int | None = None, process_count: int | None = None,
                  skip_batches: int = 0, shuffle_buffer: int | None = None,
-                 normalize="imagenet", random_flip: bool = True):
-    """One epoch of this process's shard of `name`/`split` as a batched tf.data.Dataset.
+                 normalize="imagenet", random_flip: bool = True, num_shards: int | None = None):
+    """One epoch of this process's part of `name`/`split` as a batched tf.data.Dataset.
 
     Elements: {"image": float32 (batch_size, image_size, image_size, 3), "label": int32
     (batch_size,), "mask": float32 (batch_size,), 1 for real examples}. `batch_size` is the
     per-process batch.
 
-    train=True: this epoch's shuffle (a function of seed and epoch), random crop and flip,
-    full batches only (drop remainder), every process the same number of batches.
+    train=True: this epoch's shuffle, random crop and flip, full batches only (drop remainder),
+    every process the same number of batches. The split is read as `num_shards` shards (default
+    one per process; see the module docstring): the global batch stream depends on (seed, epoch,
+    num_shards) and not on the number of processes.
     train=False: read order, centre crop; the last batch is padded with zero images and mask 0,
     and processes with fewer batches get all-padding batches, so every process yields
     `steps_per_epoch(..., train=False)` batches of the same shape and every example is counted
     exactly once across processes.
     """
     tf = _tf()
-    tfds = _tfds()
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if skip_batches < 0:
@@ -328,46 +352,37 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool, image_s
 
     builder = get_builder(name, data_dir)
     _split_info(builder, split)
-    subsplits = _process_splits(split, process_count, train)
-    shard = subsplits[process_index]
-    shard_size = int(builder.info.splits[shard].num_examples)
     decoders, decode = _decode_fn(builder)
-
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_optimization.map_parallelization = True
-    read_config = tfds.ReadConfig(
-        shuffle_seed=_derive_seed(seed, epoch, 1) if train else None,
-        shuffle_reshuffle_each_iteration=False,
-        options=options,
-    )
-    ds = builder.as_dataset(split=shard, shuffle_files=train, decoders=decoders,
-                            read_config=read_config)
-    ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)),
-                num_parallel_calls=tf.data.AUTOTUNE)
     autotune = tf.data.AUTOTUNE
 
     if train:
-        buffer = shuffle_buffer or 16 * batch_size
-        buffer = max(1, min(buffer, shard_size))
-        ds = ds.shuffle(buffer, seed=_derive_seed(seed, epoch, 2), reshuffle_each_iteration=False)
-        ds = ds.enumerate()
-        ds = ds.skip(skip_batches * batch_size)  # before decoding: exact, and cheap
-        base_seed = tf.constant(
-            [_derive_seed(seed, epoch, 3), _derive_seed(seed, epoch, 4)], tf.int64)
-
-        def train_map(index, image_label):
-            image, label = image_label
-            ex_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-            image = preprocess_for_train(decode(image), ex_seed, image_size=image_size,
-                                         resize_size=resize_size, normalize=normalize,
-                                         random_flip=random_flip)
-            return {"image": image, "label": label, "mask": tf.constant(1.0, tf.float32)}
-
-        ds = ds.map(train_map, num_parallel_calls=autotune, deterministic=True)
-        ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=autotune,
-                      deterministic=True)
+        global_batch = batch_size * process_count
+        num_shards = check_num_shards(num_shards, process_count, global_batch)
+        per_process_shards = num_shards // process_count
+        shards = _process_splits(split, num_shards, True)
+        first = process_index * per_process_shards
+        streams = [
+            _train_shard_stream(builder, shards[s], s, decoders, decode, options,
+                                batch_size=batch_size // per_process_shards, seed=seed,
+                                epoch=epoch, skip_batches=skip_batches,
+                                shuffle_buffer=shuffle_buffer, image_size=image_size,
+                                resize_size=resize_size, normalize=normalize,
+                                random_flip=random_flip)
+            for s in range(first, first + per_process_shards)]
+        if len(streams) == 1:
+            ds = streams[0]
+        else:  # this process's part of each global batch: its shards' sub-batches in order
+            ds = tf.data.Dataset.zip(tuple(streams)).map(
+                lambda *parts: {k: tf.concat([b[k] for b in parts], axis=0) for k in parts[0]},
+                num_parallel_calls=autotune, deterministic=True)
     else:
+        subsplits = _process_splits(split, process_count, False)
+        shard = subsplits[process_index]
+        shard_size = int(builder.info.splits[shard].num_examples)
+        ds = _read(builder, shard, decoders, options, shuffle_seed=None)
         ds = ds.skip(skip_batches * batch_size)
 
         def eval_map(image, label):
@@ -404,6 +419,49 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool, image_s
 
     ds = ds.prefetch(autotune)
     return ds.with_options(options)
+
+
+def _read(builder, subsplit, decoders, options, shuffle_seed):
+    """(encoded image, int32 label) records of one sub-split; files shuffled when seeded."""
+    tf, tfds = _tf(), _tfds()
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed,
+                                  shuffle_reshuffle_each_iteration=False, options=options)
+    ds = builder.as_dataset(split=subsplit, shuffle_files=shuffle_seed is not None,
+                            decoders=decoders, read_config=read_config)
+    return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _train_shard_stream(builder, subsplit, shard: int, decoders, decode, options, *,
+                        batch_size: int, seed: int, epoch: int, skip_batches: int,
+                        shuffle_buffer, image_size: int, resize_size: int, normalize,
+                        random_flip: bool):
+    """One training shard's epoch: shuffled, cropped, flipped and batched, every random choice
+    seeded from (seed, epoch, shard) and the example's position, so it never depends on which
+    process reads the shard."""
+    tf = _tf()
+    autotune = tf.data.AUTOTUNE
+    ds = _read(builder, subsplit, decoders, options, shuffle_seed=_derive_seed(seed, epoch, 1, shard))
+    shard_size = int(builder.info.splits[subsplit].num_examples)
+    buffer = shuffle_buffer or 16 * batch_size
+    buffer = max(1, min(buffer, shard_size))
+    ds = ds.shuffle(buffer, seed=_derive_seed(seed, epoch, 2, shard), reshuffle_each_iteration=False)
+    ds = ds.enumerate()
+    ds = ds.skip(skip_batches * batch_size)  # before decoding: exact, and cheap
+    base_seed = tf.constant(
+        [_derive_seed(seed, epoch, 3, shard), _derive_seed(seed, epoch, 4, shard)], tf.int64)
+
+    def train_map(index, image_label):
+        image, label = image_label
+        ex_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+        image = preprocess_for_train(decode(image), ex_seed, image_size=image_size,
+                                     resize_size=resize_size, normalize=normalize,
+                                     random_flip=random_flip)
+        return {"image": image, "label": label, "mask": tf.constant(1.0, tf.float32)}
+
+    ds = ds.map(train_map, num_parallel_calls=autotune, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True, num_parallel_calls=autotune,
+                    deterministic=True)
 
 
 def as_numpy(ds):
