@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from sttn_jax import checkpoints, data, models, training
 
@@ -76,6 +77,18 @@ def check_workdir_writable(workdir: Path, min_free_bytes: int = 64 << 20) -> Non
     if free < min_free_bytes:
         raise ConfigError(f"workdir {workdir} has only {free >> 20} MiB free; a checkpoint needs "
                           f"more: free some space or pick another --workdir")
+
+
+def check_checkpoint_space(workdir: Path, abstract_state) -> None:
+    """Refuses a workdir whose disk cannot take one more checkpoint of this run (parameters, Adam
+    moments, statistics: `abstract_state`'s bytes): it would otherwise fail at the first save,
+    perhaps hours in. Orbax deletes the oldest checkpoint only after the new one is written."""
+    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(abstract_state))
+    free = _free_bytes(workdir)
+    if free < need:
+        raise ConfigError(f"workdir {workdir} has {free >> 20} MiB free but one checkpoint of this "
+                          f"run takes {need >> 20} MiB; free some space or pick another --workdir")
 
 
 def _free_bytes(path: Path) -> int:

@@ -45,6 +45,11 @@ def save(manager: ocp.CheckpointManager, state, meta: dict) -> None:
     step = int(jax.device_get(state.step))
     if manager.latest_step() == step:
         return
+    if jax.process_count() == 1:
+        # One process holds every replica: its host copy is the same checkpoint (restored into
+        # sharded arrays alike), written without Orbax picking one replica of each of ~500
+        # replicated arrays: 0.85 s instead of 2.1 s on 8 CPU devices (smoke-size bwx2).
+        state = jax.device_get(state)
     try:
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)))

@@ -20,8 +20,9 @@ from pathlib import Path
 import jax
 
 from sttn_jax import data, training
-from sttn_jax.preflight import (ConfigError, check_data, check_workdir_writable, data_dir,
-                                load_teacher, prepare_data, validate_config)
+from sttn_jax.preflight import (ConfigError, check_checkpoint_space, check_data,
+                                check_workdir_writable, data_dir, load_teacher, prepare_data,
+                                validate_config)
 from sttn_jax.run_checkpoints import checkpoint_manager, restore_newest_good, save
 
 log = logging.getLogger("sttn_jax")
@@ -104,6 +105,7 @@ def train_and_evaluate(config, workdir) -> dict:
     total_steps = training.steps_from_epochs(config, steps_per_epoch)
     teacher = load_teacher(config) if config.teacher_checkpoint else None
     trainer = training.Trainer(config, steps_per_epoch, mesh, teacher_variables=teacher)
+    check_checkpoint_space(workdir, trainer.abstract_state())
 
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")

@@ -242,6 +242,18 @@ def test_full_workdir_is_refused_at_start_up(smoke_data_dir, tmp_path, no_traine
     assert "free some space there or pick another --workdir" in line
 
 
+
+def test_workdir_without_room_for_one_checkpoint_is_refused_before_the_first_step(
+        smoke_data_dir, tmp_path, monkeypatch, capsys):
+    """100 MiB free passes the generic start-up check but cannot hold one checkpoint of this run
+    (bwx2: 22.5 M float32 parameters plus two Adam moments, about 258 MiB): refused once the
+    state's size is known, before any state is built or step taken, not at the first save."""
+    monkeypatch.setattr(preflight, "_free_bytes", lambda path: 100 << 20)
+    monkeypatch.setattr(training.Trainer, "init_state", trainer_trap)
+    line = refused(smoke_config(smoke_data_dir), tmp_path / "w", preflight.ConfigError,
+                   r"has 100 MiB free but one checkpoint of this run takes 25\d MiB", capsys)
+    assert "free some space or pick another --workdir" in line
+
 # --------------------------------------------------------------------------------------------
 # 4. the disk fills up during training
 

@@ -100,10 +100,11 @@ def kill_during_a_save(run: TrainProcess, checkpoint_dir, timeout=300) -> bool:
 
 def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run(
         smoke_data_dir, uninterrupted_smoke_run, tmp_path):
-    """SIGKILL between and during steps, SIGKILL in the middle of a checkpoint save, and SIGTERM
-    (which saves first, losing no step), each followed by the same command: the final parameters,
-    BatchNorm statistics and Adam moments equal those of one uninterrupted run bit for bit.
-    The moments are random, from a fixed seed (printed below on failure)."""
+    """SIGKILL between and during steps, SIGKILL in the middle of a checkpoint save, SIGKILL in
+    the first step after a restart, and SIGTERM (which saves first, losing no step), each
+    followed by the same command: the final parameters, BatchNorm statistics and Adam moments
+    equal those of one uninterrupted run bit for bit. The moments are random from a fixed seed;
+    what happened is printed (pytest -s) and named in every failure message."""
     rng = random.Random(2026)
     reference, reference_dir = uninterrupted_smoke_run
     workdir = tmp_path / "killed"
@@ -135,8 +136,17 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     # the unfinished save is invisible: the newest checkpoint is still the last complete one
     assert run_checkpoints.checkpoint_manager(checkpoint_dir, 2).latest_step() == before, history
 
-    # 3. SIGTERM after a random later step: saves that step, exits 143 (what schedulers expect).
-    resumed_from = before or 0
+    # 3. SIGKILL at a random moment of the first step after a restart (its compile and run).
+    run = TrainProcess(args)
+    run.wait_for_line("training resnet18_bwx2 on")
+    delay = rng.uniform(0.0, 3.0)
+    time.sleep(delay)
+    run.proc.kill()
+    assert run.finish() == -signal.SIGKILL
+    history.append(f"SIGKILL {delay:.2f} s into the first step after a restart")
+
+    # 4. SIGTERM after a random later step: saves that step, exits 143 (what schedulers expect).
+    resumed_from = run_checkpoints.checkpoint_manager(checkpoint_dir, 2).latest_step() or 0
     assert resumed_from <= total - 2, history
     term_after = rng.randint(resumed_from + 1, total - 1)
     run = TrainProcess(args)
@@ -149,7 +159,7 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     assert run_checkpoints.checkpoint_manager(checkpoint_dir, 2).latest_step() == step  # no step lost
     history.append(f"SIGTERM after step {term_after}, saved step {step}")
 
-    # 4. The same command once more runs to the end.
+    # 5. The same command once more runs to the end.
     run = TrainProcess(args)
     assert run.finish() == 0, run.log()
     assert any(f"at step {step}" in ln and "resumed from" in ln for ln in run.lines), run.log()
@@ -163,3 +173,4 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     for (path, want), got in zip(leaves, jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(got, want, err_msg=f"{jax.tree_util.keystr(path)}; {history}")
     assert meta["best_top1"] == expected_meta["best_top1"] == reference["best_top1"]
+    print("interruptions:", "; ".join(history))

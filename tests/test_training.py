@@ -81,7 +81,8 @@ def test_8_devices_equal_1_device_float64(x64):
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=atol, err_msg=key)
     np.testing.assert_allclose(loss8, loss1, rtol=1e-12)
     assert int(one.step) == int(eight.step) == 3
-    assert_float64_runs_agree(one, eight)
+    worst = assert_float64_runs_agree(one, eight)
+    print(f"8 devices vs 1: worst relative difference {worst:.2e}")
 
 
 def test_loss_decreases_on_a_fixed_batch():
