@@ -17,8 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sttn_jax import cli_support
-
-ARCHS = ("resnet18_bwx2", "resnet18_ter", "resnet50")
+from sttn_jax.models import ARCHS
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 flags.DEFINE_string("checkpoint", None, "Training workdir, model checkpoint directory or .pth file.")

@@ -79,7 +79,7 @@ def evaluate_checkpoint(config, checkpoint, *, arch: str | None = None, split: s
     preflight.prepare_data(cfg)
     cfg.eval_split = split
     preflight.check_data(cfg, split_keys=("eval_split",))  # one line for an unknown name or split
-    data_dir = cfg.data_dir or None
+    data_dir = preflight.data_dir(cfg)
     try:
         num_batches = data.steps_per_epoch(cfg.dataset, split, cfg.eval_batch_size, data_dir,
                                            train=False)

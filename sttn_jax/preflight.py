@@ -60,8 +60,9 @@ def validate_config(config, num_devices: int) -> None:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def check_workdir_writable(workdir: Path, min_free_bytes: int = 64 << 20) -> None:
-    """Fails at start-up, not at the first save, when the workdir cannot take checkpoints."""
+def check_workdir_writable(workdir: Path) -> None:
+    """Fails at start-up, not at the first save, when the workdir cannot be written (whether it
+    has room for a checkpoint is `check_checkpoint_space`, once the state's size is known)."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write_probe.{jax.process_index()}.{os.getpid()}"  # one per process
@@ -73,10 +74,6 @@ def check_workdir_writable(workdir: Path, min_free_bytes: int = 64 << 20) -> Non
                               "space there or pick another --workdir") from None
         raise ConfigError(f"workdir {workdir} is not writable ({e.strerror or e}); pick another "
                           "--workdir or fix its permissions") from None
-    free = _free_bytes(workdir)
-    if free < min_free_bytes:
-        raise ConfigError(f"workdir {workdir} has only {free >> 20} MiB free; a checkpoint needs "
-                          f"more: free some space or pick another --workdir")
 
 
 def check_checkpoint_space(workdir: Path, abstract_state) -> None:
@@ -139,21 +136,11 @@ def _check_teacher_arch(path, found, want) -> None:
 
 
 def _torch_arch(keys):
-    """The arch of a torch state_dict (keys without `module.`): an sttn-jax arch name, a
-    torchvision ResNet depth such as 'resnet18' (whose keys the resnet50 signature also matches),
-    or None when the keys say nothing clear."""
-    from sttn_jax import interop
+    """The arch of a torch state_dict: an sttn-jax arch name, another torchvision ResNet such as
+    'resnet18' (to name it in the message), or None when the keys say nothing clear."""
+    from sttn_jax.interop import names
 
-    keys = list(keys)
-    arch = interop.infer_arch(keys)
-    if arch != "resnet50":
-        return arch
-    blocks = tuple(len({k.split(".")[1] for k in keys if k.startswith(f"layer{i}.")})
-                   for i in range(1, 5))
-    bottleneck = any(".conv3." in k for k in keys)
-    depth = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
-             ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}.get((blocks, bottleneck))
-    return f"resnet{depth}" if depth else None
+    return names.infer_arch(keys) or names.torchvision_resnet(keys)
 
 
 def data_dir(config):

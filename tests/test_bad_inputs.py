@@ -219,16 +219,20 @@ def test_read_only_workdir_is_refused(smoke_data_dir, tmp_path, no_trainer, caps
         workdir.chmod(0o700)
 
 
-def test_full_workdir_is_refused_at_start_up(smoke_data_dir, tmp_path, no_trainer, capsys,
-                                             monkeypatch):
-    """Both ways a disk shows it is full before training: statvfs reporting too little room,
-    and the probe write itself failing with ENOSPC."""
-    free_bytes = preflight._free_bytes
-    monkeypatch.setattr(preflight, "_free_bytes", lambda path: 1 << 20)
-    line = refused(smoke_config(smoke_data_dir), tmp_path / "w", preflight.ConfigError,
-                   "has only 1 MiB free", capsys)
-    assert "free some space or pick another --workdir" in line
-    monkeypatch.setattr(preflight, "_free_bytes", free_bytes)
+def test_full_workdir_is_refused_at_start_up(smoke_data_dir, tmp_path, monkeypatch, capsys):
+    """Both ways a disk shows it is full before training: too little room for one checkpoint of
+    this run (bwx2: 22.5 M float32 parameters plus two Adam moments, about 258 MiB), refused
+    once the state's size is known but before any state is built or step taken; and the probe
+    write itself failing with ENOSPC, before anything at all."""
+    monkeypatch.setattr(training.Trainer, "init_state", trainer_trap)
+    for free_mib in (1, 100):
+        monkeypatch.setattr(preflight, "_free_bytes", lambda path, n=free_mib: n << 20)
+        line = refused(smoke_config(smoke_data_dir), tmp_path / f"w{free_mib}",
+                       preflight.ConfigError,
+                       rf"has {free_mib} MiB free but one checkpoint of this run takes 25\d MiB",
+                       capsys)
+        assert "free some space or pick another --workdir" in line
+    monkeypatch.setattr(training, "Trainer", trainer_trap)
     write_bytes = Path.write_bytes
 
     def full(self, data):
@@ -241,18 +245,6 @@ def test_full_workdir_is_refused_at_start_up(smoke_data_dir, tmp_path, no_traine
                    r"is on a full disk \(No space left on device\)", capsys)
     assert "free some space there or pick another --workdir" in line
 
-
-
-def test_workdir_without_room_for_one_checkpoint_is_refused_before_the_first_step(
-        smoke_data_dir, tmp_path, monkeypatch, capsys):
-    """100 MiB free passes the generic start-up check but cannot hold one checkpoint of this run
-    (bwx2: 22.5 M float32 parameters plus two Adam moments, about 258 MiB): refused once the
-    state's size is known, before any state is built or step taken, not at the first save."""
-    monkeypatch.setattr(preflight, "_free_bytes", lambda path: 100 << 20)
-    monkeypatch.setattr(training.Trainer, "init_state", trainer_trap)
-    line = refused(smoke_config(smoke_data_dir), tmp_path / "w", preflight.ConfigError,
-                   r"has 100 MiB free but one checkpoint of this run takes 25\d MiB", capsys)
-    assert "free some space or pick another --workdir" in line
 
 # --------------------------------------------------------------------------------------------
 # 4. the disk fills up during training

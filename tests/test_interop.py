@@ -213,6 +213,18 @@ def test_load_puts_each_tensor_in_its_place(arch, models_, files):
         assert pa == pb and a.shape == b.shape and a.dtype == b.dtype, jax.tree_util.keystr(pa)
 
 
+def test_resnet50_is_told_apart_from_the_other_torchvision_resnets():
+    """Every torchvision ResNet has resnet50's signature key (layer1.0.conv1.weight): only the
+    block layout says which one a file holds, so a resnet18 or resnet101 is never taken for the
+    teacher."""
+    r50 = list(names.by_torch_key("resnet50", 1000))
+    assert names.infer_arch(r50) == "resnet50" and names.torchvision_resnet(r50) == "resnet50"
+    r101 = r50 + [f"layer3.{b}.conv1.weight" for b in range(6, 23)]
+    assert names.torchvision_resnet(r101) == "resnet101" and names.infer_arch(r101) is None
+    basic = [k for k in r50 if ".conv3." not in k and ".bn3." not in k]  # resnet34's blocks
+    assert names.torchvision_resnet(basic) == "resnet34" and names.infer_arch(basic) is None
+    assert names.infer_arch(names.by_torch_key("resnet18_ter", 1000)) == "resnet18_ter"
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_arch_is_inferred_for_every_layout(arch, files):
     layouts = [layout for (a, layout) in files if a == arch]

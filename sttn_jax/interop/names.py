@@ -151,7 +151,8 @@ def torch_keys(arch: str, num_classes: int = 1000) -> list[str]:
     return [e.torch_key for e in entries(arch, num_classes)]
 
 
-# Keys that tell the archs apart (each is present in exactly one of them).
+# Keys that tell the archs apart (each is present in exactly one of them; the resnet50 one also
+# in torchvision's other ResNets, which `infer_arch` tells apart by their blocks).
 SIGNATURE_KEYS = {
     "resnet18_bwx2": "features.4.conv1_1.weight",
     "resnet18_ter": "features.4.conv1.weight",
@@ -159,11 +160,31 @@ SIGNATURE_KEYS = {
 }
 
 
+# torchvision ResNets by (blocks per stage, bottleneck blocks).
+TORCHVISION_RESNETS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
+                       ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
+                       ((3, 8, 36, 3), True): "resnet152"}
+
+
+def torchvision_resnet(keys) -> str | None:
+    """Which torchvision ResNet ('resnet18' .. 'resnet152') a state_dict holds (prefix already
+    stripped), from its blocks per stage and their type; None for anything else."""
+    keys = list(keys)
+    blocks = tuple(len({k.split(".")[1] for k in keys if k.startswith(f"layer{i}.")})
+                   for i in range(1, 5))
+    return TORCHVISION_RESNETS.get((blocks, any(".conv3." in k for k in keys)))
+
+
 def infer_arch(keys) -> str | None:
-    """The arch whose signature key is among `keys` (prefix already stripped), else None."""
+    """The arch whose signature key is among `keys` (prefix already stripped), else None. The
+    resnet50 key is also in every other torchvision ResNet, so resnet50 needs its block layout."""
     keys = set(keys)
     found = [arch for arch, key in SIGNATURE_KEYS.items() if key in keys]
-    return found[0] if len(found) == 1 else None
+    if len(found) != 1:
+        return None
+    if found[0] == "resnet50" and torchvision_resnet(keys) != "resnet50":
+        return None
+    return found[0]
 
 
 def describe_arch(arch: str) -> str:
