@@ -1,29 +1,35 @@
-# make demo  - the whole workflow on the embedded data set (installs into .venv first if needed)
-# make test  - the test suite (installs into .venv first if needed)
+# make demo  - the whole workflow on the embedded data set (installs what it needs into .venv first)
+# make test  - the test suite (installs the test dependencies into .venv first)
+# make install-gpu - CUDA JAX with a matching jax-triton and triton (Linux x86_64, CUDA GPU)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.sttn-installed
-# A CPU build of PyTorch; override (e.g. TORCH_SPEC='torch==2.11.0') where another is wanted.
-TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install install-test install-gpu test demo clean
 
-install: $(STAMP)
+install: $(VENV)/.sttn-demo
+install-test: $(VENV)/.sttn-test
 
-$(STAMP): pyproject.toml Makefile
+$(VENV)/.sttn-demo: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[torch,data,dev]"
-	@touch $(STAMP)
+	$(PIP) -e .
+	@touch $@
 
-test: $(STAMP)
+$(VENV)/.sttn-test: $(VENV)/.sttn-demo
+	$(PIP) -e ".[torch,dev]"
+	@touch $@
+
+install-gpu: $(VENV)/.sttn-demo
+	$(PY) -m pip install --quiet -e ".[gpu]"
+
+test: $(VENV)/.sttn-test
 	$(PY) -m pytest -q --durations=12 $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(VENV)/.sttn-demo
 	$(PY) -m sttn_jax.demo --workdir runs/demo $(DEMO_ARGS)
 
 clean:

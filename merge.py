@@ -1,58 +1,60 @@
 """Merge a trained resnet18_bwx2 (binary weight pairs) into resnet18_ter (ternary weights).
 
-  python merge.py --checkpoint SRC --out DST [--torch-out FILE.pth.tar] [--step N]
-                  [--batch 8] [--image-size S] [--seed 0]
+  python merge.py --checkpoint SRC --out DST [--torch_out FILE.pth.tar] [--packed FILE.sttn]
+                  [--step N] [--batch 8] [--image_size S] [--seed 0] [--noplot]
 
-SRC: a training workdir (its best checkpoint, WORKDIR/best; the newest in WORKDIR/checkpoints when
-best/ is empty; --step N picks step N), or an original resnet18_bwx2 .pth.tar, or a model
-checkpoint directory holding a resnet18_bwx2. DST: a new model checkpoint directory (Orbax) of
-resnet18_ter that eval.py and `python -m sttn_jax.interop` read, with merge_report.json and
-merge_report.png (per-layer ternary levels, alphas, parameter counts, size, MACs); an existing
-model checkpoint there is replaced. --torch-out also writes the original's ternary format.
+SRC: a training workdir (its best checkpoint; the newest in WORKDIR/checkpoints when best/ is
+empty; --step N picks step N), an original resnet18_bwx2 .pth.tar, or a model checkpoint directory
+holding a resnet18_bwx2. DST: a new model checkpoint directory of resnet18_ter that eval.py and
+`python -m sttn_jax.interop` read, with merge_report.json and merge_report.png (per-layer ternary
+levels, alphas, parameter counts, size, MACs); an existing model checkpoint there is replaced.
+--torch_out also writes the original's ternary format; --packed the packed 2-bit model file.
 
-Before writing anything, both models run on --batch random normal images (default 8) of
---image-size (default: the workdir's training image size, else 224) in float32; when the logits
-differ by more than 1e-5 relative (max|delta| / max|bwx2 logit|) nothing is written and the exit
-status is 1. Bad input prints one line `error: ...` and exits with status 2.
+Before writing anything, both models run on --batch random normal images of --image_size
+(default: the workdir's training image size, else 224) in float32; when the logits differ by more
+than 1e-5 relative (max|delta| / max|bwx2 logit|) nothing is written and the exit status is 1.
+Bad input prints one line `error: ...` and exits with status 2. (The hyphenated spellings
+--torch-out, --image-size and --no-plot of earlier versions still work.)
 """
-import argparse
 import sys
 
+from absl import app, flags
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="merge.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="training workdir, resnet18_bwx2 .pth/.pth.tar, or model checkpoint dir")
-    p.add_argument("--out", required=True, help="model checkpoint directory to write (resnet18_ter)")
-    p.add_argument("--torch-out", help="also write the original's resnet18_ter .pth.tar here")
-    p.add_argument("--step", type=int, help="workdir only: merge the checkpoint of this step")
-    p.add_argument("--batch", type=int, default=8, help="images in the logit check (default 8)")
-    p.add_argument("--image-size", type=int,
-                   help="check images and report MACs at this size (default: the workdir's "
-                        "config image_size, else 224)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the check images (default 0)")
-    p.add_argument("--no-plot", action="store_true", help="skip merge_report.png")
-    return p
+from sttn_jax import cli
+
+flags.DEFINE_string("checkpoint", None, "Training workdir, resnet18_bwx2 .pth/.pth.tar, or model "
+                    "checkpoint directory.")
+flags.DEFINE_string("out", None, "Model checkpoint directory to write (resnet18_ter).")
+flags.DEFINE_string("torch_out", None, "Also write the original's resnet18_ter .pth.tar here.")
+flags.DEFINE_string("packed", None, "Also write the packed 2-bit model file here.")
+flags.DEFINE_integer("step", None, "Workdir only: merge the checkpoint of this step.")
+flags.DEFINE_integer("batch", 8, "Images in the logit check.")
+flags.DEFINE_integer("image_size", None, "Check images and report MACs at this size (default: the "
+                     "workdir's config image_size, else 224).")
+flags.DEFINE_integer("seed", 0, "Seed of the check images.")
+flags.DEFINE_bool("plot", True, "Write merge_report.png.")
+flags.DEFINE_alias("torch-out", "torch_out")
+flags.DEFINE_alias("image-size", "image_size")
+flags.mark_flags_as_required(["checkpoint", "out"])
+FLAGS = flags.FLAGS
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from sttn_jax import cli_support
-
-    cli_support.setup_logging()
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.setup_logging()
     from sttn_jax import merging
+    from sttn_jax.errors import MergeCheckError
 
-    with cli_support.one_line_errors():
+    with cli.one_line_errors():
         try:
-            merging.merge_checkpoint(args.checkpoint, args.out, torch_out=args.torch_out,
-                                     step=args.step, batch=args.batch, image_size=args.image_size,
-                                     seed=args.seed, plot=not args.no_plot)
-        except merging.MergeCheckError as e:
+            merging.merge_checkpoint(FLAGS.checkpoint, FLAGS.out, torch_out=FLAGS.torch_out,
+                                     packed=FLAGS.packed, step=FLAGS.step, batch=FLAGS.batch,
+                                     image_size=FLAGS.image_size, seed=FLAGS.seed, plot=FLAGS.plot)
+        except MergeCheckError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
-    return 0
+            sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, legacy_flags={"--no-plot": "--noplot"})

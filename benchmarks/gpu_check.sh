@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# GPU check for issue 8, prepared for a session with a CUDA GPU (measured target: one H100).
+# The GPU check: the GPU tests and the benchmark on a CUDA GPU (measured target: one H100), in one
+# command under 570 s.
 #
-# Run from the repository root on the GPU machine, carrying the jax-triton wheel, which is
-# git-ignored (.whl/). Obtain it on a machine with internet access first:
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl jax-triton==0.3.1
-# then, with the device tool:  command "bash benchmarks/gpu_check.sh", carry [".whl"].
+# Run from the repository root on the GPU machine, carrying the wheels of what its image lacks in
+# the git-ignored .whl/. Obtain them on a machine with internet access first:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       jax-triton==0.3.1 ml_collections==1.1.0
+# then run "bash benchmarks/gpu_check.sh" there, carrying .whl.
 #
 # The machine is expected to have python 3.12, jax 0.11.2 (CUDA), triton 3.6.0, flax, optax, orbax,
-# torch and pytest, and no internet. This script installs the jax-triton wheel (no dependencies)
+# absl-py, humanize, matplotlib, tqdm, torch and pytest, and no internet. (Checked on a CPU: in a
+# virtual environment holding only those packages and the two wheels, the benchmark and the GPU
+# tests import everything they need.) This script installs every wheel in .whl (no dependencies)
 # into a private directory and nothing else, then:
 #   1. the GPU-only tests: pytest -q tests/test_ops.py -k gpu   (tests.log)
 #   2. python benchmarks/run.py --compare-backends              (bench.json, bench.log)
@@ -46,12 +50,12 @@ EOF
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
 
-# -- jax-triton from the carried wheel, private site dir ---------------------------------------
+# -- the carried wheels, in a private site dir -------------------------------------------------
 shopt -s nullglob
-wheels=(.whl/jax_triton-0.3.1-*.whl)
+wheels=(.whl/*.whl)
 site=$(mktemp -d /tmp/sttn_site.XXXXXX)
 if (( ${#wheels[@]} == 0 )); then
-  log "no .whl/jax_triton-0.3.1-*.whl here (carry .whl): the triton backend will be unavailable"
+  log "no wheels in .whl/ (carry .whl): jax-triton and ml_collections will be missing"
   status=1
 else
   python -m pip install --quiet --no-deps --no-index --target "$site" "${wheels[@]}" \

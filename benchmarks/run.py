@@ -1,17 +1,19 @@
-"""Times sttn-jax on one device and writes the numbers as JSON (issue 8: the speed-up, proven).
+"""Times sttn-jax on one device and writes the numbers as JSON.
 
     python benchmarks/run.py                      # batch 256, 224x224, 20 timed steps, backend auto
     python benchmarks/run.py --smoke              # tiny sizes: checks the script runs (CPU tests)
-    python benchmarks/run.py --only act,copy      # a subset: train, eval, act, copy
+    python benchmarks/run.py --only act,copy      # a subset of train, eval, act, copy, input
+    python benchmarks/run.py --only input         # the host input pipeline, images/s per CPU core
     python benchmarks/run.py --compare-backends   # also the training step with act_backend triton vs xla
 
 Measurements (synthetic data already on the device, `jax.block_until_ready` after each sample,
 median of --steps samples after --warmup untimed ones, each program compiled before timing):
-- train: one `sttn_jax.training.Trainer.train_step` (resnet18_bwx2 student, train-mode ResNet-50
+- train: one `sttn_jax.training.make_train_step` step (resnet18_bwx2 student, train-mode ResNet-50
   teacher from random weights, distillation loss, Adam), float32 and bfloat16 compute, images/s;
   the peak device memory of the float32 step where the backend reports it (GPU; None on CPU).
 - eval: resnet18_ter inference (`module.apply(..., train=False)`; the student's random variables
-  merged by `sttn_jax.merging`), float32 and bfloat16, images/s.
+  merged by `sttn_jax.merging`), float32, bfloat16 and int8 (`inference_dtype="int8"`: int8
+  activations and kernels, int32 sums), images/s.
 - act: `ops.ternary_activation` forward as training runs it (reads x, writes y and the boolean mask
   saved for the backward) and backward (reads the mask and the incoming gradient, writes the
   gradient), GB/s counting exactly those bytes, on a 256x56x56x64 tensor (the first stage's size).
@@ -19,7 +21,10 @@ median of --steps samples after --warmup untimed ones, each program compiled bef
   measured against, counting bytes read + written. Each act and copy sample times 10 back-to-back
   calls (2 with --smoke), so that one sync per call does not dominate a sub-millisecond kernel.
 
-Everything runs on `jax.devices()[0]`. Nothing here imports TensorFlow (the GPU machine has none).
+- input (only with --only input; it needs TensorFlow, which the GPU machine lacks): the training
+  and eval input pipelines and PIL's, images/s per CPU core (`benchmarks/input_bench.py`).
+
+Everything runs on `jax.devices()[0]`. Nothing else here imports TensorFlow.
 Writes benchmarks/results/<date>_<device-kind-slug>.json (or --output) and prints a table. A failed
 measurement is recorded under "errors" and the run goes on; the exit status is then 1. The JSON is
 rewritten after every measurement ("complete": false until the end), so a run cut short keeps its
@@ -50,11 +55,13 @@ import numpy as np  # noqa: E402
 import ops  # noqa: E402
 from configs import default as default_config  # noqa: E402
 from ops import ternary as ternary_mod  # noqa: E402
-from sttn_jax import merging, models, training  # noqa: E402
+from sttn_jax import merging, models, quantize, training  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SECTIONS = ("train", "eval", "act", "copy")
+SECTIONS = ("train", "eval", "act", "copy", "input")
+DEFAULT_SECTIONS = SECTIONS[:4]
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+EVAL_MODES = {"fp32": (jnp.float32, None), "bf16": (jnp.bfloat16, None), "int8": (jnp.float32, "int8")}
 CONFIG_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 STUDENT, TEACHER, EVAL_ARCH = "resnet18_bwx2", "resnet50", "resnet18_ter"
 NUM_CLASSES = 1000
@@ -63,8 +70,9 @@ FULL = {"batch": 256, "image_size": 224, "steps": 20, "warmup": 5, "act_shape": 
 SMOKE = {"batch": 8, "image_size": 32, "steps": 2, "warmup": 1, "act_shape": (8, 16, 16, 8),
          "calls_per_sample": 2}
 RESULT_KEYS = ("train_fp32_img_s", "train_bf16_img_s", "eval_fp32_img_s", "eval_bf16_img_s",
-               "act_fwd_gbps_fp32", "act_fwd_gbps_bf16", "act_bwd_gbps_fp32", "act_bwd_gbps_bf16",
-               "copy_gbps_fp32", "copy_gbps_bf16", "train_fp32_peak_gib")
+               "eval_int8_img_s", "act_fwd_gbps_fp32", "act_fwd_gbps_bf16", "act_bwd_gbps_fp32",
+               "act_bwd_gbps_bf16", "copy_gbps_fp32", "copy_gbps_bf16", "train_fp32_peak_gib",
+               "train_bf16_peak_gib")
 GIB = 2 ** 30
 
 
@@ -79,8 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed calls before timing (5)")
     p.add_argument("--backend", default="auto", choices=ternary_mod.BACKENDS,
                    help="ternary activation backend for every measurement (auto)")
-    p.add_argument("--only", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)} (all)")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (all but input)")
     p.add_argument("--compare-backends", action="store_true",
                    help="also time the training step with act_backend triton and xla (fp32 and bf16)")
     p.add_argument("--output", help="JSON path (default benchmarks/results/<date>_<device>.json)")
@@ -182,12 +190,13 @@ class Bench:
         config.dtype, config.act_backend = CONFIG_DTYPE[dtype], backend
         config.batch_size, config.image_size = a.batch, a.image_size
         config.teacher_bn_train_mode = True
-        trainer = training.Trainer(config, steps_per_epoch=1000, mesh=self.mesh,
-                                   teacher_variables=self.teacher_variables())
-        state = trainer.state_from_variables(self.student_variables())
-        batch = trainer.shard_batch({"image": self.images, "label": self.labels})
-        teacher = trainer.teacher_variables
-        step, compile_s, temp = compile_timed(trainer.train_step, state, batch, teacher)
+        tx = training.create_optimizer(config, training.learning_rate_fn(config, 1000))
+        state = training.create_train_state(config, self.mesh, tx,
+                                            variables=self.student_variables())
+        batch = training.shard_batch(self.mesh, {"image": self.images, "label": self.labels})
+        train_step = training.make_train_step(config, self.mesh, tx, self.teacher_variables())
+        teacher = train_step.teacher_variables
+        step, compile_s, temp = compile_timed(train_step.jitted, state, batch, teacher)
         holder = {"state": state}
         del state
 
@@ -202,11 +211,16 @@ class Bench:
                               "final_loss": loss, "act_backend": backend}
         return a.batch / seconds
 
-    def inference(self, dtype: str, name: str) -> float:
-        """Images/s of resnet18_ter inference."""
+    def inference(self, mode: str, name: str) -> float:
+        """Images/s of resnet18_ter inference (mode: fp32, bf16 or int8)."""
         a = self.args
-        module = models.create(EVAL_ARCH, NUM_CLASSES, DTYPES[dtype], a.backend)
-        variables = jax.device_put(self.ternary_variables(), self.device)
+        dtype, inference_dtype = EVAL_MODES[mode]
+        module = models.create(EVAL_ARCH, NUM_CLASSES, dtype, a.backend,
+                               inference_dtype=inference_dtype)
+        variables = self.ternary_variables()
+        if inference_dtype == "int8":
+            variables = quantize.int8_variables(jax.device_get(variables))
+        variables = jax.device_put(variables, self.device)
         images = jax.device_put(self.images, self.device)
         fn, compile_s, _ = compile_timed(jax.jit(lambda v, x: module.apply(v, x, train=False)),
                                          variables, images)
@@ -313,24 +327,25 @@ def run(args, save=lambda result: None) -> dict:
         finally:
             save(dict(result, details=bench.details, complete=False))
 
-    def train_fp32():
-        # First: the device's peak memory is a high-water mark for the whole process, so read
-        # right after this step, it is this step's peak (teacher, state and batch included).
-        speed = bench.train("fp32", args.backend, "train_fp32")
+    def train(dtype):
+        # The device's peak memory is a high-water mark for the whole process: bfloat16 (the
+        # smaller step) runs first, so each reading is that step's peak (teacher, state and batch
+        # included).
+        speed = bench.train(dtype, args.backend, f"train_{dtype}")
         peak = peak_bytes(device)
         return speed, None if peak is None else peak / GIB
 
     if "train" in args.only:
-        measure("train_fp32", train_fp32, "train_fp32_img_s", "train_fp32_peak_gib")
-        measure("train_bf16", lambda: bench.train("bf16", args.backend, "train_bf16"),
-                "train_bf16_img_s")
+        for dtype in ("bf16", "fp32"):
+            measure(f"train_{dtype}", lambda d=dtype: train(d), f"train_{dtype}_img_s",
+                    f"train_{dtype}_peak_gib")
     if args.compare_backends:  # right after the main training runs: the "within 3 %" target
         result["compare_backends"] = {}
         compare_backends(bench, result, measure, result["compare_backends"])
     if "eval" in args.only:
-        for dtype in DTYPES:
-            measure(f"eval_{dtype}", lambda d=dtype: bench.inference(d, f"eval_{d}"),
-                    f"eval_{dtype}_img_s")
+        for mode in EVAL_MODES:
+            measure(f"eval_{mode}", lambda m=mode: bench.inference(m, f"eval_{m}"),
+                    f"eval_{mode}_img_s")
     if "act" in args.only:
         for dtype in DTYPES:
             measure(f"act_{dtype}", lambda d=dtype: bench.activation(d),
@@ -338,6 +353,16 @@ def run(args, save=lambda result: None) -> dict:
     if "copy" in args.only:
         for dtype in DTYPES:
             measure(f"copy_{dtype}", lambda d=dtype: bench.copy(d), f"copy_gbps_{dtype}")
+    if "input" in args.only:
+        def input_rates():
+            import input_bench  # benchmarks/: it imports TensorFlow, which only this section needs
+
+            rates = input_bench.measure(num_images=16 if args.smoke else 64,
+                                        seconds=0.5 if args.smoke else 4.0)
+            result.update(rates)
+            return rates["input_img_s_per_core"]
+
+        measure("input", input_rates, "input_img_s_per_core")
     result["details"] = bench.details
     result["complete"] = True
     return result
@@ -387,9 +412,15 @@ def table(result: dict) -> str:
     for dtype in DTYPES:
         row(f"train step {dtype}", f"train_{dtype}_img_s", "img/s", f"train_{dtype}",
             f"loss {fmt(d.get(f'train_{dtype}', {}).get('final_loss'), 3)}")
-    lines.append(f"{'train fp32 peak memory':<26}{fmt(result['train_fp32_peak_gib'], 2):>12}  GiB")
     for dtype in DTYPES:
-        row(f"eval {EVAL_ARCH} {dtype}", f"eval_{dtype}_img_s", "img/s", f"eval_{dtype}")
+        lines.append(f"{'train ' + dtype + ' peak memory':<26}"
+                     f"{fmt(result[f'train_{dtype}_peak_gib'], 2):>12}  GiB")
+    for key in ("input_img_s_per_core", "input_eval_img_s_per_core", "input_fast_img_s_per_core",
+                "input_pil_img_s_per_core"):
+        if result.get(key) is not None:
+            lines.append(f"{key:<26}{fmt(result[key]):>12}  img/s per core")
+    for mode in EVAL_MODES:
+        row(f"eval {EVAL_ARCH} {mode}", f"eval_{mode}_img_s", "img/s", f"eval_{mode}")
     for dtype in DTYPES:
         copy = result.get(f"copy_gbps_{dtype}")
         for way in ("fwd", "bwd"):

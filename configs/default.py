@@ -1,4 +1,4 @@
-"""Every config key, with the original recipe's values (REFERENCE.md, "Training recipe").
+"""Every config key, with the original recipe's values (docs/original.md, "Training recipe").
 
 The other config files start from `get_config()` here and change what differs, so each key has
 one definition and one default. Override any key from the command line: --config.batch_size=512.
@@ -13,6 +13,8 @@ def get_config():
     c.num_classes = 1000
     c.dtype = "float32"  # computation dtype: float32 | bfloat16 (params/optimizer stay float32)
     c.act_backend = "auto"  # ternary activation: auto (Triton on CUDA GPUs) | triton | xla
+    c.inference_dtype = "float"  # evaluation: float (in config.dtype) | int8 (merged ternary
+    # models: int8 activations and kernels, exact int32 sums)
     # data (TFDS)
     c.dataset = "imagenet2012"
     c.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
@@ -21,6 +23,8 @@ def get_config():
     c.image_size = 224
     c.resize_size = 256  # shorter side before the crop (bicubic), as torchvision Resize(256)
     c.random_flip = True  # RandomHorizontalFlip in training (off for digits)
+    c.input_mode = "exact"  # training transforms: exact (PIL's pixels) | fast (2x, for GPU hosts);
+    # evaluation is always exact
     c.fabricate_data = False  # smoke tests: fabricate a tiny ImageNet in data_dir on first use
     c.shuffle_buffer = 16384
     c.data_shards = 0  # training split read as this many shards; 0 = one per process. The batch
@@ -48,5 +52,6 @@ def get_config():
     c.eval_every_epochs = 1
     c.log_every_steps = 50
     c.progress_bar = True
+    c.profile_steps = 0  # > 0: a profiler trace of this many steps for TensorBoard (from step 10)
     c.skip_nonfinite_steps = False  # False: stop at a non-finite loss; True: skip such steps
     return c

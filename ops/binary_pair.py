@@ -80,10 +80,18 @@ def clamp_latent_kernels(params):
         lambda path, leaf: jnp.clip(leaf, -1, 1) if _is_latent_kernel(path) else leaf, params)
 
 
+def binary_pairs(params, _path=()):
+    """Yields ('features_4/conv1', {"kernel_1", "kernel_2", "bias_1", "bias_2"}) for every binary
+    pair of a parameter tree (nested mappings), in the tree's order."""
+    if not hasattr(params, "items"):
+        return
+    if all(name in params for name in LATENT_KERNEL_NAMES):
+        yield "/".join(_path), params
+        return
+    for key, value in params.items():
+        yield from binary_pairs(value, _path + (str(key),))
+
+
 def latent_kernel_paths(params):
     """The '/'-joined paths of the latent binary kernels in `params` (for reports and tests)."""
-    out = []
-    for path, _ in jax.tree_util.tree_leaves_with_path(params):
-        if _is_latent_kernel(path):
-            out.append("/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path))
-    return out
+    return [f"{path}/{name}" for path, _ in binary_pairs(params) for name in LATENT_KERNEL_NAMES]

@@ -1,25 +1,38 @@
-"""Triton kernels for the ternary activation.
+"""Triton kernels for the ternary activation, their launch configuration, and their ahead-of-time
+compilation for a real GPU.
 
 Only `triton` is imported here, never `jax_triton`: the same kernel is launched from JAX on a GPU
-(through jax-triton, see `ops.ternary`) and from torch CPU tensors under Triton's interpreter
-(`TRITON_INTERPRET=1`) in the tests, which is how CI checks it without a GPU.
+(through jax-triton, see `ops.ternary`), from torch CPU tensors under Triton's interpreter
+(`TRITON_INTERPRET=1`) in the tests, and compiled to PTX on any machine by `compile_ptx`, which is
+how CI checks it without a GPU.
 """
+import re
+
 import triton
 import triton.language as tl
 
-# Block size and warps per element size, measured on an H100 (DESIGN.md, "GPU facts"): with the
-# default 4 warps the kernel ran at 60 % (fp32) / 32 % (bf16) of copy bandwidth.
+# Block size and warps per element size, chosen so that each thread moves 16 bytes of x and y per
+# access (`ld.global.v4.b32`); with the default 4 warps the kernel ran at 60 % (float32) / 32 %
+# (bfloat16) of copy bandwidth on an H100 (docs/gpu.md).
 LAUNCH_CONFIG = {
-    4: {"BLOCK_SIZE": 2048, "num_warps": 16},  # float32
-    2: {"BLOCK_SIZE": 1024, "num_warps": 8},  # bfloat16, float16
+    4: {"BLOCK_SIZE": 2048, "num_warps": 16},  # float32: 4 elements per thread
+    2: {"BLOCK_SIZE": 2048, "num_warps": 8},  # bfloat16, float16: 8 elements per thread
 }
+TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @triton.jit
-def ternary_forward_kernel(x_ptr, y_ptr, keep_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+def ternary_forward_kernel(x_ptr, y_ptr, keep_ptr, n_div_16, BLOCK_SIZE: tl.constexpr,
+                           N_REM_16: tl.constexpr):
     """y = -1 / 0 / +1 for x < -0.5 / -0.5 <= x < 0.5 / x >= 0.5 (NaN stays NaN);
-    keep = (-1 <= x <= 1), the mask the backward pass multiplies the gradient by."""
+    keep = (-1 <= x <= 1), the mask the backward pass multiplies the gradient by.
+
+    The size comes as n = 16 * n_div_16 + N_REM_16: jax-triton declares no divisibility for scalar
+    arguments, and a bound of unknown divisibility makes every masked access scalar. Written this
+    way the compiler sees n divisible by 16 whenever N_REM_16 is 0 (every activation of the
+    models), and vectorises."""
     # int64 offsets: a 256x56x56x64 activation has 51M elements, and larger batches overflow int32.
+    n_elements = n_div_16.to(tl.int64) * 16 + N_REM_16
     pid = tl.program_id(axis=0).to(tl.int64)
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     in_bounds = offsets < n_elements
@@ -44,6 +57,12 @@ def launch_config(itemsize: int) -> dict:
             "elements; use backend='xla' for other dtypes") from None
 
 
+def launch_args(n: int, itemsize: int) -> tuple[tuple, dict, tuple]:
+    """(scalar arguments, constexpr and launch keywords, grid) for `n` elements of `itemsize`."""
+    cfg = launch_config(itemsize)
+    return (n // 16,), {**cfg, "N_REM_16": n % 16}, (triton.cdiv(n, cfg["BLOCK_SIZE"]),)
+
+
 def ternary_forward_torch(x):
     """Runs the kernel on a torch tensor (a CPU tensor under TRITON_INTERPRET=1, or a CUDA one).
 
@@ -54,8 +73,46 @@ def ternary_forward_torch(x):
     flat = x.contiguous().reshape(-1)
     y = torch.empty_like(flat)
     keep = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-    cfg = launch_config(flat.element_size())
-    grid = (triton.cdiv(flat.numel(), cfg["BLOCK_SIZE"]),)
-    ternary_forward_kernel[grid](flat, y, keep, flat.numel(), BLOCK_SIZE=cfg["BLOCK_SIZE"],
-                                 num_warps=cfg["num_warps"])
+    scalars, meta, grid = launch_args(flat.numel(), flat.element_size())
+    ternary_forward_kernel[grid](flat, y, keep, *scalars, **meta)
     return y.reshape(x.shape), keep.reshape(x.shape)
+
+
+def compile_ptx(dtype: str, capability: int = 90, n: int = 1 << 20) -> str:
+    """PTX of the kernel for `dtype` ("float32", "bfloat16", "float16") on an NVIDIA GPU of compute
+    `capability` (80: A100, 90: H100), compiled here, GPU or not.
+
+    The arguments are specialized as jax-triton 0.3.1 does at launch: every array pointer
+    16-byte aligned (`tt.divisibility` 16), scalars not specialized."""
+    import types
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = CUDABackend(target)
+    element = TRITON_TYPES[dtype]
+    arg_types = [f"*{element}", f"*{element}", "*i1", "i32"]
+    alignments = [16, 16, 16, 0]
+    specialization = [
+        native_specialize_impl(backend, types.SimpleNamespace(data_ptr=lambda a=a: a,
+                                                              dtype=t.removeprefix("*")),
+                               False, True, a > 0)
+        for t, a in zip(arg_types, alignments)]
+    attrs = {(i,): backend.parse_attr(attr) for i, (_, attr) in enumerate(specialization)}
+    _, meta, _ = launch_args(n, 4 if element == "fp32" else 2)
+    fn = ternary_forward_kernel
+    signature = {name: t for name, t in zip(fn.arg_names, arg_types)}
+    signature.update(BLOCK_SIZE="constexpr", N_REM_16="constexpr")
+    source = ASTSource(fn, signature, constexprs={"BLOCK_SIZE": meta["BLOCK_SIZE"],
+                                                  "N_REM_16": meta["N_REM_16"]}, attrs=attrs)
+    compiled = triton.compile(source, target=target, options={"num_warps": meta["num_warps"]})
+    return compiled.asm["ptx"]
+
+
+def global_access_widths(ptx: str) -> dict[str, set[str]]:
+    """{"ld": {...}, "st": {...}}: the global load and store instructions in `ptx`, such as
+    'ld.global.v4.b32' (four 32-bit words per thread: 128-bit accesses)."""
+    return {op: set(re.findall(rf"{op}\.global(?:\.[a-z0-9]+)+", ptx)) for op in ("ld", "st")}

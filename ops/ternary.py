@@ -34,21 +34,18 @@ def _forward_xla(x):
 
 
 def _triton_call(flat):
-    import triton
     import jax_triton as jt
 
     from ops import kernels
 
-    cfg = kernels.launch_config(flat.dtype.itemsize)
-    n = flat.size
+    scalars, meta, grid = kernels.launch_args(flat.size, flat.dtype.itemsize)
     return jt.triton_call(
-        flat, n,
+        flat, *scalars,
         kernel=kernels.ternary_forward_kernel,
         out_shape=(jax.ShapeDtypeStruct(flat.shape, flat.dtype),
                    jax.ShapeDtypeStruct(flat.shape, jnp.bool_)),
-        grid=(triton.cdiv(n, cfg["BLOCK_SIZE"]),),
-        num_warps=cfg["num_warps"],
-        BLOCK_SIZE=cfg["BLOCK_SIZE"],
+        grid=grid,
+        **meta,
     )
 
 

@@ -10,12 +10,13 @@ evaluation code as ImageNet.
 from __future__ import annotations
 
 import json
-import logging
-import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("sttn_jax")
+from absl import app, flags
+from ml_collections import config_flags
+
+from sttn_jax import cli
 
 
 def run(config, workdir="runs/demo") -> dict:
@@ -26,16 +27,21 @@ def run(config, workdir="runs/demo") -> dict:
     train_dir, merged_dir = workdir / "train", workdir / "ternary"
     train_result = train_loop.train_and_evaluate(config, train_dir)
     t_train = time.perf_counter() - t0
-    merged = merging.merge_checkpoint(train_dir, merged_dir, image_size=config.image_size)
+    packed_file = merged_dir.with_name("ternary.sttn")
+    merged = merging.merge_checkpoint(train_dir, merged_dir, packed=packed_file,
+                                      image_size=config.image_size)
     bwx2 = evaluation.evaluate_checkpoint(config, train_dir, arch="resnet18_bwx2")
     ternary = evaluation.evaluate_checkpoint(config, merged_dir, arch="resnet18_ter")
+    int8_config = config.copy_and_resolve_references()
+    int8_config.inference_dtype = "int8"
+    int8 = evaluation.evaluate_checkpoint(int8_config, packed_file, arch="resnet18_ter")
     rep = merged.report
     summary = {
-        "bwx2_top1": bwx2["top1"], "ternary_top1": ternary["top1"],
+        "bwx2_top1": bwx2["top1"], "ternary_top1": ternary["top1"], "int8_top1": int8["top1"],
         "bwx2_top5": bwx2["top5"], "ternary_top5": ternary["top5"],
         "bwx2_loss": bwx2["loss"], "ternary_loss": ternary["loss"],
         "num_test_examples": ternary["num_examples"],
-        "identical_top1": bwx2["top1"] == ternary["top1"],
+        "identical_top1": bwx2["top1"] == ternary["top1"] == int8["top1"],
         "train_steps": train_result["step"],
         "train_seconds": round(t_train, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
@@ -45,6 +51,7 @@ def run(config, workdir="runs/demo") -> dict:
         "sparsity": rep["overall"]["sparsity"],
         "size_float32_bytes": rep["size_bytes"]["float32"],
         "size_packed_ternary_bytes": rep["size_bytes"]["packed_ternary"],
+        "packed_file": str(packed_file), "packed_file_bytes": packed_file.stat().st_size,
         "bwx2_checkpoint": str(train_dir), "ternary_checkpoint": str(merged_dir),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -64,10 +71,11 @@ def format_summary(s: dict, workdir: Path) -> str:
     rows = [
         ("top-1, bwx2 (two binary convs per layer)", _pct(s["bwx2_top1"])),
         ("top-1, merged ternary", _pct(s["ternary_top1"])),
+        ("top-1, merged ternary, int8 inference", _pct(s["int8_top1"])),
         ("identical", "yes" if s["identical_top1"] else "NO"),
         ("zeros in the ternary kernels (sparsity)", _pct(s["sparsity"])),
         ("model size, float32", _mib(s["size_float32_bytes"])),
-        ("model size, packed 2-bit ternary", _mib(s["size_packed_ternary_bytes"])),
+        ("model size, packed 2-bit ternary (file)", _mib(s["packed_file_bytes"])),
         ("test examples", str(s["num_test_examples"])),
         ("time (train / all)", f"{s['train_seconds']:.0f} s / {s['total_seconds']:.0f} s"),
     ]
@@ -77,29 +85,25 @@ def format_summary(s: dict, workdir: Path) -> str:
     lines += ["-" * (width + 16),
               f"summary:      {workdir / 'summary.json'}",
               f"merge report: {s['merge_report']} (table, JSON) and {s['merge_plot']} (plot)",
-              f"checkpoints:  {s['bwx2_checkpoint']} (bwx2 workdir), {s['ternary_checkpoint']} (ternary)",
+              f"checkpoints:  {s['bwx2_checkpoint']} (bwx2 workdir), {s['ternary_checkpoint']} (ternary), "
+              f"{s['packed_file']} (packed)",
               f"TensorBoard:  tensorboard --logdir {workdir / 'train' / 'tensorboard'}", ""]
     return "\n".join(lines)
 
 
 def main(argv=None):
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config file.", lock_config=True)
+    config_flags.DEFINE_config_file("config", str(cli.DEFAULT_CONFIG.with_name("demo.py")),
+                                    "Demo config file.", lock_config=True)
     flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes everything.")
 
-    def _main(_):
-        from sttn_jax import cli_support
-
-        cli_support.setup_logging()
-        with cli_support.one_line_errors():
+    def _main(args):
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
+        cli.setup_logging()
+        with cli.one_line_errors():
             run(flags.FLAGS.config, flags.FLAGS.workdir)
 
-    from sttn_jax.cli_support import check_config_overrides
-
-    check_config_overrides(sys.argv if argv is None else argv, "configs/demo.py")
-    app.run(_main, argv=argv)
+    cli.run(_main, argv=argv)
 
 
 if __name__ == "__main__":

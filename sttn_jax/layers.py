@@ -1,5 +1,6 @@
 """Layers with the original PyTorch semantics: BatchNorm, PReLU, convolutions (full precision,
-folded binary pair, ternary) and the linear classifier, all NHWC / HWIO.
+folded binary pair, ternary, and the ternary one in int8 for inference) and the linear classifier,
+all NHWC / HWIO.
 
 `dtype` everywhere is the computation dtype; parameters are created in float32 (`param_dtype`)
 and cast at use, so bfloat16 compute keeps float32 master weights and statistics.
@@ -134,6 +135,46 @@ class Conv(nn.Module):
             bias = self.param("bias", torch_default_bias(fan_in), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+
+class Int8TernaryConv(nn.Module):
+    """A merged ternary convolution for inference, in integers: int8 activations in {-1, 0, +1}
+    times int8 codes in {-2, ..., 2}, accumulated in int32 (exact: no rounding inside the sum),
+    then the per-output-channel `scale` and the bias in floating point (`dtype`).
+
+    Parameters `codes` (HWIO int8), `scale` (float32) and `bias`, as
+    `sttn_jax.quantize.int8_variables` makes them from a merged kernel: codes * scale == kernel,
+    so this computes the float layer's convolution with one rounding for the scale (and one for
+    the bias) instead of one per term of the sum.
+    """
+    features: int
+    stride: int = 1
+    kernel_size: int = 3
+    padding: PyTorchPadding = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if x.dtype != jnp.int8:
+            raise ValueError(f"{type(self).__name__} takes int8 ternary activations, got {x.dtype}; "
+                             "cast the ternary activation with .astype(jnp.int8)")
+        if self.has_variable("params", "kernel"):
+            raise ValueError(f"{'/'.join(self.scope.path)} holds a float kernel: convert the merged "
+                             "variables with sttn_jax.quantize.int8_variables for the int8 model")
+        k = self.kernel_size
+        codes = self.param("codes", nn.initializers.zeros, (k, k, x.shape[-1], self.features),
+                           jnp.int8)
+        scale = self.param("scale", nn.initializers.zeros, (self.features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        acc = lax.conv_general_dilated(
+            x, codes.astype(jnp.int8), window_strides=(self.stride, self.stride),
+            padding=((self.padding, self.padding), (self.padding, self.padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.int32)
+        # int32 -> float32 right after the convolution (exact: |acc| <= 2 * 9 * 512 < 2 ** 24): the
+        # form of integer convolution XLA's GPU backend supports (it refuses a bare int32 result)
+        y = acc.astype(jnp.float32).astype(self.dtype)
+        return y * scale.astype(self.dtype) + bias.astype(self.dtype)
 
 
 class BinaryPairConv(nn.Module):

@@ -29,103 +29,59 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from ops import fold_binary_pair
-from sttn_jax.checkpoints import CheckpointError
+import ops
+from sttn_jax import model_io, models, report, report_format
+from sttn_jax.errors import CheckpointError, MergeCheckError
+from sttn_jax.interop import parity
 
 MERGE_TOLERANCE = 1e-5        # max|delta logit| / max|bwx2 logit|, float32
 DEFAULT_CHECK_BATCH = 8
 DEFAULT_IMAGE_SIZE = 224
-BWX2, TERNARY = "resnet18_bwx2", "resnet18_ter"
+BWX2, TERNARY = models.BWX2, models.TERNARY
 REPORT_JSON = "merge_report.json"
 REPORT_PNG = "merge_report.png"
-
-
-class MergeCheckError(CheckpointError):
-    """The merged model's logits differ from the bwx2 model's beyond the tolerance: nothing is
-    written."""
-
-
-def _is_pair(node) -> bool:
-    return isinstance(node, dict) and {"kernel_1", "kernel_2", "bias_1", "bias_2"} <= set(node)
 
 
 @jax.jit
 def _fold_clamped(w1, w2):
     """The ternary kernel of one pair, as the bwx2 forward computes it (jitted: same rounding)."""
-    return fold_binary_pair(jnp.clip(w1, -1, 1), jnp.clip(w2, -1, 1))
+    return ops.fold_binary_pair(jnp.clip(w1, -1, 1), jnp.clip(w2, -1, 1))
 
 
 def merge_params(params):
     """Ternary-model params from bwx2 params. The latent kernels are clamped to [-1, 1] first, as
     the original does before every binarization (a no-op for its saved checkpoints)."""
-    if _is_pair(params):
-        kernel = _fold_clamped(jnp.asarray(params["kernel_1"]), jnp.asarray(params["kernel_2"]))
-        bias = np.asarray(params["bias_1"]) + np.asarray(params["bias_2"])
-        return {"kernel": np.asarray(kernel), "bias": np.asarray(bias)}
-    if isinstance(params, dict):
-        return {k: merge_params(v) for k, v in params.items()}
-    return params
+    pairs = dict(ops.binary_pairs(params))
+    if not pairs:
+        raise ValueError("these variables hold no binary pairs (kernel_1/kernel_2): not a "
+                         "resnet18_bwx2 model")
+    flat = {}
+    for key, value in traverse_util.flatten_dict(dict(params), sep="/").items():
+        module = key.rsplit("/", 1)[0]
+        if module not in pairs:
+            flat[key] = np.asarray(value)
+        elif f"{module}/kernel" not in flat:  # the pair's first leaf: the merged conv takes its place
+            pair = pairs[module]
+            kernel = _fold_clamped(jnp.asarray(pair["kernel_1"]), jnp.asarray(pair["kernel_2"]))
+            flat[f"{module}/kernel"] = np.asarray(kernel)
+            flat[f"{module}/bias"] = np.asarray(pair["bias_1"]) + np.asarray(pair["bias_2"])
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def merge_variables(variables):
     """{"params", "batch_stats"} of a resnet18_ter model from those of a resnet18_bwx2 model."""
-    if not any(True for _ in _pairs(variables["params"])):
-        raise ValueError("these variables hold no binary pairs (kernel_1/kernel_2): not a resnet18_bwx2 model")
-    return {"params": merge_params(variables["params"]), "batch_stats": variables.get("batch_stats", {})}
-
-
-def _pairs(tree, prefix=""):
-    if _is_pair(tree):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _pairs(v, f"{prefix}/{k}" if prefix else k)
-
-
-def binary_pairs(params) -> list[tuple[str, dict]]:
-    """[(flax module path such as 'features_4/conv1', {'kernel_1', 'kernel_2', 'bias_1',
-    'bias_2'})] of a bwx2 parameter tree, in the network's order."""
-    return list(_pairs(params))
+    return {"params": merge_params(variables["params"]),
+            "batch_stats": variables.get("batch_stats", {})}
 
 
 # ---------------------------------------------------------------------------------------------
 # the check
 
 
-@dataclasses.dataclass
-class MergeCheck:
-    """bwx2 vs merged logits on one batch of random normal images (float32, eval mode)."""
-    batch: int
-    image_size: int
-    seed: int
-    max_abs_diff: float
-    max_abs_bwx2: float
-    relative: float
-    top1_agree: int
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return bool(np.isfinite(self.relative) and self.relative <= self.tolerance)
-
-    def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "passed": self.passed, "dtype": "float32",
-                "images": "standard normal, NHWC"}
-
-    def format(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
-        return (f"merge check: resnet18_bwx2 vs merged resnet18_ter, {self.batch} random normal "
-                f"images {self.image_size}x{self.image_size} (seed {self.seed}), float32\n"
-                f"  max|dlogit| {self.max_abs_diff:.3e}  max|bwx2 logit| {self.max_abs_bwx2:.3e}  "
-                f"relative {self.relative:.3e} (tolerance {self.tolerance:g})  top-1 agreement "
-                f"{self.top1_agree}/{self.batch}: {verdict}")
-
-
 @functools.lru_cache(maxsize=None)
 def _apply_fn(arch: str, num_classes: int, act_backend: str):
-    from sttn_jax import models
-
     module = models.create(arch, num_classes=num_classes, dtype=jnp.float32, act_backend=act_backend)
     return jax.jit(lambda v, x: module.apply(v, x, train=False))
 
@@ -142,27 +98,17 @@ def check_images(batch: int = DEFAULT_CHECK_BATCH, image_size: int = DEFAULT_IMA
 
 def check_merge(bwx2_variables, ternary_variables, *, batch: int = DEFAULT_CHECK_BATCH,
                 image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0,
-                tolerance: float = MERGE_TOLERANCE, act_backend: str = "auto") -> MergeCheck:
-    """Runs both models (eval mode, float32; the bwx2 latent kernels clamped as the original's
-    validate() does) on `batch` random normal images and compares the logits:
-    relative = max|delta| / max|bwx2 logits|."""
-    import ops
-
+                tolerance: float = MERGE_TOLERANCE, act_backend: str = "auto"):
+    """Both models (eval mode, float32; the bwx2 latent kernels clamped as the original's
+    validate() does) on `batch` random normal images: a `parity.ParityResult` of the ternary
+    logits against the bwx2 ones, passed when max|delta| / max|bwx2| <= tolerance."""
     images = check_images(batch, image_size, seed)
-    num_classes = int(np.shape(bwx2_variables["params"]["fc"]["kernel"])[-1])
+    num_classes = models.num_classes_of(bwx2_variables["params"])
     bw = {"params": ops.clamp_latent_kernels(bwx2_variables["params"]),
           "batch_stats": bwx2_variables.get("batch_stats", {})}
-    a = np.asarray(_apply_fn(BWX2, num_classes, act_backend)(bw, images), np.float64)
-    b = np.asarray(_apply_fn(TERNARY, num_classes, act_backend)(ternary_variables, images),
-                   np.float64)
-    diff = float(np.max(np.abs(a - b)))
-    scale = float(np.max(np.abs(a)))
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        rel = float("inf")
-    else:
-        rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
-    agree = int(np.sum(np.argmax(a, -1) == np.argmax(b, -1)))
-    return MergeCheck(batch, image_size, seed, diff, scale, rel, agree, tolerance)
+    a = np.asarray(_apply_fn(BWX2, num_classes, act_backend)(bw, images))
+    b = np.asarray(_apply_fn(TERNARY, num_classes, act_backend)(ternary_variables, images))
+    return parity.compare(b, a, "float32", tolerance)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,41 +119,38 @@ def check_merge(bwx2_variables, ternary_variables, *, batch: int = DEFAULT_CHECK
 class MergeResult:
     out: Path
     torch_out: Path | None
-    check: MergeCheck
+    check: parity.ParityResult
     report: dict
-    source: object  # sttn_jax.model_sources.LoadedModel
+    source: model_io.LoadedModel
     plot: Path | None
 
 
 def _check_destination(out: Path, source_path: Path) -> None:
-    from sttn_jax import checkpoints
-
     if out == source_path or out in source_path.parents:
         raise CheckpointError(f"--out {out} would overwrite the source {source_path}; pick a new "
                               "directory")
     if out.exists():
         if not out.is_dir():
             raise CheckpointError(f"--out {out} is a file; give a directory for the model checkpoint")
-        if any(out.iterdir()) and not checkpoints.is_model_checkpoint(out):
+        if any(out.iterdir()) and not model_io.is_model_checkpoint(out):
             raise CheckpointError(f"--out {out} exists and is not a model checkpoint; pick a new "
                                   "directory (an existing model checkpoint is replaced)")
 
 
-def merge_checkpoint(source, out, *, torch_out=None, step: int | None = None,
+def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | None = None,
                      batch: int = DEFAULT_CHECK_BATCH, image_size: int | None = None,
                      seed: int = 0, tolerance: float = MERGE_TOLERANCE, plot: bool = True,
                      echo: Callable[[str], None] = print) -> MergeResult:
     """Loads the resnet18_bwx2 model at `source` (training workdir: best checkpoint, or `step`;
     model checkpoint; original .pth.tar), merges it, checks the logits, and only if the check
     passes writes `out` (a resnet18_ter model checkpoint with merge_report.json and
-    merge_report.png) and, with `torch_out`, the original's PyTorch format.
+    merge_report.png), with `torch_out` the original's PyTorch format, and with `packed` the
+    packed 2-bit model file (`sttn_jax.packed`).
 
     image_size: of the check batch and of the report's MACs; None = the workdir's training
     image size, else 224. Raises MergeCheckError (writing nothing) when the logits differ by
     more than `tolerance` relative, CheckpointError for sources that are not bwx2 models."""
-    from sttn_jax import checkpoints, model_sources, report
-
-    loaded = model_sources.load(source, step=step)
+    loaded = model_io.load(source, step=step)
     if loaded.arch != BWX2:
         what = {"resnet18_ter": "an already merged ternary model",
                 "resnet50": "the ResNet-50 teacher"}.get(loaded.arch, loaded.arch)
@@ -215,11 +158,9 @@ def merge_checkpoint(source, out, *, torch_out=None, step: int | None = None,
                               f"{BWX2}; merge.py merges the binary pairs of a {BWX2} checkpoint")
     out = Path(out).absolute()
     _check_destination(out, Path(loaded.path))
-    if torch_out is not None:
-        torch_out = Path(torch_out).absolute()
-        if torch_out.is_dir():
-            raise CheckpointError(f"--torch-out {torch_out} is a directory; give a file name such "
-                                  "as model_ter.pth.tar")
+    for flag, path in (("--torch_out", torch_out), ("--packed", packed)):
+        if path is not None and Path(path).is_dir():
+            raise CheckpointError(f"{flag} {path} is a directory; give a file name")
     if image_size is None:
         image_size = loaded.image_size or DEFAULT_IMAGE_SIZE
     echo(f"loaded {loaded.describe()}")
@@ -227,10 +168,11 @@ def merge_checkpoint(source, out, *, torch_out=None, step: int | None = None,
     merged = merge_variables(loaded.variables)
     check = check_merge(loaded.variables, merged, batch=batch, image_size=image_size, seed=seed,
                         tolerance=tolerance)
-    echo(check.format())
+    echo(f"merge check: resnet18_bwx2 vs merged resnet18_ter, {batch} random normal images "
+         f"{image_size}x{image_size} (seed {seed}), float32\n  {check.format()}")
     if not check.passed:
         raise MergeCheckError(
-            f"the merged model's logits differ from the bwx2 model's by {check.relative:.3e} "
+            f"the merged model's logits differ from the bwx2 model's by {check.relative_error:.3e} "
             f"relative (max|dlogit| {check.max_abs_diff:.3e}), above the tolerance "
             f"{tolerance:g}: refusing to write {out}")
 
@@ -238,17 +180,23 @@ def merge_checkpoint(source, out, *, torch_out=None, step: int | None = None,
                                     source=loaded.info(), check=check.as_dict())
     extra = {"merged_from": loaded.info(), "merge_check": check.as_dict(),
              "num_classes": loaded.num_classes, "report": REPORT_JSON}
-    if out.exists() and checkpoints.is_model_checkpoint(out):
+    if packed is not None:  # first: it refuses what its format cannot hold, writing nothing
+        from sttn_jax import packed as packed_lib
+
+        packed_lib.write(packed, merged, TERNARY, meta=extra)
+        echo(f"wrote {packed} (packed 2-bit ternary model)")
+    if out.exists() and model_io.is_model_checkpoint(out):
         shutil.rmtree(out)  # replaced as a whole: no stale report or plot from an earlier merge
-    checkpoints.save_model(out, merged, TERNARY, extra=extra)
+    model_io.save(out, merged, TERNARY, extra=extra)
     report.save_json(rep, out / REPORT_JSON)
     plot_path = None
     if plot:
         try:
-            plot_path = report.save_plot(rep, out / REPORT_PNG)
+            plot_path = report_format.save_plot(rep, out / REPORT_PNG)
         except ImportError as e:
             echo(f"warning: no plot ({e}); install matplotlib for {REPORT_PNG}")
-    echo(report.format_report(rep))
+    echo(report_format.format_report(rep))
+    echo(report_format.layer_table(loaded.num_classes, image_size))
     echo(f"wrote {out} ({TERNARY} model checkpoint, {REPORT_JSON}"
          f"{', ' + REPORT_PNG if plot_path else ''})")
     if torch_out is not None:
@@ -257,4 +205,4 @@ def merge_checkpoint(source, out, *, torch_out=None, step: int | None = None,
         interop.save_torch_checkpoint(merged, TERNARY, torch_out)
         echo(f"wrote {torch_out} (the original's resnet18_ter format: {{'state_dict'}} with "
              "'module.' keys)")
-    return MergeResult(out, torch_out, check, rep, loaded, plot_path)
+    return MergeResult(out, torch_out and Path(torch_out), check, rep, loaded, plot_path)

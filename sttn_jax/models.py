@@ -8,21 +8,33 @@ original's 7x7 map before pooling).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from ops import ternary_activation
-from sttn_jax.layers import BatchNorm, BinaryPairConv, Conv, Dense, PReLU
+from sttn_jax.errors import CheckpointError, ConfigError
+from sttn_jax.layers import BatchNorm, BinaryPairConv, Conv, Dense, Int8TernaryConv, PReLU
 
 Dtype = Any
 
-ARCHS = ("resnet18_bwx2", "resnet18_ter", "resnet50")
+BWX2, TERNARY, TEACHER = "resnet18_bwx2", "resnet18_ter", "resnet50"
+# The architectures by name: what `create` builds, every tool accepts and every message lists.
+ARCHS = {
+    BWX2: "STTN ResNet-18 with binary weight pairs, as trained",
+    TERNARY: "STTN ResNet-18 with the pairs merged into ternary weights",
+    TEACHER: "torchvision's ResNet-50, the distillation teacher",
+}
 # (in, out, stride) of the 8 BasicBlocks features.4 ... features.11.
 RESNET18_BLOCKS = ((64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2),
                    (256, 256, 1), (256, 512, 2), (512, 512, 1))
 FIRST_BLOCK_INDEX = 4
+INFERENCE_DTYPES = (None, "float", "int8")
 
 
 def max_pool_torch(x, window: int, stride: int, padding: int = 0):
@@ -32,7 +44,8 @@ def max_pool_torch(x, window: int, stride: int, padding: int = 0):
 
 
 class STTNBasicBlock(nn.Module):
-    """The original Bi-Real-style block; `ternary_weights` picks the merged (one conv) form."""
+    """The original Bi-Real-style block; `ternary_weights` picks the merged (one conv) form,
+    `inference_dtype="int8"` its integer form (int8 activations and codes, int32 accumulation)."""
     in_channels: int
     out_channels: int
     stride: int
@@ -40,8 +53,15 @@ class STTNBasicBlock(nn.Module):
     dtype: Dtype = jnp.float32
     act_backend: str = "auto"
     bn_axis_name: str | None = None
+    inference_dtype: str | None = None
+
+    @property
+    def int8(self) -> bool:
+        return self.inference_dtype == "int8"
 
     def _conv(self, name, stride):
+        if self.int8:
+            return Int8TernaryConv(self.out_channels, stride, dtype=self.dtype, name=name)
         if self.ternary_weights:
             return Conv(self.out_channels, 3, stride, 1, use_bias=True, dtype=self.dtype, name=name)
         return BinaryPairConv(self.out_channels, stride, dtype=self.dtype, name=name)
@@ -49,11 +69,15 @@ class STTNBasicBlock(nn.Module):
     def _bn(self, name):
         return BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name=name)
 
+    def _activation(self, x):
+        out = ternary_activation(x, self.act_backend)
+        return out.astype(jnp.int8) if self.int8 else out  # exact: the values are -1, 0, +1
+
     @nn.compact
     def __call__(self, x, train: bool):
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"block expects {self.in_channels} channels, got {x.shape[-1]}")
-        out = ternary_activation(self._bn("bn1")(x, train), self.act_backend)
+        out = self._activation(self._bn("bn1")(x, train))
         if self.stride == 2:
             shortcut = max_pool_torch(x, 2, 2)
             shortcut = jnp.concatenate([shortcut, jnp.zeros_like(shortcut)], axis=-1)
@@ -62,22 +86,30 @@ class STTNBasicBlock(nn.Module):
         out = self._bn("bn_add1")(self._conv("conv1", self.stride)(out), train) + shortcut
         out = PReLU(dtype=self.dtype, name="prelu1")(out)
         add = out
-        out = ternary_activation(self._bn("bn2")(out, train), self.act_backend)
+        out = self._activation(self._bn("bn2")(out, train))
         out = self._bn("bn_add2")(self._conv("conv2", 1)(out), train) + add
         return PReLU(dtype=self.dtype, name="prelu2")(out)
 
 
 class STTNResNet18(nn.Module):
-    """`resnet18_bwx2` (ternary_weights=False) and `resnet18_ter` (True) of the original."""
+    """`resnet18_bwx2` (ternary_weights=False) and `resnet18_ter` (True) of the original.
+    inference_dtype="int8" (resnet18_ter only, evaluation only) runs the 16 block convolutions in
+    integers on `sttn_jax.quantize.int8_variables(variables)`."""
     num_classes: int = 1000
     ternary_weights: bool = False
     dtype: Dtype = jnp.float32
     act_backend: str = "auto"
     bn_axis_name: str | None = None
+    inference_dtype: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         check_images(x)
+        check_inference_dtype(TERNARY if self.ternary_weights else BWX2,
+                              self.inference_dtype)
+        if train and self.inference_dtype == "int8":
+            raise ValueError("the int8 model is for inference only: call it with train=False, or "
+                             "train the resnet18_bwx2 model and merge it")
         x = x.astype(self.dtype)
         x = Conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, name="features_0")(x)
         x = BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name="features_1")(x, train)
@@ -85,13 +117,10 @@ class STTNResNet18(nn.Module):
         x = max_pool_torch(x, 3, 2, 1)
         for i, (cin, cout, stride) in enumerate(RESNET18_BLOCKS):
             x = STTNBasicBlock(cin, cout, stride, self.ternary_weights, self.dtype, self.act_backend,
-                               self.bn_axis_name, name=f"features_{FIRST_BLOCK_INDEX + i}")(x, train)
+                               self.bn_axis_name, inference_dtype=self.inference_dtype,
+                               name=f"features_{FIRST_BLOCK_INDEX + i}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
-
-
-ResNet18BWX2 = lambda **kw: STTNResNet18(ternary_weights=False, **kw)  # noqa: E731
-ResNet18Ternary = lambda **kw: STTNResNet18(ternary_weights=True, **kw)  # noqa: E731
 
 
 def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
@@ -169,25 +198,98 @@ def check_images(x):
 
 
 def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: str = "auto",
-           bn_axis_name: str | None = None) -> nn.Module:
-    """The Flax module for `arch` in {"resnet18_bwx2", "resnet18_ter", "resnet50"}.
+           bn_axis_name: str | None = None, inference_dtype: str | None = None) -> nn.Module:
+    """The Flax module for `arch`, one of ARCHS ("resnet18_bwx2", "resnet18_ter", "resnet50").
 
     dtype: computation dtype (float32; bfloat16 for speed; float64 with jax x64 for parity checks).
     Parameters are created in float32 either way. act_backend: see `ops.ternary_activation`.
     bn_axis_name: a mapped axis over which BatchNorm statistics are synchronised in training.
+    inference_dtype: None or "float" (the float model), or "int8" (resnet18_ter only): the 16 block
+    convolutions in integers, applied to `sttn_jax.quantize.int8_variables(variables)`, eval only.
     """
-    if arch == "resnet18_bwx2":
-        return STTNResNet18(num_classes, False, dtype, act_backend, bn_axis_name)
-    if arch == "resnet18_ter":
-        return STTNResNet18(num_classes, True, dtype, act_backend, bn_axis_name)
-    if arch == "resnet50":
+    check_arch(arch)
+    inference_dtype = check_inference_dtype(arch, inference_dtype)
+    if arch == TEACHER:
         return ResNet50(num_classes, dtype, bn_axis_name)
-    raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    return STTNResNet18(num_classes, arch == TERNARY, dtype, act_backend, bn_axis_name,
+                        inference_dtype)
+
+
+def check_inference_dtype(arch: str, inference_dtype: str | None) -> str | None:
+    """None for the float model ("float" is an alias), "int8" where `arch` has an int8 form."""
+    if inference_dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"unknown inference_dtype {inference_dtype!r}; choose None (float) or 'int8'")
+    if inference_dtype == "int8" and arch != TERNARY:
+        raise ValueError(f"inference_dtype='int8' needs the merged ternary model: create "
+                         f"'resnet18_ter' (merge a resnet18_bwx2 with merge.py), not {arch!r}")
+    return None if inference_dtype == "float" else inference_dtype
 
 
 def init_variables(module: nn.Module, rng, image_size: int = 224, batch: int = 1):
     """{'params', 'batch_stats'} for `module`, created from a dummy batch (float32 parameters)."""
-    import jax
-
     x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
     return jax.jit(lambda r: module.init(r, x, train=False))(rng)
+
+
+# -- checks and facts of a parameter tree ----------------------------------------------------------
+
+
+def check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def arch_of(params) -> str | None:
+    """The arch a parameter tree belongs to, from its structure (None if none)."""
+    keys = traverse_util.flatten_dict(dict(params), sep="/") if hasattr(params, "keys") else {}
+    return (BWX2 if "features_4/conv1/kernel_1" in keys else
+            TERNARY if "features_4/conv1/kernel" in keys else
+            TEACHER if "layer1_0/conv1/kernel" in keys else None)
+
+
+def num_classes_of(params) -> int:
+    return int(np.shape(params["fc"]["kernel"])[-1])
+
+
+def _floating(leaf) -> bool:
+    """Whether an array (or an abstract one) is floating point, bfloat16 included."""
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+@functools.lru_cache(maxsize=16)
+def variable_shapes(arch: str, num_classes: int) -> dict:
+    """{"collection/.../name": ShapeDtypeStruct} of `arch`'s variables, in the model's order
+    (cached: 85 ms to build, and every model loaded is checked against them)."""
+    tree = jax.eval_shape(lambda: create(arch, num_classes).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    return traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+def check_variables(path, variables, arch: str) -> None:
+    """Refuses variables that are not `arch`'s (another tree, other shapes than the model's at
+    their class count, integers where it has floats or the reverse) or that hold NaN or infinite
+    values, naming `path` and what is wrong."""
+    try:
+        classes = num_classes_of(variables["params"])
+    except (KeyError, TypeError, IndexError):
+        raise CheckpointError(f"{path}: holds no classifier (params/fc/kernel); not a {arch} "
+                              "model") from None
+    want = variable_shapes(arch, classes)
+    try:
+        got = traverse_util.flatten_dict({k: dict(variables.get(k) or {})
+                                          for k in ("params", "batch_stats")}, sep="/")
+    except (TypeError, ValueError):  # a collection that is not a dict: all of it is missing
+        got = {}
+    wrong = sorted(k for k in want.keys() | got.keys()
+                   if k not in want or k not in got or np.shape(got[k]) != want[k].shape
+                   or _floating(got[k]) != _floating(want[k]))
+    if wrong:
+        raise CheckpointError(f"{path}: not a {arch} model of {classes} classes (wrong or missing "
+                              f"{', '.join(wrong[:4])}{', ...' if len(wrong) > 4 else ''}); "
+                              "rewrite or reconvert it")
+    bad = [k for k, v in got.items() if _floating(v) and not np.all(np.isfinite(v))]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values (NaN or Inf) in {', '.join(bad[:4])}; "
+                              "this model diverged or the file is damaged: use an earlier "
+                              "checkpoint")

@@ -1,179 +1,146 @@
 """`train_and_evaluate(config, workdir)`: the whole training run, resumable.
 
-The workdir holds `checkpoints/` (the last k steps) and `best/` (the best top-1 so far), both
-written by `run_checkpoints`, `tensorboard/` event files, `config.json` and, at the end,
-`final_metrics.json`. Before the first step, `preflight` refuses bad input. Running the same
-command on the workdir of an interrupted run (killed, preempted, out of disk) resumes exactly: the
-state (step, parameters, Adam moments, BatchNorm statistics) comes from the newest complete
-checkpoint, and the data stream is a pure function of (seed, epoch, data_shards) from which the
-batches already seen in the epoch are skipped.
+The workdir holds `checkpoints/` (the last k steps and the best evaluated one), TensorBoard events
+in `tensorboard/`, `config.json`, `train.log` and, at the end, `final_metrics.json`. Running
+the same command on the workdir of an interrupted run (killed, preempted, out of disk) resumes
+exactly: the state comes from the newest complete checkpoint, and the data stream is a pure
+function of (seed, epoch, data_shards) from which the batches already seen are skipped.
 """
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import threading
 import time
 from pathlib import Path
 
 import jax
+from absl import logging
 
-from sttn_jax import data, training
-from sttn_jax.preflight import (ConfigError, check_checkpoint_space, check_data,
-                                check_workdir_writable, data_dir, load_teacher, prepare_data,
-                                validate_config)
-from sttn_jax.run_checkpoints import checkpoint_manager, restore_newest_good, save
-
-log = logging.getLogger("sttn_jax")
+from sttn_jax import checkpoints, evaluation, model_io, models, training, workdir as workdir_lib
+from sttn_jax.data import pipeline, sources
+from sttn_jax.errors import ArchMismatchError, CheckpointError, ConfigError
+from sttn_jax.metric_writers import MetricWriter, Progress, log_file
 
 
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint of the current step was saved before stopping."""
 
 
-class _Progress:
-    """A tqdm bar with ETA and live loss / top-1 / images per second (process 0 only)."""
-
-    def __init__(self, enabled: bool, total: int, initial: int):
-        self.bar = None
-        if enabled and jax.process_index() == 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            desc="train")
-
-    def update(self, n: int, **postfix):
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-
-    def write(self, line: str):
-        if self.bar is not None:
-            self.bar.write(line)
-        log.info(line)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _Tensorboard:
-    def __init__(self, workdir: Path):
-        self.writer = None
-        if jax.process_index() == 0:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                log.warning("tensorboardX is not installed: no TensorBoard event files")
-                return
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
-
-    def scalars(self, step: int, values: dict, prefix: str):
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
-            self.writer.flush()
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
+def load_teacher(config):
+    """The teacher's variables, refused before any training when the file holds another arch or
+    another number of classes (it would otherwise fail in the first compiled step), or is damaged
+    (model_io.load's message, prefixed with the flag that named the file)."""
+    path, want = config.teacher_checkpoint, config.teacher_arch
+    if want not in models.ARCHS:
+        raise ConfigError(f"config.teacher_arch={want!r}: choose one of {list(models.ARCHS)} "
+                          "(the usual teacher is --config.teacher_arch=resnet50)")
+    if not Path(path).exists():
+        raise ConfigError(f"config.teacher_checkpoint={path!r} does not exist")
+    try:
+        loaded = model_io.load(path, arch=want)
+    except ArchMismatchError as e:
+        fix = f"set --config.teacher_checkpoint to a {want} checkpoint"
+        fix += " (e.g. torchvision's resnet50-0676ba61.pth)" if want == "resnet50" else ""
+        if e.found in models.ARCHS:
+            fix += f", or --config.teacher_arch={e.found} if this model is the teacher you mean"
+        raise CheckpointError(f"teacher checkpoint {path} holds a {e.found} model but "
+                              f"config.teacher_arch={want!r}; {fix}") from None
+    except CheckpointError as e:  # a damaged file: say which flag gave it
+        raise CheckpointError(f"config.teacher_checkpoint: {e}") from None
+    if loaded.num_classes != config.num_classes:
+        raise CheckpointError(
+            f"teacher {path} has {loaded.num_classes} classes but config.num_classes="
+            f"{config.num_classes}; give a teacher trained on the same {config.num_classes} "
+            f"classes (--config.teacher_checkpoint=...) or set "
+            f"--config.num_classes={loaded.num_classes}")
+    return loaded.variables
 
 
-def train_and_evaluate(config, workdir) -> dict:
+def train_and_evaluate(config, workdir, take_over_lock: bool = False) -> dict:
     """Trains (or resumes) in `workdir`; returns the final metrics
-    {"step", "train": {...}, "eval": {...} or None, "best_top1"}."""
+    {"step", "train": {...}, "eval": {...} or None, "best_top1", "skipped_nonfinite_steps"}."""
     workdir = Path(workdir)
     mesh = training.make_mesh()
-    validate_config(config, mesh.devices.size)
-    check_workdir_writable(workdir)
-    prepare_data(config)
-    check_data(config)
-    process_count = jax.process_count()
-    per_process_batch = config.batch_size // process_count
-    try:
-        num_shards = data.check_num_shards(config.data_shards, process_count, config.batch_size)
-    except ValueError as e:
-        raise ConfigError(f"config.data_shards: {e}") from None
-    steps_per_epoch = data.steps_per_epoch(config.dataset, config.train_split, config.batch_size,
-                                           data_dir(config), num_shards=num_shards)
-    if steps_per_epoch == 0:
-        n = data.num_examples(config.dataset, config.train_split, data_dir(config))
-        raise ConfigError(f"the {config.train_split} split has {n} examples, fewer than one batch "
-                          f"of {config.batch_size}; lower --config.batch_size")
-    total_steps = training.steps_from_epochs(config, steps_per_epoch)
+    training.check_config(config, mesh.devices.size)
     teacher = load_teacher(config) if config.teacher_checkpoint else None
-    trainer = training.Trainer(config, steps_per_epoch, mesh, teacher_variables=teacher)
-    check_checkpoint_space(workdir, trainer.abstract_state())
+    workdir_lib.check_writable(workdir)
+    with workdir_lib.lock(workdir, take_over_lock), log_file(workdir / "train.log"):
+        return _train(config, workdir, mesh, teacher)
 
+
+def _train(config, workdir: Path, mesh, teacher) -> dict:
+    sources.prepare(config)
+    sources.check(config)
+    steps_per_epoch = sources.train_layout(config).steps_per_epoch
+    total_steps = training.total_steps(config, steps_per_epoch)
+    learning_rate = training.learning_rate_fn(config, steps_per_epoch)
+    tx = training.create_optimizer(config, learning_rate)
+    abstract_state = training.abstract_train_state(config, mesh, tx)
+    workdir_lib.check_space(workdir, sum(x.size * x.dtype.itemsize
+                                         for x in jax.tree_util.tree_leaves(abstract_state)))
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    manager = checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints)
-    best_manager = checkpoint_manager(workdir / "best", 1)
-    meta = {"arch": config.arch, "best_top1": None, "eval": None}
-    restored = restore_newest_good(manager, trainer)
+    latest = checkpoints.manager(workdir / checkpoints.LATEST, config.keep_checkpoints)
+    restored = checkpoints.restore_newest_good(latest, abstract_state)
     if restored is not None:
         state, meta = restored
-        log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
+        logging.info("resumed from %s at step %d", latest.directory, int(state.step))
     else:
-        state = trainer.init_state(jax.random.PRNGKey(config.seed))
+        state = training.create_train_state(config, mesh, tx, rng=jax.random.PRNGKey(config.seed))
+        meta = {"arch": config.arch, "best_top1": None, "eval": None}
+    train_step = training.make_train_step(config, mesh, tx, teacher)
+    eval_step = training.make_eval_step(config, mesh)
     step = int(jax.device_get(state.step))
-
-    progress = _Progress(config.progress_bar, total_steps, step)
-    tb = _Tensorboard(workdir)
-    progress.write(f"training {config.arch} on {config.dataset}: {total_steps} steps "
-                   f"({steps_per_epoch} per epoch), global batch {config.batch_size} over "
-                   f"{mesh.devices.size} devices, workdir {workdir}")
-    last_train = {}
+    logging.info("training %s on %s: %d steps (%d per epoch), global batch %d over %d devices, "
+                 "workdir %s", config.arch, config.dataset, total_steps, steps_per_epoch,
+                 config.batch_size, mesh.devices.size, workdir)
+    writer = MetricWriter(workdir, config, total_steps)
+    progress = Progress(config.progress_bar, total_steps, step)
     nonfinite = _NonFiniteWatch(config, workdir)
     term = _TermSignal()
+    last_train, timer = {}, (time.perf_counter(), 0)
     try:
-        window_start, window_images = time.perf_counter(), 0
         while step < total_steps:
             epoch, skip = divmod(step, steps_per_epoch)
-            ds = data.make_dataset(
-                config.dataset, config.train_split, batch_size=per_process_batch, train=True,
-                image_size=config.image_size, resize_size=config.resize_size, seed=config.seed,
-                epoch=epoch, data_dir=data_dir(config), skip_batches=skip,
-                shuffle_buffer=config.shuffle_buffer, random_flip=config.random_flip,
-                num_shards=num_shards)
-            for batch in _prefetch(trainer, ds.as_numpy_iterator()):
-                state, metrics = trainer.train_step(state, batch, trainer.teacher_variables)
+            batches = pipeline.make_train_dataset(config, epoch=epoch, skip_batches=skip)
+            for batch in _on_devices(mesh, batches.as_numpy_iterator()):
+                state, metrics = train_step(state, batch)
                 step += 1
                 nonfinite.push(step, metrics)  # checks the previous step's: no stall per step
-                window_images += config.batch_size
+                progress.update(step)
+                writer.step(step)
                 if step % config.log_every_steps == 0 or step == total_steps:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    elapsed = time.perf_counter() - window_start
-                    metrics["images_per_sec"] = window_images / max(elapsed, 1e-9)
-                    metrics["lr"] = float(trainer.tx_schedule(step - 1))
-                    window_start, window_images = time.perf_counter(), 0
-                    last_train = metrics
-                    tb.scalars(step, metrics, "train")
-                    progress.update(0, loss=f"{metrics['loss']:.4f}", top1=f"{metrics['top1']:.3f}",
-                                    img_s=f"{metrics['images_per_sec']:.0f}")
-                    log.info("step %d/%d epoch %d: %s", step, total_steps, epoch, _fmt(metrics))
-                progress.update(1)
+                    elapsed = time.perf_counter() - timer[0]
+                    last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    last_train.update(learning_rate=float(learning_rate(step - 1)),
+                                      images_per_sec=(step - timer[1]) * config.batch_size / elapsed)
+                    timer = (time.perf_counter(), step)
+                    writer.write_scalars(step, "train", last_train)
+                    progress.show(last_train)
+                    logging.info("step %d/%d epoch %d: %s", step, total_steps, epoch,
+                                 _fmt(last_train))
                 epoch_end = step % steps_per_epoch == 0 or step == total_steps
-                eval_due = epoch_end and (step == total_steps or
-                                          (step // steps_per_epoch) % config.eval_every_epochs == 0)
-                if eval_due:
-                    ev = evaluate(trainer, state, config)
-                    tb.scalars(step, ev, "eval")
-                    progress.write(f"eval after step {step} (epoch {epoch + 1}): {_fmt(ev)}")
-                    meta = dict(meta, eval=ev)
-                    if meta["best_top1"] is None or ev["top1"] > meta["best_top1"]:
-                        meta["best_top1"] = ev["top1"]
-                        save(best_manager, state, meta)
-                if epoch_end or step % config.checkpoint_every_steps == 0:
+                evaluated = None
+                if epoch_end and (step == total_steps or
+                                  (step // steps_per_epoch) % config.eval_every_epochs == 0):
+                    evaluated = evaluation.evaluate(config, mesh, eval_step,
+                                                    training.eval_variables(state))
+                    writer.write_scalars(step, "eval", evaluated)
+                    writer.write_sparsity(step, state.params)
+                    logging.info("eval after step %d (epoch %d): %s", step, epoch + 1,
+                                 _fmt(evaluated))
+                    best = max(evaluated["top1"], meta["best_top1"] or -1.0)
+                    meta = dict(meta, eval=evaluated, best_top1=best)
+                if evaluated or epoch_end or step % config.checkpoint_every_steps == 0:
                     nonfinite.flush()
-                    save(manager, state, meta)
+                    checkpoints.save(latest, state, meta, evaluated)
                 if term.reached(step) and step < total_steps:  # a finished run just ends
                     nonfinite.flush()
-                    save(manager, state, meta)
-                    progress.write(f"SIGTERM at step {step}: checkpoint saved in "
-                                   f"{workdir / 'checkpoints'}; run the same command to resume")
+                    checkpoints.save(latest, state, meta)
+                    checkpoints.wait(latest)
+                    logging.warning("SIGTERM at step %d: checkpoint saved in %s; run the same "
+                                    "command to resume", step, latest.directory)
                     raise Preempted(f"preempted at step {step}; checkpoint saved")
                 if step >= total_steps:
                     break
@@ -181,28 +148,33 @@ def train_and_evaluate(config, workdir) -> dict:
     finally:
         term.restore()
         progress.close()
-        tb.close()
-        manager.wait_until_finished()
-        best_manager.wait_until_finished()
+        writer.close()
+        checkpoints.wait(latest)
     result = {"step": step, "train": last_train, "eval": meta.get("eval"),
               "best_top1": meta.get("best_top1"), "skipped_nonfinite_steps": nonfinite.skipped}
     if jax.process_index() == 0:
         (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    trainer.final_state = state
     return result
 
 
-def evaluate(trainer: training.Trainer, state, config) -> dict:
-    per_process = config.eval_batch_size // jax.process_count()
-    ds = data.make_dataset(config.dataset, config.eval_split, batch_size=per_process, train=False,
-                           image_size=config.image_size, resize_size=config.resize_size,
-                           data_dir=data_dir(config))
-    return trainer.evaluate(trainer.variables(state), ds.as_numpy_iterator())
+def _on_devices(mesh, batches, depth: int = 2):
+    """Puts the next `depth` batches on the devices while the current step runs."""
+    queue = []
+    for batch in batches:
+        queue.append(training.shard_batch(mesh, {k: batch[k] for k in ("image", "label")}))
+        if len(queue) > depth:
+            yield queue.pop(0)
+    yield from queue
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in metrics.items())
 
 
 class _NonFiniteWatch:
-    """Acts on a step's `finite` metric one step late, so checking never stalls the device.
-    The step itself already kept the old state on a non-finite loss (see training.py)."""
+    """Acts on a step's `finite` metric one step late, so checking never stalls the device. The
+    step itself already kept the old state on a non-finite loss (`training.make_train_step`)."""
 
     def __init__(self, config, workdir: Path):
         self.skip = bool(config.skip_nonfinite_steps)
@@ -224,12 +196,12 @@ class _NonFiniteWatch:
         loss = float(jax.device_get(loss))
         if self.skip:
             self.skipped += 1
-            log.warning("loss is %s at step %d: step skipped (parameters unchanged; %d skipped so "
-                        "far)", loss, step, self.skipped)
+            logging.warning("loss is %s at step %d: step skipped (parameters unchanged; %d skipped "
+                            "so far)", loss, step, self.skipped)
             return
         raise FloatingPointError(
             f"loss is {loss} at step {step}: the run diverged. Nothing of that step was kept and "
-            f"the last good checkpoint in {self.workdir / 'checkpoints'} is intact; lower "
+            f"the last good checkpoint in {self.workdir / checkpoints.LATEST} is intact; lower "
             "--config.learning_rate (or set --config.skip_nonfinite_steps=True to skip such "
             "steps) and run the same command again")
 
@@ -239,11 +211,10 @@ class _TermSignal:
     on every process.
 
     One process: a Python handler notes the signal and the loop asks after each step. Several
-    processes: the notice often reaches one host only, or the hosts at different steps, and a
-    save is collective, so a process stopping on its own would hang the others. There JAX's
-    preemption service (started by jax.distributed.initialize) takes SIGTERM on any host, tells
-    the others, and `multihost_utils.reached_preemption_sync_point` turns True at one step on
-    all of them."""
+    processes: the notice often reaches one host only, or the hosts at different steps, and a save
+    is collective, so a process stopping on its own would hang the others. There JAX's preemption
+    service (started by jax.distributed.initialize) takes SIGTERM on any host, tells the others,
+    and `multihost_utils.reached_preemption_sync_point` turns True at one step on all of them."""
 
     def __init__(self):
         self.received = False
@@ -257,7 +228,6 @@ class _TermSignal:
         self.received = True
 
     def reached(self, step: int) -> bool:
-        """Whether to save and stop after `step` (asked after every step, on every process)."""
         if not self._multi:
             return self.received
         from jax.experimental import multihost_utils
@@ -265,7 +235,7 @@ class _TermSignal:
         try:
             return multihost_utils.reached_preemption_sync_point(step)
         except RuntimeError as e:  # the service is off (jax_enable_preemption_service=False)
-            log.warning("no preemption handling across processes: %s", e)
+            logging.warning("no preemption handling across processes: %s", e)
             self._multi = False
             return False
 
@@ -273,17 +243,3 @@ class _TermSignal:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
             self._old = None
-
-
-def _prefetch(trainer: training.Trainer, batches, depth: int = 2):
-    """Puts the next `depth` batches on the devices while the current step runs."""
-    queue = []
-    for batch in batches:
-        queue.append(trainer.shard_batch({k: batch[k] for k in ("image", "label")}))
-        if len(queue) > depth:
-            yield queue.pop(0)
-    yield from queue
-
-
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

@@ -1,7 +1,10 @@
-"""Test setup: 8 simulated CPU devices (for shard_map tests), TensorFlow kept quiet, and one
-persistent XLA compilation cache for the session (the tests build the same networks many times,
-also in the CLI subprocesses they start, which inherit these variables)."""
+"""Test setup and shared fixtures: 8 simulated CPU devices (for shard_map tests), TensorFlow kept
+quiet, one persistent XLA compilation cache for the session (the tests build the same networks
+many times, also in the CLI subprocesses they start, which inherit these variables), the smoke
+data and training run, and original-format PyTorch checkpoints."""
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,7 +15,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+try:  # Triton before anything imports TensorFlow (see sttn_jax/data/tf_import.py)
+    import triton  # noqa: E402, F401
+except ImportError:
+    pass
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def has_cuda_gpu() -> bool:
@@ -36,15 +47,51 @@ def x64():
         jax.config.update("jax_enable_x64", old)
 
 
+# -- command-line tools ---------------------------------------------------------------------------
+
+
+def run_cli(script, *args, timeout=300, **kwargs):
+    """`python SCRIPT ARGS` from the repository root (XLA_FLAGS, 8 devices, comes from above)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, *(["-m", script] if "." in script and not script.endswith(".py")
+                             else [script]), *map(str, args)]
+    return subprocess.run(cmd, cwd=kwargs.pop("cwd", REPO), env=env, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def assert_one_error_line(r, code=2) -> str:
+    """The tool exited with `code`, no traceback, and its last stderr line is its one error."""
+    assert r.returncode == code, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0], r.stderr[-3000:]
+    return errors[0]
+
+
+# -- the smoke data and training runs -------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def smoke_data_dir(tmp_path_factory):
     """The fabricated tiny ImageNet of configs/smoke.py, prepared once per test session through
     the real TFDS imagenet2012 builder."""
-    from sttn_jax import data
+    from sttn_jax.data import fabricate
 
     d = tmp_path_factory.mktemp("smoke_data")
-    data.ensure_fake_imagenet(str(d))
+    fabricate.ensure_fake_imagenet(str(d))
     return str(d)
+
+
+def smoke_config(data_dir, **overrides):
+    """configs/smoke.py reading `data_dir`, without a progress bar, with `overrides` applied."""
+    from configs import smoke
+
+    c = smoke.get_config()
+    c.data_dir = data_dir
+    c.progress_bar = False
+    for k, v in overrides.items():
+        c[k] = v
+    return c
 
 
 # The smoke run that tests compare against: 6 steps = 2 epochs of 3 (an evaluation, a best
@@ -62,28 +109,27 @@ def uninterrupted_smoke_run(smoke_data_dir, tmp_path_factory):
     return train_loop.train_and_evaluate(smoke_config(smoke_data_dir, **SMOKE_RUN), workdir), workdir
 
 
+@pytest.fixture(scope="session")
+def smoke_workdir(smoke_data_dir, tmp_path_factory):
+    """A real training workdir: 3 steps = one epoch, so best/ holds step 3 and checkpoints/ 2, 3."""
+    from sttn_jax import train_loop
+
+    w = tmp_path_factory.mktemp("run") / "workdir"
+    result = train_loop.train_and_evaluate(smoke_config(smoke_data_dir, num_train_steps=3), w)
+    assert result["step"] == 3
+    return w
+
+
 def latest_checkpoint(workdir):
     """(state as a dict of numpy arrays, meta) of the newest checkpoint in workdir/checkpoints."""
     import orbax.checkpoint as ocp
 
-    from sttn_jax import run_checkpoints
+    from sttn_jax import checkpoints
 
-    manager = run_checkpoints.checkpoint_manager(Path(workdir) / "checkpoints", 100)
+    manager = checkpoints.manager(Path(workdir) / checkpoints.LATEST, 100)
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
-
-
-def smoke_config(data_dir, **overrides):
-    """configs/smoke.py reading `data_dir`, without a progress bar, with `overrides` applied."""
-    from configs import smoke
-
-    c = smoke.get_config()
-    c.data_dir = data_dir
-    c.progress_bar = False
-    for k, v in overrides.items():
-        c[k] = v
-    return c
 
 
 def assert_float64_runs_agree(one, other, bias_atol=5e-9, rtol=1e-8):
@@ -96,8 +142,6 @@ def assert_float64_runs_agree(one, other, bias_atol=5e-9, rtol=1e-8):
     amplifies rounding in near-zero gradients: measured about 2e-9 to 6e-9 after 3 steps, where a
     real mismatch (a wrong batch, a missing mean) is 1e-4 or more. Returns the worst relative error.
     """
-    import numpy as np
-
     assert jax.tree_util.tree_structure(one) == jax.tree_util.tree_structure(other)
     worst = 0.0
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree_util.tree_leaves(other)):
@@ -114,3 +158,102 @@ def assert_float64_runs_agree(one, other, bias_atol=5e-9, rtol=1e-8):
             worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-300)))
     assert worst <= rtol, worst
     return worst
+
+
+# -- original-format PyTorch checkpoints ----------------------------------------------------------
+
+ZEROED = 10  # latent weights set exactly to 0 in bwx2_pth: +-alpha levels
+
+
+def bwx2_reference_model(seed=0):
+    """The original's bwx2 as main.py leaves it after some training: Normal(0, 1/fan_in) init,
+    BatchNorm affine, statistics and PReLU away from their init, latent weights of every size
+    (some beyond the clamp, which the merge must apply), ZEROED of them exactly 0."""
+    import torch
+
+    from sttn_jax.interop import reference
+
+    g = torch.Generator().manual_seed(seed)
+    model = reference.init_like_original(reference.build("resnet18_bwx2"), g)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.6, 1.4, generator=g)
+                m.bias.normal_(0.0, 0.2, generator=g)
+                m.running_mean.normal_(0.0, 0.3, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.num_batches_tracked.fill_(1234)
+            elif isinstance(m, torch.nn.PReLU):
+                m.weight.uniform_(0.0, 0.5, generator=g)
+        for w in reference.BinOp(model).target_modules:
+            w.normal_(0.0, 0.6, generator=g)
+        model.features[4].conv1_1.weight.view(-1)[:ZEROED] = 0.0
+    return model
+
+
+def save_original(model, path, arch):
+    """torch.save as main.py does: nn.DataParallel keys in a full training checkpoint."""
+    import torch
+
+    sd = {"module." + k: v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 7, "arch": arch, "state_dict": sd, "best_prec1": 0.0, "optimizer": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bwx2_pth(tmp_path_factory):
+    pytest.importorskip("torch")
+    return save_original(bwx2_reference_model(), tmp_path_factory.mktemp("pth") / "bwx2.pth.tar",
+                         "resnet18_bwx2")
+
+
+@pytest.fixture(scope="session")
+def ter_pth(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from sttn_jax.interop import reference
+
+    model = reference.init_like_original(reference.build("resnet18_ter"),
+                                         torch.Generator().manual_seed(1))
+    return save_original(model, tmp_path_factory.mktemp("pth") / "ter.pth.tar", "resnet18_ter")
+
+
+# -- refusals before training -----------------------------------------------------------------
+
+
+def trap(*args, **kwargs):
+    raise AssertionError("training started: the bad input was not refused up front")
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Makes creating a train state or compiling a step fail the test."""
+    from sttn_jax import training
+
+    monkeypatch.setattr(training, "create_train_state", trap)
+    monkeypatch.setattr(training, "make_train_step", trap)
+
+
+def one_line(exc: BaseException, capsys) -> str:
+    """What the command-line tools print for `exc`: asserts it is one `error:` line and exit 2."""
+    from sttn_jax import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        with cli.one_line_errors():
+            raise exc
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+def refused(config, workdir, error, match, capsys):
+    """Runs train_and_evaluate expecting `error`; checks nothing was written for training and the
+    one line the CLI prints. Returns that line."""
+    from sttn_jax import train_loop
+
+    with pytest.raises(error, match=match) as info:
+        train_loop.train_and_evaluate(config, workdir)
+    assert not (Path(workdir) / "checkpoints").exists()
+    assert not (Path(workdir) / "config.json").exists()
+    return one_line(info.value, capsys)

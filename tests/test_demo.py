@@ -16,7 +16,10 @@ def test_short_demo_end_to_end(tmp_path, capsys):
     on_disk = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert {"bwx2_top1", "ternary_top1"} <= set(on_disk)
-    assert on_disk["bwx2_top1"] == on_disk["ternary_top1"] and on_disk["identical_top1"]
+    assert on_disk["bwx2_top1"] == on_disk["ternary_top1"] == on_disk["int8_top1"]
+    assert on_disk["identical_top1"]
+    assert on_disk["size_packed_ternary_bytes"] <= on_disk["packed_file_bytes"] \
+        <= 1.01 * on_disk["size_packed_ternary_bytes"]
     assert 0.0 <= on_disk["ternary_top1"] <= 1.0
     assert on_disk["num_test_examples"] == 355 and on_disk["train_steps"] == 4
     assert on_disk["merge_check"]["passed"]

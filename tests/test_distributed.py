@@ -1,23 +1,25 @@
 """Multi-process training: two processes (jax.distributed on localhost, Gloo CPU collectives,
-4 simulated devices each), one of them preempted on the way, train exactly what one process with
-8 devices trains."""
+4 simulated devices each), one of them preempted, then one killed, then the newest checkpoint
+damaged, train exactly what one process with 8 devices trains."""
 import json
 import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from sttn_jax import run_checkpoints, train_loop, training
+from sttn_jax import checkpoints, train_loop, training
 from tests.conftest import assert_float64_runs_agree, smoke_config
 from tests.train_process import TrainProcess
 
 STEPS = 3  # one epoch
 OVERRIDES = dict(arch="resnet18_ter", dtype="float64", data_shards=2, num_train_steps=STEPS,
-                 checkpoint_every_steps=100)
+                 checkpoint_every_steps=1)
+HEARTBEAT = 10  # s, not the default 30: a shorter wait if the kill is noticed by heartbeats
 
 
 def free_port() -> int:
@@ -30,33 +32,61 @@ def launch_two(workdir: Path, data_dir: str) -> list[TrainProcess]:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_ENABLE_X64="1")
     args = ["--config", "configs/smoke.py", "--workdir", str(workdir),
             f"--config.data_dir={data_dir}", "--config.progress_bar=False",
-            f"--coordinator_address=localhost:{free_port()}", "--num_processes=2"]
+            f"--coordinator_address=localhost:{free_port()}", "--num_processes=2",
+            f"--heartbeat_timeout_seconds={HEARTBEAT}"]
     args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     return [TrainProcess(args + [f"--process_id={i}"], env=env) for i in range(2)]
 
 
 def final_state(workdir: Path, config):
-    trainer = training.Trainer(config, steps_per_epoch=3, mesh=training.make_mesh())
-    manager = run_checkpoints.checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints)
-    state, meta = run_checkpoints.restore(manager, trainer)
+    mesh = training.make_mesh()
+    tx = training.create_optimizer(config, training.learning_rate_fn(config, 3))
+    manager = checkpoints.manager(workdir / checkpoints.LATEST, config.keep_checkpoints)
+    state, meta = checkpoints.restore(manager, training.abstract_train_state(config, mesh, tx))
     return jax.device_get(state), meta
 
 
-def test_two_processes_one_preempted_train_like_one_process_with_eight_devices(
+def wait_for_checkpoint(directory: Path, step: int, procs, timeout=300) -> None:
+    """Blocks until `directory` holds the finished checkpoint of `step`."""
+    deadline = time.monotonic() + timeout
+    while step not in checkpoints.steps(directory):
+        assert all(p.proc.poll() is None for p in procs), "\n".join(p.log() for p in procs)
+        assert time.monotonic() < deadline, "\n".join(p.log() for p in procs)
+        time.sleep(0.01)
+
+
+def damage(step_dir: Path) -> None:
+    for f in step_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "meta" not in f.parts:
+            f.write_bytes(b"\0garbage" * 3)
+
+
+def test_two_processes_preempted_killed_and_damaged_train_like_one_process_with_eight_devices(
         smoke_data_dir, tmp_path, x64):
-    """SIGTERM reaches process 1 only, after its first step: JAX's preemption service tells
-    process 0, both save the same step and exit 143; the same two commands again finish the run.
+    """Three launches of the same two commands, then the result of one process with 8 devices.
+
+    1. SIGTERM reaches process 1 only, before its first step: JAX's preemption service tells
+       process 0, both save step 1 and exit 143.
+    2. Both resume; process 1 is SIGKILLed as soon as step 2 is saved. Process 0 stops within
+       the heartbeat timeout, its last line naming the process it lost: at once when the kill
+       breaks a collective under way (what happens here, mostly), else when the runtime aborts
+       it (test_an_aborted_process_ends_its_stderr_with_the_process_it_lost).
+    3. Step 2, the newest checkpoint, is damaged: process 0 moves it aside, both resume from
+       step 1 and finish.
     Same global batches (data_shards=2: the stream does not depend on the process count), same
     synchronised BatchNorm and gradient means, so the same parameters as one process with 8
     devices, in float64 up to summation order (Gloo's all-reduce vs one process's).
     resnet18_ter: see test_training.test_8_devices_equal_1_device_float64."""
     workdir = tmp_path / "two"
+    checkpoint_dir = workdir / checkpoints.LATEST
+    times = {}
+    started = time.monotonic()
     procs = launch_two(workdir, smoke_data_dir)
     sent = []
 
     def preempt_process_1():
         try:
-            procs[1].wait_for_line(f"step 1/{STEPS}")
+            procs[1].wait_for_line("training resnet18_ter on")
             procs[1].proc.send_signal(signal.SIGTERM)
             sent.append(True)
         except AssertionError as e:
@@ -73,21 +103,53 @@ def test_two_processes_one_preempted_train_like_one_process_with_eight_devices(
         for p in procs:
             if p.proc.poll() is None:
                 p.proc.kill()
+    times["1: preempted (and one process)"] = time.monotonic() - started
     assert sent == [True], sent
     assert codes == [143, 143], "\n".join(p.log() for p in procs)
     saved = [[int(ln.split("SIGTERM at step ")[1].split(":")[0]) for ln in p.lines
               if "SIGTERM at step" in ln] for p in procs]
-    assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # both stopped, at the same step
-    stopped_at = saved[0][0]
-    assert 1 <= stopped_at < STEPS
-    assert run_checkpoints.checkpoint_manager(workdir / "checkpoints", 2).latest_step() == stopped_at
+    assert saved == [[1], [1]], saved  # both stopped at the first step after the notice
+    assert checkpoints.steps(checkpoint_dir) == [1]
 
+    started = time.monotonic()
+    procs = launch_two(workdir, smoke_data_dir)
+    try:
+        wait_for_checkpoint(checkpoint_dir, 2, procs)
+        procs[1].proc.kill()
+        killed = time.monotonic()
+        code = procs[0].finish(timeout=60)  # the bound: the heartbeat timeout and some margin
+        noticed = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.proc.kill()
+    times["2: killed"] = time.monotonic() - started
+    assert procs[1].finish() == -signal.SIGKILL
+    # Where process 0 was decides how it learns (see cli.init_distributed): a collective that
+    # fails at once (exit status 1), or the runtime's abort after the heartbeat timeout.
+    assert code in (1, -signal.SIGABRT), procs[0].log()
+    if code == 1:  # the collective's error: one line, before Python would print a traceback
+        last = procs[0].lines[-1]
+        assert last.startswith("error: lost contact with another process (in a collective: Gloo")
+        assert "run the same command on every host to resume" in last, procs[0].log()
+        assert sum(ln.startswith("error:") for ln in procs[0].lines) == 1, procs[0].log()
+        assert not any("Traceback" in ln for ln in procs[0].lines), procs[0].log()
+    else:  # JAX's runtime aborted it, naming the task that stopped sending heartbeats
+        assert any("heartbeat" in ln for ln in procs[0].lines), procs[0].log()
+    assert checkpoints.steps(checkpoint_dir) == [1, 2]
+
+    started = time.monotonic()
+    damage(checkpoint_dir / "2")
     procs = launch_two(workdir, smoke_data_dir)
     codes = [p.finish(timeout=600) for p in procs]
+    times["3: resumed from the older checkpoint"] = time.monotonic() - started
     assert codes == [0, 0], "\n".join(p.log() for p in procs)
+    assert any("checkpoints/2 is unreadable" in ln for ln in procs[0].lines), procs[0].log()
+    assert [d.name.split("-")[0] for d in (workdir / "unreadable_checkpoints").iterdir()] == ["2"]
     for p in procs:
-        assert any(f"at step {stopped_at}" in ln and "resumed from" in ln for ln in p.lines), p.log()
+        assert any("at step 1" in ln and "resumed from" in ln for ln in p.lines), p.log()
         assert any("global batch 8 over 8 devices" in ln for ln in p.lines), p.log()
+
     two = json.loads((workdir / "final_metrics.json").read_text())
     assert two["step"] == one["step"] == STEPS
     np.testing.assert_allclose(two["train"]["loss"], one["train"]["loss"], rtol=1e-10)
@@ -98,4 +160,6 @@ def test_two_processes_one_preempted_train_like_one_process_with_eight_devices(
     assert int(state_one.step) == int(state_two.step) == STEPS
     assert meta_one["best_top1"] == meta_two["best_top1"]
     worst = assert_float64_runs_agree(state_one, state_two)
-    print(f"two processes vs one: worst relative difference {worst:.2e} (SIGTERM at step {stopped_at})")
+    print(f"two processes vs one: worst relative difference {worst:.2e}; process 0 stopped "
+          f"{noticed:.1f} s after process 1's SIGKILL (exit status {code});",
+          "; ".join(f"{k} {v:.0f} s" for k, v in times.items()))

@@ -6,7 +6,7 @@ Checkpoint files are made the way the original makes them: `torch.save` of
 every tensor randomised, so a mix-up of two tensors of one shape would show.
 """
 import copy
-import os
+import json
 import pickle
 import subprocess
 import sys
@@ -17,10 +17,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sttn_jax import checkpoints, interop  # noqa: E402
-from sttn_jax.checkpoints import CheckpointError  # noqa: E402
+from sttn_jax import interop, model_io  # noqa: E402
+from sttn_jax.errors import CheckpointError  # noqa: E402
 from sttn_jax.interop import names, reference  # noqa: E402
-from sttn_jax.interop.__main__ import main as cli_main  # noqa: E402
+from tests.conftest import assert_one_error_line, run_cli  # noqa: E402
 
 ARCHS = ("resnet18_bwx2", "resnet18_ter", "resnet50")
 REPO = Path(__file__).resolve().parents[1]
@@ -230,8 +230,7 @@ def test_arch_is_inferred_for_every_layout(arch, files):
     layouts = [layout for (a, layout) in files if a == arch]
     loaded = [interop.load_torch_checkpoint(files[arch, layout]) for layout in layouts]
     explicit = interop.load_torch_checkpoint(files[arch, layouts[0]], arch=arch)
-    _, found = interop.load_torch_checkpoint_with_arch(files[arch, layouts[0]])
-    assert found == arch
+    assert model_io.load(files[arch, layouts[0]]).arch == arch
     import jax
     for v in loaded[1:]:
         jax.tree_util.tree_map(np.testing.assert_array_equal, v["batch_stats"], loaded[0]["batch_stats"])
@@ -393,7 +392,7 @@ def test_not_a_checkpoint(tmp_path):
     _raises(tmp_path / "empty.pth", "not a PyTorch checkpoint")
     _raises(tmp_path / "nothing_here.pth", "no such file")
     torch.save({"state_dict": {"a.weight": torch.zeros(2)}}, tmp_path / "unknown.pth")
-    _raises(tmp_path / "unknown.pth", "cannot tell the architecture")
+    _raises(tmp_path / "unknown.pth", "not a checkpoint of resnet18_bwx2 / resnet18_ter / resnet50")
 
 
 def test_other_arch(files):
@@ -459,18 +458,14 @@ def test_import_does_not_import_torch():
 
 
 def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([PYTHON, "-m", "sttn_jax.interop", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_cli("sttn_jax.interop", *args)
 
 
 def test_cli_convert_and_export_round_trip(files, tmp_path):
     src = files["resnet18_bwx2", "training"]
     r = _cli("convert", src, tmp_path / "model")
     assert r.returncode == 0, r.stderr
-    assert checkpoints.read_model_metadata(tmp_path / "model")["arch"] == "resnet18_bwx2"
-    variables, arch = checkpoints.load_model_checkpoint(tmp_path / "model")
-    assert arch == "resnet18_bwx2"
+    assert model_io.load(tmp_path / "model").arch == "resnet18_bwx2"
     r = _cli("export", tmp_path / "model", tmp_path / "back.pth.tar")
     assert r.returncode == 0, r.stderr
     original = saved_state_dict(src)
@@ -478,28 +473,32 @@ def test_cli_convert_and_export_round_trip(files, tmp_path):
     assert list(back) == list(original)
     for k, t in original.items():
         assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
-    # export also takes a .pth (re-export), and --arch is checked
-    assert cli_main(["export", str(src), str(tmp_path / "again.pth")]) == 0
-    assert cli_main(["export", str(tmp_path / "model"), str(tmp_path / "x.pth"), "--arch", "resnet50"]) == 2
+    # --arch is checked
+    line = assert_one_error_line(_cli("export", tmp_path / "model", tmp_path / "x.pth",
+                                      "--arch", "resnet50"))
+    assert "holds a resnet18_bwx2 model, not resnet50" in line and not (tmp_path / "x.pth").exists()
 
 
 def test_cli_errors_are_one_line(files, tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"\x00junk" * 100)
-    r = _cli("convert", tmp_path / "junk.pth", tmp_path / "out")
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "junk.pth" in r.stderr
-    assert "Traceback" not in r.stderr
-    r = _cli("convert", files["resnet50", "bare"], tmp_path / "out", "--arch", "resnet18_ter")
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "resnet50" in r.stderr
-    assert "Traceback" not in r.stderr
+    line = assert_one_error_line(_cli("convert", tmp_path / "junk.pth", tmp_path / "out"))
+    assert "junk.pth" in line
+    line = assert_one_error_line(_cli("convert", files["resnet50", "bare"], tmp_path / "out",
+                                      "--arch", "resnet18_ter"))
+    assert "resnet50" in line and not (tmp_path / "out").exists()
 
 
-def test_cli_parity(files, tmp_path, capsys):
+def test_cli_parity(files, tmp_path):
     src = str(files["resnet18_ter", "state_dict"])
     # A random model with unit-normal BatchNorm statistics: not realistic, but exact in float64.
-    assert cli_main(["parity", "--checkpoint", src, "--batch", "2", "--image-size", "32"]) == 0
-    out = capsys.readouterr().out
-    assert "float64" in out and "float32" in out and "PASS" in out and "top-1" in out
+    r = _cli("parity", "--checkpoint", src, "--batch", 2, "--image_size", 32,
+             "--output", tmp_path / "parity.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "float64" in r.stdout and "float32" in r.stdout and "PASS" in r.stdout
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert report["passed"] and report["arch"] == "resnet18_ter"
+    f64 = next(x for x in report["results"] if x["dtype"] == "float64")
+    assert f64["relative_error"] < 1e-8 and f64["top1_agree"] == 2
 
     from sttn_jax.interop import parity
 
@@ -507,13 +506,9 @@ def test_cli_parity(files, tmp_path, capsys):
     variables = interop.load_torch_checkpoint(src)
     logits = parity.torch_logits(variables, "resnet18_ter", images, "float64")
     np.save(tmp_path / "inputs.npy", images)
-    np.save(tmp_path / "logits.npy", logits)
-    argv = ["parity", "--checkpoint", src, "--inputs", str(tmp_path / "inputs.npy"),
-            "--reference-logits", str(tmp_path / "logits.npy")]
-    assert cli_main(argv) == 0
-    assert "PASS" in capsys.readouterr().out
     np.save(tmp_path / "logits.npy", logits * (1 + 1e-6))  # a wrong reference must fail
-    assert cli_main(argv) == 1
-    assert "FAIL" in capsys.readouterr().out
-    assert cli_main(["parity", "--checkpoint", src, "--reference-logits", "x.npy"]) == 2
-    assert "needs --inputs" in capsys.readouterr().err
+    r = _cli("parity", "--checkpoint", src, "--inputs", tmp_path / "inputs.npy",
+             "--reference-logits", tmp_path / "logits.npy")
+    assert r.returncode == 1 and "FAIL" in r.stdout, r.stderr[-2000:]
+    line = assert_one_error_line(_cli("parity", "--checkpoint", src, "--reference_logits", "x.npy"))
+    assert "needs --inputs" in line

@@ -141,7 +141,7 @@ def test_binop_matches_fold_binary_pair(x64):
 
 
 def test_reference_merge_gives_the_same_logits():
-    """REFERENCE.md's merge: binarized bwx2 with convK = B1 + B2, bK = b1 + b2 is the ternary model."""
+    """The original merge (docs/original.md, "Merge"): binarized bwx2 with convK = B1 + B2, bK = b1 + b2 is the ternary model."""
     bwx2 = realistic_model("resnet18_bwx2", seed=3, image_size=64, warmup_batches=1).double()
     binop = reference.BinOp(bwx2)
     ter = reference.build("resnet18_ter").double().eval()
@@ -363,11 +363,12 @@ def test_trainer_step_with_teacher_matches_reference_float64(x64):
 
     c = default.get_config()
     c.dtype, c.act_backend, c.image_size = "float64", "xla", 64
-    trainer = training.Trainer(c, steps_per_epoch=100, mesh=training.make_mesh(jax.devices()[:1]),
-                               teacher_variables=teacher_vars)
-    state = trainer.state_from_variables(variables)
+    mesh = training.make_mesh(jax.devices()[:1])
+    tx = training.create_optimizer(c, training.learning_rate_fn(c, steps_per_epoch=100))
+    state = training.create_train_state(c, mesh, tx, variables=variables)
     batch = {"image": images.numpy().transpose(0, 2, 3, 1), "label": np.zeros(4, np.int32)}
-    state, metrics = trainer.train_step(state, trainer.shard_batch(batch), trainer.teacher_variables)
+    train_step = training.make_train_step(c, mesh, tx, teacher_vars)
+    state, metrics = train_step(state, training.shard_batch(mesh, batch))
     assert abs(float(metrics["loss"]) - loss_t) <= 1e-12 * abs(loss_t)
     after_j = interop.variables_to_state_dict(
         {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)},

@@ -6,18 +6,17 @@ RGB, stored as PNG; labels 0..9. Fixed split, stratified and free of any random 
 each digit class, in the original order, every 5th example (positions 4, 9, 14, ...) is test:
 1442 train, 355 test.
 
-`ensure_digits(data_dir)` builds it into data_dir once (about a second); afterwards
-`make_dataset("sttn_digits", ...)` reads it like any TFDS dataset.
+`ensure_digits(data_dir)` builds it into data_dir once (about a second); afterwards the pipelines
+read it like any TFDS dataset.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 
-from sttn_jax.data.pipeline import _tfds
-
-tfds = _tfds()
+from sttn_jax.data.tf_import import tfds
 
 UPSAMPLE = 4
 TEST_EVERY = 5
@@ -43,41 +42,49 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": np.flatnonzero(~test), "test": np.flatnonzero(test)}
 
 
-class SttnDigits(tfds.core.GeneratorBasedBuilder):
-    """scikit-learn's 8x8 digits, upsampled to 32x32 RGB."""
+@functools.cache
+def register():
+    """Defines (and so registers with TFDS) the builder; deferred so that importing this module
+    does not import TensorFlow."""
+    core, features = tfds().core, tfds().features
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    class SttnDigits(core.GeneratorBasedBuilder):
+        """scikit-learn's 8x8 digits, upsampled to 32x32 RGB."""
 
-    def _info(self):
-        return self.dataset_info_from_configs(
-            description="scikit-learn's embedded 8x8 handwritten digits (UCI optdigits test "
-                        "part), upsampled to 32x32 RGB.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="png"),
-                "label": tfds.features.ClassLabel(num_classes=10),
-            }),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
-        )
+        VERSION = core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "Initial release."}
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
-        return {"train": self._generate_examples("train"),
-                "test": self._generate_examples("test")}
+        def _info(self):
+            return self.dataset_info_from_configs(
+                description="scikit-learn's embedded 8x8 handwritten digits (UCI optdigits test "
+                            "part), upsampled to 32x32 RGB.",
+                features=features.FeaturesDict({
+                    "image": features.Image(shape=(32, 32, 3), encoding_format="png"),
+                    "label": features.ClassLabel(num_classes=10),
+                }),
+                supervised_keys=("image", "label"),
+                homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
+            )
 
-    def _generate_examples(self, split):
-        images, labels = digits_arrays()
-        for i in split_indices(labels)[split]:
-            yield int(i), {"image": images[i], "label": int(labels[i])}
+        def _split_generators(self, dl_manager):
+            del dl_manager  # nothing to download
+            return {"train": self._generate_examples("train"),
+                    "test": self._generate_examples("test")}
+
+        def _generate_examples(self, split):
+            images, labels = digits_arrays()
+            for i in split_indices(labels)[split]:
+                yield int(i), {"image": images[i], "label": int(labels[i])}
+
+    return SttnDigits
 
 
 def ensure_digits(data_dir) -> bool:
     """Builds sttn_digits into data_dir unless it is there; True when it built it now."""
-    builder = tfds.builder("sttn_digits", data_dir=os.fspath(data_dir))
+    register()
+    builder = tfds().builder("sttn_digits", data_dir=os.fspath(data_dir))
     if builder.is_prepared():
         return False
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    builder.download_and_prepare(download_config=tfds().download.DownloadConfig(
+        try_download_gcs=False, compute_stats=tfds().download.ComputeStatsMode.SKIP))
     return True

@@ -1,22 +1,13 @@
-"""A tiny fabricated ILSVRC2012, prepared through the real TFDS `imagenet2012` builder.
+"""A tiny fabricated ILSVRC2012, prepared through the real TFDS `imagenet2012` builder: the two
+tar files the builder expects in its manual_dir (train: one inner tar of JPEGs per synset; val:
+`ILSVRC2012_val_%08d.JPEG` files), then the builder's own `download_and_prepare`, so smoke runs read
+the records the real ImageNet gives.
 
-`fabricate_imagenet` writes the two tar files the real builder expects in its `manual_dir`
-(`ILSVRC2012_img_train.tar`, one inner tar per synset holding `nXXXXXXXX_N.JPEG` files, and
-`ILSVRC2012_img_val.tar`, holding `ILSVRC2012_val_XXXXXXXX.JPEG` files); `prepare_imagenet` runs
-`tfds.builder("imagenet2012").download_and_prepare(manual_dir=...)` on them, exactly the command
-one runs on the real tars; `ensure_fake_imagenet` does both once, for smoke runs on a machine with
-no data. Everything downstream (`make_dataset("imagenet2012", ...)`) then reads the same TFDS
-records it would read for the real ImageNet.
-
-How the builder labels validation images (tensorflow-datasets 4.9.x, `imagenet_common.py`): it
-reads the package's `validation_labels.txt` (50,000 synsets, one per validation image in name
-order) and zips it with `sorted(tar.getnames())` *by position*, not by image number. A val tar
-holding only a few images would therefore get the labels of val images 1, 2, 3, ... whatever
-their names. `tar.getnames()` also lists directory members, which the builder's archive iterator
-skips. So the fabricated val tar holds, for every image number up to the last one it needs, a
-member of the real name `ILSVRC2012_val_%08d.JPEG`: a JPEG file where that image's true label is
-one of the fabricated classes, an empty directory entry otherwise. Positions then line up with the
-real image numbers and every JPEG gets its true ImageNet label (a few thousand 512-byte headers).
+The builder labels validation images by position: it zips the package's `validation_labels.txt`
+(one synset per image number) with `sorted(tar.getnames())`, skipping directory members when it
+reads. So the val tar holds a member for every image number up to the last one needed: a JPEG where
+that image's true label is a fabricated class, an empty directory entry otherwise, and every JPEG
+keeps its true ImageNet label.
 """
 from __future__ import annotations
 
@@ -29,15 +20,14 @@ from typing import Sequence
 
 import numpy as np
 
+from sttn_jax.data import tf_import
+
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 
 
 def _tfds_imagenet_file(name: str) -> Path:
-    """A file of TFDS's own imagenet2012 builder (labels.txt, validation_labels.txt).
-
-    Found through the package spec, so that fabricating does not import TensorFlow.
-    """
+    """A file of TFDS's imagenet2012 builder, found without importing TensorFlow."""
     import importlib.util
 
     spec = importlib.util.find_spec("tensorflow_datasets")
@@ -92,19 +82,14 @@ def _jpeg_bytes(img: np.ndarray, quality: int = 92) -> bytes:
     return buf.getvalue()
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes | None) -> None:
+    """A file member holding `data`, or an empty directory member for None."""
     info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _add_dir(tar: tarfile.TarFile, name: str) -> None:
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.DIRTYPE
-    info.mode = 0o755
-    info.mtime = 0
-    tar.addfile(info)
+    if data is None:
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+    else:
+        info.size = len(data)
+    tar.addfile(info, None if data is None else io.BytesIO(data))
 
 
 def _image_shape(image_size: Sequence[int], k: int) -> tuple[int, int]:
@@ -115,16 +100,10 @@ def _image_shape(image_size: Sequence[int], k: int) -> tuple[int, int]:
 
 def fabricate_imagenet(manual_dir, num_classes: int = 4, train_per_class: int = 6,
                        val_per_class: int = 2, image_size=(40, 56), seed: int = 0) -> dict:
-    """Writes a fabricated ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into manual_dir.
-
-    The classes are the first `num_classes` synsets of TFDS's imagenet2012 label list (labels
-    0 .. num_classes-1: n01440764, n01443537, ...). Train holds `train_per_class` JPEGs per class;
-    validation holds the first `val_per_class` validation images (by image number) of each class,
-    so that they keep their true labels (see the module docstring). Images are (h, w) =
-    `image_size`, alternately transposed; each class has its own colour and stripe direction.
-
-    Returns a dict: synsets, labels, num_train, num_val, val_image_numbers, manual_dir.
-    """
+    """Writes the two tars into manual_dir: the first `num_classes` synsets of TFDS's label list,
+    `train_per_class` training JPEGs each and the first `val_per_class` validation images of each
+    (by image number, keeping their true labels), of (h, w) = `image_size`, alternately transposed.
+    Returns {manual_dir, synsets, labels, num_train, num_val, val_image_numbers}."""
     if not 1 <= num_classes <= 1000:
         raise ValueError(f"num_classes must be in 1..1000, got {num_classes}")
     manual_dir = Path(manual_dir)
@@ -141,8 +120,8 @@ def fabricate_imagenet(manual_dir, num_classes: int = 4, train_per_class: int = 
             with tarfile.open(fileobj=inner_buf, mode="w") as inner:
                 for k in range(train_per_class):
                     img = _class_image(c, num_classes, _image_shape(image_size, k), rng)
-                    _add_bytes(inner, f"{syn}_{10000 + k}.JPEG", _jpeg_bytes(img))
-            _add_bytes(outer, f"{syn}.tar", inner_buf.getvalue())
+                    _add(inner, f"{syn}_{10000 + k}.JPEG", _jpeg_bytes(img))
+            _add(outer, f"{syn}.tar", inner_buf.getvalue())
     os.replace(tmp, manual_dir / TRAIN_TAR)
 
     # Validation: the first val_per_class images of each class, by real image number.
@@ -160,52 +139,33 @@ def fabricate_imagenet(manual_dir, num_classes: int = 4, train_per_class: int = 
     tmp = manual_dir / (VAL_TAR + ".tmp")
     with tarfile.open(tmp, "w") as tar:
         for number in range(1, last + 1):
-            name = f"ILSVRC2012_val_{number:08d}.JPEG"
+            data = None  # a placeholder: keeps the builder's positional labels aligned
             if number in chosen_set:
                 c = class_of[val_labels[number - 1]]
-                img = _class_image(c, num_classes, _image_shape(image_size, number), rng)
-                _add_bytes(tar, name, _jpeg_bytes(img))
-            else:
-                _add_dir(tar, name)  # placeholder: keeps the builder's positional labels aligned
+                data = _jpeg_bytes(_class_image(c, num_classes, _image_shape(image_size, number), rng))
+            _add(tar, f"ILSVRC2012_val_{number:08d}.JPEG", data)
     os.replace(tmp, manual_dir / VAL_TAR)
 
-    return {
-        "manual_dir": str(manual_dir),
-        "synsets": synsets,
-        "labels": list(range(num_classes)),
-        "num_train": num_classes * train_per_class,
-        "num_val": len(chosen),
-        "val_image_numbers": chosen,
-    }
+    return {"manual_dir": str(manual_dir), "synsets": synsets, "labels": list(range(num_classes)),
+            "num_train": num_classes * train_per_class, "num_val": len(chosen),
+            "val_image_numbers": chosen}
 
 
 def prepare_imagenet(data_dir, manual_dir, num_shards: int | None = None) -> float:
     """Runs the real TFDS imagenet2012 builder on the tars in manual_dir; returns seconds taken."""
-    from sttn_jax.data import pipeline  # hides the GPU from TensorFlow before tfds runs
-
-    tfds = pipeline._tfds()
+    tfds = tf_import.tfds()
     start = time.perf_counter()
     builder = tfds.builder("imagenet2012", data_dir=os.fspath(data_dir))
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=os.fspath(manual_dir),
-            try_download_gcs=False,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP,
-            num_shards=num_shards,
-        ),
-    )
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.fspath(manual_dir), try_download_gcs=False, num_shards=num_shards,
+        compute_stats=tfds.download.ComputeStatsMode.SKIP))
     return time.perf_counter() - start
 
 
 def ensure_fake_imagenet(data_dir, num_shards: int | None = None, **fabricate_kwargs) -> bool:
-    """Fabricates and prepares a tiny imagenet2012 into data_dir unless one is prepared there.
-
-    Returns True when it prepared one now (about a second). The tars go to
-    `data_dir/manual/imagenet2012`; `fabricate_kwargs` go to `fabricate_imagenet`.
-    """
-    from sttn_jax.data import pipeline
-
-    tfds = pipeline._tfds()
+    """Fabricates (into data_dir/manual/imagenet2012) and prepares a tiny imagenet2012 in
+    data_dir unless one is there; True when it did so now (about a second)."""
+    tfds = tf_import.tfds()
     data_dir = os.fspath(data_dir)
     if tfds.builder("imagenet2012", data_dir=data_dir).is_prepared():
         return False

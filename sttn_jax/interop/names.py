@@ -1,10 +1,7 @@
-"""PyTorch state_dict keys <-> Flax variable paths, derived from the Flax variable tree.
-
-The Flax models (`sttn_jax.models`) name their modules after the PyTorch ones, with `_` where
-PyTorch has `.` before an index (`features_4` <-> `features.4`, `layer1_0` <-> `layer1.0`,
-`downsample_1` <-> `downsample.1`). The mapping is therefore computed, not listed: walk the
-abstract variable tree of `models.create(arch)` (`jax.eval_shape`, no memory, no torch) and turn
-each leaf path into its PyTorch key:
+"""PyTorch state_dict keys <-> Flax variable paths, computed from the Flax variable tree: the
+models name their modules after the PyTorch ones, `_` where PyTorch has `.` before an index
+(`features_4` <-> `features.4`, `layer1_0` <-> `layer1.0`), so each leaf path of the abstract tree
+of `models.create(arch)` turns into its key (torch is not imported):
 
     params/features_0/kernel              features.0.weight        (7,7,3,64) HWIO <-> OIHW
     params/features_1/{scale,bias}        features.1.{weight,bias}
@@ -14,8 +11,6 @@ each leaf path into its PyTorch key:
     params/features_4/conv1/kernel_1      features.4.conv1_1.weight (the binary pair of bwx2)
     params/features_4/conv1/bias_2        features.4.conv1_2.bias
     params/fc/kernel                      fc.weight                (in,out) <-> (out,in)
-
-This module does not import torch.
 """
 from __future__ import annotations
 
@@ -23,27 +18,16 @@ import dataclasses
 import functools
 import re
 
-from sttn_jax.models import ARCHS
+from sttn_jax import models
 
-# How an array is laid out on each side.
-CONV = "conv"      # Flax HWIO kernel <-> torch OIHW weight
-DENSE = "dense"    # Flax (in, out) kernel <-> torch (out, in) weight
-VECTOR = "vector"  # same array on both sides (biases, BatchNorm, PReLU)
-COUNT = "count"    # BatchNorm num_batches_tracked: int32 scalar in Flax, int64 scalar in torch
-
-PARAMS = "params"
-BATCH_STATS = "batch_stats"
+# How an array is laid out on each side: HWIO <-> OIHW, (in, out) <-> (out, in), the same, and
+# BatchNorm's num_batches_tracked, an int32 scalar in Flax and an int64 scalar in torch.
+CONV, DENSE, VECTOR, COUNT = "conv", "dense", "vector", "count"
+PARAMS, BATCH_STATS = "params", "batch_stats"
 COLLECTIONS = (PARAMS, BATCH_STATS)
-
-# Flax leaf name -> torch tensor name (for the leaves that are not kernels or pair members).
-_LEAF_NAMES = {
-    "bias": "bias",
-    "scale": "weight",
-    "slope": "weight",
-    "mean": "running_mean",
-    "var": "running_var",
-    "num_batches_tracked": "num_batches_tracked",
-}
+# Flax leaf name -> torch tensor name (the leaves that are not kernels or pair members).
+_LEAF_NAMES = {"bias": "bias", "scale": "weight", "slope": "weight", "mean": "running_mean",
+               "var": "running_var", "num_batches_tracked": "num_batches_tracked"}
 _PAIR_LEAF = re.compile(r"^(kernel|bias)_(\d+)$")  # kernel_1, bias_2 ... of a BinaryPairConv
 _INDEXED_MODULE = re.compile(r"^(.*)_(\d+)$")       # features_4, layer1_0, downsample_1
 
@@ -108,35 +92,12 @@ def _entry(collection: str, path: tuple[str, ...], shape: tuple[int, ...]) -> En
     return Entry(key, collection, tuple(path), kind, shape, torch_shape(kind, shape))
 
 
-def _abstract_variables(arch: str, num_classes: int):
-    import jax
-    import jax.numpy as jnp
-
-    from sttn_jax import models
-
-    module = models.create(arch, num_classes=num_classes)
-    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)  # parameters do not depend on size
-    return jax.eval_shape(lambda r, x: module.init(r, x, train=False), jax.random.key(0), x)
-
-
-def _walk(tree, prefix=()):
-    for name, value in tree.items():
-        if isinstance(value, dict) or hasattr(value, "items"):
-            yield from _walk(value, prefix + (str(name),))
-        else:
-            yield prefix + (str(name),), value
-
-
 @functools.lru_cache(maxsize=None)
 def entries(arch: str, num_classes: int = 1000) -> tuple[Entry, ...]:
     """Every tensor of `arch`, in the Flax tree's order (params, then batch_stats)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    tree = _abstract_variables(arch, num_classes)
-    out = []
-    for collection in COLLECTIONS:
-        for path, leaf in _walk(tree.get(collection, {})):
-            out.append(_entry(collection, path, tuple(leaf.shape)))
+    models.check_arch(arch)
+    out = [_entry(key.split("/")[0], tuple(key.split("/")[1:]), tuple(leaf.shape))
+           for key, leaf in models.variable_shapes(arch, num_classes).items()]
     keys = [e.torch_key for e in out]
     if len(set(keys)) != len(keys):  # the naming scheme would be ambiguous: a bug, not bad input
         raise AssertionError(f"{arch}: two Flax leaves map to one torch key")
@@ -185,11 +146,3 @@ def infer_arch(keys) -> str | None:
     if found[0] == "resnet50" and torchvision_resnet(keys) != "resnet50":
         return None
     return found[0]
-
-
-def describe_arch(arch: str) -> str:
-    return {
-        "resnet18_bwx2": "resnet18_bwx2 (STTN ResNet-18 with binary weight pairs, as trained)",
-        "resnet18_ter": "resnet18_ter (merged STTN ResNet-18 with ternary weights)",
-        "resnet50": "resnet50 (torchvision ResNet-50, the teacher)",
-    }[arch]

@@ -1,24 +1,24 @@
-"""Parity of the JAX models with the PyTorch reference of the original (`interop.reference`).
-
-Both frameworks run the same weights on the same batch in evaluation mode (BatchNorm on its
-running statistics) and their logits are compared: max |delta logit|, relative error
-max|delta| / max|reference| and top-1 agreement, in float64 and in float32.
+"""Logits compared: the JAX models against the PyTorch reference of the original
+(`interop.reference`), both in evaluation mode on the same weights and batch, in float64 and
+float32: max |delta logit|, relative error max|delta| / max|reference| and top-1 agreement.
 
 Parity is judged in float64 only. The network ternarizes activations at +-0.5: in float32 the two
-frameworks round differently (other convolution algorithms and summation orders), and an
-activation that sits within rounding of a threshold legitimately lands on the other level, which
-then changes the logits by far more than the rounding. In float64 that never happens on real data,
-so any difference beyond ~1e-12 is a real bug. float32 is reported for information.
-
-resnet18_bwx2 is evaluated as the original's `validate()` does: clamp the latent weights to
-[-1, 1] (the original's `BinOp.binarization()` clamps in place), binarize, run.
+frameworks round differently, and an activation within rounding of a threshold legitimately lands
+on the other level, which moves the logits far more than the rounding. In float64 that does not
+happen on real data, so any difference beyond ~1e-12 is a real bug. resnet18_bwx2 is evaluated as
+the original's validate() does: latent weights clamped to [-1, 1], binarized, run.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+import ops
+from sttn_jax import models
 
 FLOAT64_TOLERANCE = 1e-8
 DTYPES = ("float64", "float32")
@@ -26,16 +26,28 @@ DTYPES = ("float64", "float32")
 
 @dataclasses.dataclass
 class ParityResult:
+    """Logits against reference logits (`compare`); passed: relative error within tolerance."""
     dtype: str
     max_abs_diff: float
     max_abs_reference: float
     relative_error: float
     top1_agree: int
     batch: int
+    tolerance: float = FLOAT64_TOLERANCE
 
     @property
-    def top1_fraction(self) -> float:
-        return self.top1_agree / max(self.batch, 1)
+    def passed(self) -> bool:
+        return bool(self.relative_error <= self.tolerance)
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "passed": self.passed,
+                "top1_fraction": self.top1_agree / max(self.batch, 1)}
+
+    def format(self) -> str:
+        return (f"max|dlogit| {self.max_abs_diff:.3e}  max|reference| "
+                f"{self.max_abs_reference:.3e}  relative {self.relative_error:.3e} (tolerance "
+                f"{self.tolerance:g})  top-1 agreement {self.top1_agree}/{self.batch}: "
+                f"{'PASS' if self.passed else 'FAIL'}")
 
 
 def random_images(batch: int = 2, image_size: int = 224, seed: int = 0) -> np.ndarray:
@@ -58,8 +70,6 @@ def as_nchw(images) -> np.ndarray:
 
 def cast_floats(tree, dtype):
     """Every floating leaf of `tree` as a numpy array of `dtype`; other leaves unchanged."""
-    import jax
-
     def cast(a):
         a = np.asarray(a)
         return a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a
@@ -70,15 +80,10 @@ def cast_floats(tree, dtype):
 def jax_logits(variables, arch: str, images_nchw, dtype: str = "float64",
                act_backend: str = "auto") -> np.ndarray:
     """Eval-mode logits of the Flax model (float64 runs with jax x64 enabled for the call)."""
-    import jax
-    import jax.numpy as jnp
-
-    import ops
-
     dtype = np.dtype(dtype)
     x = np.ascontiguousarray(as_nchw(images_nchw).transpose(0, 2, 3, 1)).astype(dtype)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    num_classes = int(np.shape(variables["params"]["fc"]["kernel"])[-1])
+    num_classes = models.num_classes_of(variables["params"])
     with jax.enable_x64(dtype == np.float64):
         v = cast_floats(variables, dtype)
         if arch == "resnet18_bwx2":  # the original clamps before it binarizes, also to evaluate
@@ -90,11 +95,6 @@ def jax_logits(variables, arch: str, images_nchw, dtype: str = "float64",
 @functools.lru_cache(maxsize=None)
 def _eval_fn(arch: str, num_classes: int, dtype: str, act_backend: str):
     """The jitted eval-mode apply of one model configuration (cached: compiled once per shape)."""
-    import jax
-    import jax.numpy as jnp
-
-    from sttn_jax import models
-
     module = models.create(arch, num_classes=num_classes, dtype=jnp.dtype(dtype),
                            act_backend=act_backend)
     return jax.jit(lambda v, x: module.apply(v, x, train=False))
@@ -105,7 +105,7 @@ def torch_model(variables, arch: str, dtype: str = "float64"):
     import torch
 
     from sttn_jax.interop import reference
-    from sttn_jax.interop.torch_io import variables_to_state_dict
+    from sttn_jax.interop.torch_save import variables_to_state_dict
 
     sd = variables_to_state_dict(variables, arch, prefix="")
     num_classes = int(sd["fc.weight"].shape[0])
@@ -127,7 +127,8 @@ def torch_logits(variables, arch: str, images_nchw, dtype: str = "float64") -> n
     return reference.evaluate(model, x, binop).numpy()
 
 
-def compare(logits, reference_logits, dtype: str = "") -> ParityResult:
+def compare(logits, reference_logits, dtype: str = "",
+            tolerance: float = FLOAT64_TOLERANCE) -> ParityResult:
     logits = np.asarray(logits, np.float64)
     ref = np.asarray(reference_logits, np.float64)
     if logits.shape != ref.shape:
@@ -136,10 +137,10 @@ def compare(logits, reference_logits, dtype: str = "") -> ParityResult:
     diff = float(np.max(np.abs(logits - ref))) if logits.size else 0.0
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
-    if not np.all(np.isfinite(logits)):
+    if not (np.all(np.isfinite(logits)) and np.all(np.isfinite(ref))):
         rel = float("inf")
     agree = int(np.sum(np.argmax(logits, -1) == np.argmax(ref, -1)))
-    return ParityResult(dtype, diff, scale, rel, agree, int(ref.shape[0]))
+    return ParityResult(dtype, diff, scale, rel, agree, int(ref.shape[0]), tolerance)
 
 
 def run_parity(variables, arch: str, images_nchw, reference_logits=None, dtypes=DTYPES,
@@ -155,14 +156,13 @@ def run_parity(variables, arch: str, images_nchw, reference_logits=None, dtypes=
     return results
 
 
-def passed(results, tolerance: float = FLOAT64_TOLERANCE) -> bool:
-    """True when every float64 result is within `tolerance` relative error."""
+def passed(results) -> bool:
+    """True when every float64 result passed (float32 is reported, not judged)."""
     f64 = [r for r in results if r.dtype == "float64"]
-    return bool(f64) and all(r.relative_error <= tolerance for r in f64)
+    return bool(f64) and all(r.passed for r in f64)
 
 
-def format_report(results, arch: str, images_shape, reference: str,
-                  tolerance: float = FLOAT64_TOLERANCE) -> str:
+def format_report(results, arch: str, images_shape, reference: str) -> str:
     n, _, h, w = images_shape
     lines = [f"parity {arch}: JAX vs {reference}, batch {n}, {h}x{w}",
              f"  {'dtype':8s} {'max|dlogit|':>12s} {'max|ref|':>10s} {'rel. error':>11s}  top-1 agreement"]
@@ -172,10 +172,15 @@ def format_report(results, arch: str, images_shape, reference: str,
     f64 = [r for r in results if r.dtype == "float64"]
     if f64:
         worst = max(r.relative_error for r in f64)
-        verdict = "PASS" if worst <= tolerance else "FAIL"
-        lines.append(f"float64 parity: {verdict} (relative error {worst:.3e}, tolerance "
-                     f"{tolerance:g})")
+        lines.append(f"float64 parity: {'PASS' if passed(results) else 'FAIL'} (relative error "
+                     f"{worst:.3e}, tolerance {f64[0].tolerance:g})")
     if any(r.dtype == "float32" for r in results):
         lines.append("float32 is reported, not judged: rounding can flip ternary activations "
                      "sitting at +-0.5.")
     return "\n".join(lines)
+
+
+def as_json(results, arch: str, images_shape, reference: str) -> dict:
+    """The report as a JSON-able dict (`python -m sttn_jax.interop parity --output`)."""
+    return {"arch": arch, "images_shape": list(images_shape), "reference": reference,
+            "passed": passed(results), "results": [r.as_dict() for r in results]}

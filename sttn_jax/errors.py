@@ -1,0 +1,48 @@
+"""The errors sttn-jax expects: bad input, unusable files, a full disk. Each message names what is
+wrong and the fix; the command-line tools print it as one `error: ...` line and exit with status 2
+(`sttn_jax.cli.one_line_errors`). Anything else is a bug and keeps its traceback."""
+
+
+class ConfigError(ValueError):
+    """A config value or flag that cannot work; the message names the key and the fix."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model file that cannot be used; the message names the file and the fix."""
+
+
+class ArchMismatchError(CheckpointError):
+    """A checkpoint holds another architecture than the one asked for. `found` may be one of
+    sttn-jax's archs or another model the file was recognised as (e.g. torchvision's resnet18)."""
+
+    def __init__(self, path, found: str, wanted: str, known: bool = True):
+        self.path, self.found, self.wanted = path, found, wanted
+        if not known:
+            fix = f"give a {wanted} checkpoint"
+        elif (found, wanted) == ("resnet18_bwx2", "resnet18_ter"):
+            fix = f"merge it first (python merge.py --checkpoint {path} --out DST), or pass --arch {found}"
+        else:
+            fix = f"pass --arch {found} or leave --arch out"
+        super().__init__(f"{path}: holds a {found} model, not {wanted}; {fix}")
+
+
+class MergeCheckError(CheckpointError):
+    """The merged model's logits differ from the bwx2 model's beyond the tolerance; nothing was
+    written."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written during training (disk full, quota, read-only disk); the
+    earlier checkpoints are intact and the same command resumes once the cause is fixed."""
+
+
+class DatasetNotPreparedError(ValueError):
+    """The TFDS dataset has not been prepared (built) in the data directory."""
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another run holds the workdir; the message names its host and pid."""
+
+
+EXPECTED = (ConfigError, CheckpointError, CheckpointWriteError, DatasetNotPreparedError,
+            WorkdirLockedError, FloatingPointError, FileNotFoundError)

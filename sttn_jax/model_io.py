@@ -1,0 +1,240 @@
+"""One way to read a model, whatever holds it, and one way to save one.
+
+`load(source, arch=None, step=None)` reads
+- a training workdir of train.py: its best evaluated checkpoint by default, else the newest;
+  `step=N` picks step N. `WORKDIR/checkpoints` or a step directory `WORKDIR/checkpoints/N` may be
+  given directly too (the newest, or that step);
+- a model checkpoint directory written by `save` (converted, merged, exported models);
+- a packed model file written by `merge.py --packed` (`sttn_jax.packed`);
+- an original PyTorch file (.pth/.pth.tar: a training checkpoint, {'state_dict'} or a bare
+  state_dict, with or without `module.`).
+The arch comes from the source itself; `arch` only checks it. Variables come back exactly as
+stored: bwx2 latent kernels are not clamped here (evaluation and merging clamp them, as the
+original does before it binarizes); whatever the source, they are checked against the arch's tree
+and shapes and for NaN or Inf. Every problem is a CheckpointError naming the path and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sttn_jax import checkpoints, models, packed
+from sttn_jax.errors import ArchMismatchError, CheckpointError
+
+MODEL_METADATA = "sttn_model.json"
+MODEL_ITEM = "variables"
+WORKDIR, MODEL_CHECKPOINT, PYTORCH = "training workdir", "model checkpoint", "pytorch checkpoint"
+PACKED = "packed model file"
+_MANAGER_DIRS = (checkpoints.BEST, checkpoints.LATEST)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model read from a source: its variables, its arch, and where exactly it came from."""
+    variables: dict
+    arch: str
+    kind: str                       # WORKDIR, MODEL_CHECKPOINT, PACKED or PYTORCH
+    path: str                       # what was given (absolute)
+    step: int | None = None         # training step (workdirs)
+    selected: str | None = None     # "best", "latest", "step" (workdirs)
+    config: dict | None = None      # the workdir's config.json, when present
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return models.num_classes_of(self.variables["params"])
+
+    @property
+    def image_size(self) -> int | None:
+        """The training image size recorded with a workdir (None for other sources)."""
+        size = (self.config or {}).get("image_size")
+        return int(size) if isinstance(size, int) else None
+
+    def describe(self) -> str:
+        if self.kind == WORKDIR:
+            return f"{self.arch} from {self.path} ({self.selected} checkpoint, step {self.step})"
+        return f"{self.arch} from {self.kind} {self.path}"
+
+    def info(self) -> dict:
+        """A JSON-able record of the source (for reports and the metadata of derived models)."""
+        out = {"kind": self.kind, "path": self.path, "arch": self.arch,
+               "num_classes": self.num_classes}
+        if self.kind == WORKDIR:
+            out.update(step=self.step, selected=self.selected)
+        keys = {WORKDIR: ("best_top1", "eval"), PYTORCH: ("epoch", "best_prec1")}.get(self.kind, ())
+        out.update({k: self.meta[k] for k in keys if self.meta.get(k) is not None})
+        return out
+
+
+def save(path, variables, arch: str, extra: dict | None = None) -> Path:
+    """Writes `variables` ({"params", "batch_stats"}) of `arch` as a model checkpoint directory at
+    `path` (replaced if it exists) with `sttn_model.json` naming the arch. Returns the path."""
+    models.check_arch(arch)
+    path = Path(path).absolute()
+    tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / MODEL_ITEM, jax.tree_util.tree_map(np.asarray, tree), force=True)
+    if jax.process_index() == 0:
+        meta = {"arch": arch, "format": "sttn-jax model", **(extra or {})}
+        (path / MODEL_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def is_model_checkpoint(path) -> bool:
+    return (Path(path) / MODEL_METADATA).is_file()
+
+
+def _check(path, found: str | None, wanted: str | None) -> None:
+    if wanted is not None and found is not None and found != wanted:
+        raise ArchMismatchError(path, found, wanted)
+
+
+def _load_model_dir(path: Path, arch) -> LoadedModel:
+    try:
+        meta = json.loads((path / MODEL_METADATA).read_text())
+        found = meta["arch"]
+        if found not in models.ARCHS:
+            raise KeyError(found)
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path / MODEL_METADATA}: damaged (not the JSON sttn-jax writes, "
+                              f"naming one of {', '.join(models.ARCHS)}); rewrite the model "
+                              "checkpoint (convert or merge it again)") from None
+    _check(path, found, arch)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.restore(path / MODEL_ITEM)
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint becomes one message
+        raise CheckpointError(f"{path}: its {MODEL_ITEM} cannot be restored ({type(e).__name__});"
+                              " rewrite the model checkpoint") from None
+    tree = tree if hasattr(tree, "get") else {}  # not a dict: check_variables says what is missing
+    variables = {"params": tree.get("params", {}), "batch_stats": tree.get("batch_stats", {})}
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    return LoadedModel(variables, found, MODEL_CHECKPOINT, str(path), meta=meta)
+
+
+def _workdir_parts(path: Path):
+    """(workdir, manager dir or None, step or None) when `path` is a workdir, one of its manager
+    directories or a step directory inside one; else None."""
+    def is_workdir(p):
+        return p.is_dir() and any((p / d).is_dir() for d in _MANAGER_DIRS)
+
+    if is_workdir(path) and not is_model_checkpoint(path):
+        return path, None, None
+    if path.name in _MANAGER_DIRS and is_workdir(path.parent):
+        return path.parent, path.name, None
+    if path.name.isdigit() and path.parent.name in _MANAGER_DIRS:
+        return path.parent.parent, path.parent.name, int(path.name)
+    return None
+
+
+def _select(workdir: Path, which, step):
+    """(manager dir, step, how): `step` if given (in checkpoints/, else an earlier version's
+    best/), else the best evaluated step, else the newest."""
+    kept = {d: checkpoints.steps(workdir / d) for d in _MANAGER_DIRS}
+    listing = ", ".join(f"{d}/: {kept[d] or 'none'}" for d in _MANAGER_DIRS if (workdir / d).is_dir())
+    order = [which] if which else [checkpoints.LATEST, checkpoints.BEST]
+    if step is not None:
+        for d in order:
+            if step in kept[d]:
+                return d, step, "step"
+        raise CheckpointError(f"{workdir}: no checkpoint of step {step} ({listing}); pick one of "
+                              "those steps")
+    if which in (None, checkpoints.BEST) and kept[checkpoints.BEST]:
+        return checkpoints.BEST, kept[checkpoints.BEST][-1], "best"
+    if which in (None, checkpoints.LATEST) and kept[checkpoints.LATEST]:
+        best = None if which else checkpoints.best_step(
+            checkpoints.manager(workdir / checkpoints.LATEST, 1, read_only=True))
+        if best is not None:
+            return checkpoints.LATEST, best, "best"
+        return checkpoints.LATEST, kept[checkpoints.LATEST][-1], "latest"
+    raise CheckpointError(f"{workdir}: a training workdir without checkpoints ({listing}); train "
+                          "first, or give a model checkpoint or a .pth file")
+
+
+def _load_workdir(path: Path, parts, arch, step) -> LoadedModel:
+    workdir, which, dir_step = parts
+    if dir_step is not None:
+        if step is not None and step != dir_step:
+            raise CheckpointError(f"{path}: is the checkpoint of step {dir_step}, but step {step} "
+                                  "was asked for")
+        step = dir_step
+    which, step, how = _select(workdir, which, step)
+    variables, meta = checkpoints.read_variables(workdir / which, step)
+    found = models.arch_of(variables["params"])
+    if found is None:
+        raise CheckpointError(f"{workdir / which / str(step)}: its parameters are not those of "
+                              f"any of {', '.join(models.ARCHS)}")
+    _check(path, found, arch)
+    config = None
+    if (workdir / "config.json").is_file():
+        try:
+            config = json.loads((workdir / "config.json").read_text())
+        except ValueError:
+            config = None
+    return LoadedModel(variables, found, WORKDIR, str(path), step=step, selected=how,
+                       config=config, meta=meta)
+
+
+def _load_torch_file(path: Path, arch) -> LoadedModel:
+    from sttn_jax.interop import torch_io
+
+    variables, found, meta = torch_io.load_torch_checkpoint_with_info(path, arch)
+    return LoadedModel(variables, found, PYTORCH, str(path), meta=meta)
+
+
+def load(source, arch: str | None = None, step: int | None = None) -> LoadedModel:
+    """The model at `source` (a workdir, a model checkpoint directory or a PyTorch file).
+
+    arch: None accepts what the source holds; otherwise it must match. step: a training step,
+    for workdirs only. Whatever the source, the variables are checked here, once, against the
+    model (tree, shapes, finite values): a damaged or diverged model is refused before any tool
+    computes with it or writes anything derived from it."""
+    loaded = _read(source, arch, step)
+    where = loaded.path if loaded.kind != WORKDIR else f"{loaded.path} (step {loaded.step})"
+    models.check_variables(where, loaded.variables, loaded.arch)
+    return loaded
+
+
+def _is_packed(path: Path) -> bool:
+    """A packed model file, also one whose zip directory is damaged: its first member is
+    header.npy (a torch file's is data.pkl), so it gets the packed format's message and fix."""
+    if packed.is_packed_file(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return head.startswith(b"PK\x03\x04") and b"header.npy" in head
+
+
+def _read(source, arch, step) -> LoadedModel:
+    if arch is not None:
+        models.check_arch(arch)
+    if source is None or str(source) == "":
+        raise CheckpointError("no checkpoint given: pass --checkpoint (a training workdir, a model "
+                              "checkpoint directory or a .pth/.pth.tar file)")
+    path = Path(source).absolute()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    parts = _workdir_parts(path) if path.is_dir() else None
+    if parts is None and step is not None:
+        raise CheckpointError(f"{path}: holds one model; --step applies to training workdirs only")
+    if is_model_checkpoint(path):
+        return _load_model_dir(path, arch)
+    if parts is not None:
+        return _load_workdir(path, parts, arch, step)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory that is neither a training workdir (with "
+                              f"checkpoints/) nor a model checkpoint (with {MODEL_METADATA}); give "
+                              "one of those or a model file")
+    if not path.is_file():  # a pipe or a device would block or never end the reads below
+        raise CheckpointError(f"{path}: not a regular file; give a model file, a model checkpoint "
+                              "directory or a training workdir")
+    if _is_packed(path):
+        variables, found, meta = packed.read(path)
+        _check(path, found, arch)
+        return LoadedModel(variables, found, PACKED, str(path), meta=meta)
+    return _load_torch_file(path, arch)

@@ -1,0 +1,117 @@
+"""The workdir of a training run: one run at a time, writable, with room for its checkpoints.
+
+The lock is `WORKDIR/.lock`, held with `fcntl.flock` for the life of the run and holding the
+holder's host and pid. The kernel drops a flock when its process dies, however it dies, so on one
+host a live holder always refuses a second run and a dead one never blocks the next. Another host's
+run cannot be checked that way (a shared filesystem may not carry flocks across hosts): a lock
+file written there is refused until the run is started with the takeover option.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+
+from sttn_jax.errors import ConfigError, WorkdirLockedError
+
+LOCK_FILE = ".lock"
+TAKEOVER_FLAG = "--take_over_lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _acquire(path: Path, take_over: bool) -> int:
+    """The locked file descriptor of `path`, or WorkdirLockedError naming the holder."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        held = _holder(path)
+        raise WorkdirLockedError(
+            f"workdir {path.parent} is in use by the run of pid {held.get('pid', '?')} on host "
+            f"{held.get('host', socket.gethostname())}; wait for it to end or stop it, or give "
+            "this run another --workdir") from None
+    held, me = _holder(path), socket.gethostname()
+    if held.get("pid") and held.get("host") != me and not take_over:
+        os.close(fd)
+        raise WorkdirLockedError(
+            f"workdir {path.parent} is locked by pid {held['pid']} on host {held['host']}, which "
+            f"cannot be checked from {me}; if that run has ended, start this one with "
+            f"{TAKEOVER_FLAG}")
+    if held.get("pid"):
+        logging.warning("taking over the lock of workdir %s from pid %s on host %s (no longer "
+                        "running)", path.parent, held["pid"], held.get("host"))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"host": me, "pid": os.getpid(), "since": time.time()}).encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def lock(workdir: Path, take_over: bool = False):
+    """Holds the workdir's lock for the `with` block; process 0 holds it for all processes, and
+    all of them stop when it cannot."""
+    path, fd, error = Path(workdir) / LOCK_FILE, None, None
+    if jax.process_index() == 0:
+        try:
+            fd = _acquire(path, take_over)
+        except WorkdirLockedError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.broadcast_one_to_all(np.int32(error is not None)) and error is None:
+            error = WorkdirLockedError(f"workdir {workdir} is locked (process 0 says by whom)")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # a clean end leaves no lock behind
+            os.close(fd)  # releases the flock
+
+
+def check_writable(workdir: Path) -> None:
+    """Fails at start-up, not at the first save, when the workdir cannot be written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_probe.{jax.process_index()}.{os.getpid()}"  # one per process
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise ConfigError(f"workdir {workdir} is on a full disk ({e.strerror}); free some "
+                              "space there or pick another --workdir") from None
+        raise ConfigError(f"workdir {workdir} is not writable ({e.strerror or e}); pick another "
+                          "--workdir or fix its permissions") from None
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def check_space(workdir: Path, need: int) -> None:
+    """Refuses a workdir whose disk cannot take one more checkpoint of `need` bytes: the run would
+    otherwise fail at its first save, perhaps hours in (Orbax deletes the oldest checkpoint only
+    after the new one is written)."""
+    free = free_bytes(workdir)
+    if free < need:
+        raise ConfigError(f"workdir {workdir} has {free >> 20} MiB free but one checkpoint of this "
+                          f"run takes {need >> 20} MiB; free some space or pick another --workdir")

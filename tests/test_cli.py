@@ -1,0 +1,51 @@
+"""What the four command-line tools share: one flag convention, a --help that lists every flag,
+and expected errors as one `error:` line with exit status 2 (anything else keeps its traceback)."""
+import re
+
+import pytest
+
+from sttn_jax import cli, errors
+from tests.conftest import run_cli
+
+TOOLS = {
+    "train.py": {"config", "workdir", "take_over_lock", "coordinator_address", "num_processes",
+                 "process_id", "distributed"},
+    "eval.py": {"config", "checkpoint", "arch", "split", "step", "output", "coordinator_address",
+                "num_processes", "process_id", "distributed"},
+    "merge.py": {"checkpoint", "out", "torch_out", "packed", "step", "batch", "image_size",
+                 "seed", "plot"},
+    "sttn_jax.interop": {"arch", "checkpoint", "batch", "image_size", "seed", "inputs",
+                         "reference_logits", "output"},
+}
+
+
+@pytest.mark.parametrize("error", errors.EXPECTED, ids=lambda c: c.__name__)
+def test_each_expected_error_is_one_line_and_exit_2(error, capsys):
+    """A message spanning lines (the not-prepared hint does) still prints as one `error:` line,
+    the last on stderr, so scripts and people find the whole of it there."""
+    exc = (error("path", "resnet18_ter", "resnet18_bwx2") if error is errors.ArchMismatchError
+           else error("what is wrong\n  tfds build x --data_dir=d\n"))
+    with pytest.raises(SystemExit) as exit_info:
+        with cli.one_line_errors():
+            raise exc
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    if error is not errors.ArchMismatchError:
+        assert err.strip() == "error: what is wrong tfds build x --data_dir=d"
+
+
+def test_an_unexpected_error_keeps_its_traceback(capsys):
+    with pytest.raises(RuntimeError, match="a bug"):
+        with cli.one_line_errors():
+            raise RuntimeError("a bug")
+    assert capsys.readouterr().err == ""
+
+
+def test_every_tool_lists_every_flag_in_its_help_with_underscores():
+    for tool, wanted in TOOLS.items():
+        r = run_cli(tool, "--help")
+        assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr  # absl exits 1
+        listed = set(re.findall(r"^\s+--(?:\[no\])?([a-z_]+):", r.stdout, re.M))
+        assert wanted <= listed, (tool, wanted - listed)
+        assert not any("-" in name for name in listed), (tool, listed)
