@@ -3,40 +3,33 @@
   python eval.py --checkpoint SRC [--config configs/X.py] [--arch A] [--split S] [--step N]
                  [--output FILE.json] [--config.key=value ...]
 
-SRC: a training workdir (its best checkpoint; --step N picks a step), a model checkpoint
-directory (converted, merged) or an original PyTorch .pth/.pth.tar. The arch is read from SRC;
---arch only checks it. Dataset, split (default config.eval_split), image size, eval batch size
-(divisible by the device count) and dtype come from the config: --config, or else the workdir's
-own config.json, or else configs/default.py. --config.inference_dtype=int8 runs a merged ternary
-model's block convolutions in integers. Every device of every process is used. Prints top-1,
-top-5 and the mean cross-entropy; --output writes them as JSON (top-1/top-5 as fractions).
+SRC: a training workdir (its best checkpoint, or that of --step N), a model checkpoint directory
+(converted, merged) or an original PyTorch .pth/.pth.tar; --arch only checks the arch SRC holds.
+Dataset, split, image size, eval batch size (divisible by the device count) and dtype come from
+--config, else the workdir's config.json, else configs/default.py. --config.inference_dtype=int8
+runs a merged ternary model's block convolutions in integers. Uses every device of every process.
+Prints top-1, top-5 and the mean cross-entropy (--output: as JSON, top-1/top-5 as fractions).
 Errors print one line `error: ...` and exit with status 2.
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from sttn_jax import cli, models
 
-config_flags.DEFINE_config_file("config", str(cli.DEFAULT_CONFIG), "Config file (default: the "
-                                "workdir's config.json, else configs/default.py).",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", str(cli.DEFAULT_CONFIG), "Config file (default: "
+                                "the workdir's config.json, else configs/default.py).")
 flags.DEFINE_string("checkpoint", None, "Training workdir, model checkpoint directory or .pth file.")
-flags.DEFINE_enum("arch", None, list(models.ARCHS), "The arch SRC must hold (default: whatever "
-                  "it holds).")
+flags.DEFINE_enum("arch", None, list(models.ARCHS), "The arch SRC must hold (default: any).")
 flags.DEFINE_string("split", None, "TFDS split (default: config.eval_split).")
 flags.DEFINE_integer("step", None, "Workdir only: evaluate the checkpoint of this step.")
 flags.DEFINE_string("output", None, "Write the metrics as JSON to this file.")
 cli.define_distributed_flags()
-flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["checkpoint"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.setup_logging()
-    cli.init_distributed()
+    cli.start(argv)
     import jax
 
     from sttn_jax import evaluation

@@ -3,22 +3,18 @@
   python merge.py --checkpoint SRC --out DST [--torch_out FILE.pth.tar] [--packed FILE.sttn]
                   [--step N] [--batch 8] [--image_size S] [--seed 0] [--noplot]
 
-SRC: a training workdir (its best checkpoint; the newest in WORKDIR/checkpoints when best/ is
-empty; --step N picks step N), an original resnet18_bwx2 .pth.tar, or a model checkpoint directory
-holding a resnet18_bwx2. DST: a new model checkpoint directory of resnet18_ter that eval.py and
-`python -m sttn_jax.interop` read, with merge_report.json and merge_report.png (per-layer ternary
-levels, alphas, parameter counts, size, MACs); an existing model checkpoint there is replaced.
---torch_out also writes the original's ternary format; --packed the packed 2-bit model file.
+SRC: a training workdir (its best evaluated checkpoint, else the newest, or that of --step N), an
+original resnet18_bwx2 .pth.tar, or a model checkpoint directory holding a resnet18_bwx2. DST: a
+model checkpoint directory of resnet18_ter (replacing one there) for eval.py and `python -m
+sttn_jax.interop`, with merge_report.json and .png (per-layer ternary levels, alphas, parameter
+counts, size, MACs). --torch_out also writes the original's format; --packed a packed 2-bit file.
 
-Before writing anything, both models run on --batch random normal images of --image_size
-(default: the workdir's training image size, else 224) in float32; when the logits differ by more
-than 1e-5 relative (max|delta| / max|bwx2 logit|) nothing is written and the exit status is 1.
-Bad input prints one line `error: ...` and exits with status 2. (The hyphenated spellings
---torch-out, --image-size and --no-plot of earlier versions still work.)
+First both models run on --batch random normal images of --image_size (default: the workdir's
+training image size, else 224) in float32; if the logits differ by more than 1e-5 relative
+(max|delta| / max|bwx2 logit|), nothing is written and the exit status is 1. Bad input prints one
+line `error: ...` and exits with status 2. (--torch-out, --image-size, --no-plot still work.)
 """
-import sys
-
-from absl import app, flags
+from absl import flags
 
 from sttn_jax import cli
 
@@ -40,20 +36,13 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.setup_logging()
-    from sttn_jax import merging
-    from sttn_jax.errors import MergeCheckError
+    cli.start(argv, distributed=False)
+    from sttn_jax import errors, merging
 
-    with cli.one_line_errors():
-        try:
-            merging.merge_checkpoint(FLAGS.checkpoint, FLAGS.out, torch_out=FLAGS.torch_out,
-                                     packed=FLAGS.packed, step=FLAGS.step, batch=FLAGS.batch,
-                                     image_size=FLAGS.image_size, seed=FLAGS.seed, plot=FLAGS.plot)
-        except MergeCheckError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+    with cli.one_line_errors({errors.MergeCheckError: 1}):
+        merging.merge_checkpoint(FLAGS.checkpoint, FLAGS.out, torch_out=FLAGS.torch_out,
+                                 packed=FLAGS.packed, step=FLAGS.step, batch=FLAGS.batch,
+                                 image_size=FLAGS.image_size, seed=FLAGS.seed, plot=FLAGS.plot)
 
 
 if __name__ == "__main__":

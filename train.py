@@ -8,27 +8,22 @@ the cluster does not provide them. Log lines also go to DIR/train.log.
 """
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from sttn_jax import cli
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and TensorBoard events.")
 flags.DEFINE_bool("take_over_lock", False, "Take over the workdir's lock when it was left by a "
                   "run on another host that cannot be checked from here (that run must be over).")
 cli.define_distributed_flags()
-flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.setup_logging()
-    cli.init_distributed()
+    cli.start(argv)
     from sttn_jax import train_loop
 
     with cli.one_line_errors():

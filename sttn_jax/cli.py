@@ -1,11 +1,6 @@
 """What the command-line tools share: absl flags for multi-host start-up, one logging path (absl
 logging: --verbosity, and a log file in the workdir), and the expected errors as one line on
-stderr with exit status 2.
-
-Every tool is an absl app with flags spelled with underscores, each defined in the tool itself so
-that its --help lists them all."""
-from __future__ import annotations
-
+stderr with exit status 2. Flags are spelled with underscores and listed by each tool's --help."""
 import contextlib
 import json
 import logging as std_logging
@@ -21,53 +16,54 @@ from ml_collections import config_flags
 from sttn_jax.errors import EXPECTED, ConfigError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+flags.disclaim_key_flags()  # the flags defined here belong to the tool: its --help lists them
 
 FLAGS = flags.FLAGS
 QUIET_LOGGERS = ("jax._src", "orbax", "tensorflow", "tensorflow_datasets")
 TOOLS = ("train.py", "eval.py", "merge.py")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.py"
 
 
 def define_distributed_flags() -> None:
-    """--coordinator_address / --num_processes / --process_id / --distributed, and how soon a
-    process that stopped is noticed (--heartbeat_timeout_seconds)."""
+    """The flags of a multi-host start (read by `init_distributed`)."""
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster "
                       "auto-detection (TPU pods, SLURM) even without the three flags above.")
     # JAX's default is 100 s. 30 s still spans any pause of the heartbeat thread (it runs outside
-    # Python: compiles and long steps do not delay it) and stops the others in under a minute:
-    # measured 28.6 s after a peer's SIGKILL on CPU (when not in a collective with it).
+    # Python) and stops the others in under a minute (28.6 s after a peer's SIGKILL on CPU).
     flags.DEFINE_integer("heartbeat_timeout_seconds", 30, "Multi-host runs: a process silent "
                          "this long counts as dead, and every other process then stops.")
 
 
-def init_distributed() -> None:
-    """jax.distributed.initialize() for multi-process runs; nothing for one process.
+def start(argv, distributed: bool = True) -> None:
+    """A tool's first step: no positional arguments, logging set up, multi-host JAX if asked."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    setup_logging()
+    if distributed:
+        init_distributed()
 
-    When a process dies (killed, host lost), the others stop within the heartbeat timeout (plus the
-    step in progress), in one of two ways (both seen on CPU with Gloo, after a SIGKILL of one of
-    two processes): a collective already exchanging data with it fails at once, which `_LostPeer`
-    turns into one `error:` line and exit status 1; anywhere else, JAX's runtime notices the
-    missing heartbeats and aborts the process (SIGABRT, exit status 134) with its own message
-    naming the task that stopped sending them."""
+
+def init_distributed() -> None:
+    """jax.distributed.initialize() for multi-process runs; nothing for one process. When a
+    process dies, the others stop within the heartbeat timeout (plus the step in progress): a
+    collective already exchanging data with it fails at once (`_LostPeer`: exit status 1); anywhere
+    else JAX's runtime aborts (SIGABRT, exit status 134) naming the task that went silent."""
     import jax
 
     many = FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
     if not (many or FLAGS.distributed):
         return
     app.install_exception_handler(_LostPeer())
-    kwargs = dict(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
-    if many:
-        kwargs.update(coordinator_address=FLAGS.coordinator_address,
-                      num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
 
 
 class _LostPeer(app.ExceptionHandler):
-    """A collective that failed on a broken connection to another process becomes one `error:`
-    line, and the process ends at once: a normal exit would first wait in jax.distributed's
-    shutdown barrier for the lost process, then abort with stack traces."""
+    """A collective failed on a broken connection: one `error:` line and an immediate exit (a normal
+    one would wait in the shutdown barrier for the lost process, then abort with stack traces)."""
 
     def wants(self, exc) -> bool:
         import jax
@@ -77,66 +73,55 @@ class _LostPeer(app.ExceptionHandler):
 
     def handle(self, exc) -> None:
         detail = re.sub(r"\[\S+:\d+\] ", "", str(exc).strip().splitlines()[0])
+        detail = re.sub(r"^[A-Z_]+: ", "", detail)  # the status word (UNKNOWN:, INTERNAL:, ...)
         print(f"error: lost contact with another process (in a collective: {detail}); this "
               "process stopped too: run the same command on every host to resume",
               file=sys.stderr, flush=True)
         os._exit(1)
 
 
-class _OwnLinesAtInfo(std_logging.Filter):
-    """Below WARNING, only sttn-jax's own lines pass, unless --verbosity is 1 or more: Orbax and
-    clu log every step of their work at INFO through absl too."""
-
-    def filter(self, record) -> bool:
-        return (record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
-                or "sttn_jax" in record.pathname or Path(record.pathname).name in TOOLS)
+def _own_lines_at_info(record) -> bool:
+    """Below WARNING only sttn-jax's own lines, unless --verbosity >= 1 (Orbax and clu log every
+    step of their work at INFO through absl too)."""
+    return (record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
+            or "sttn_jax" in record.pathname or Path(record.pathname).name in TOOLS)
 
 
 def setup_logging() -> None:
-    """Our lines at --verbosity (INFO by default) on stderr, once each; the libraries' chatter only
-    from WARNING up (all of it with --verbosity=1)."""
+    """Our lines at --verbosity (INFO by default) on stderr; the libraries' from WARNING up."""
     for name in QUIET_LOGGERS:
         std_logging.getLogger(name).setLevel(std_logging.WARNING)
-    logging.get_absl_handler().addFilter(_OwnLinesAtInfo())
-    sys.unraisablehook = _drop_stale_reads(sys.unraisablehook)
+    logging.get_absl_handler().addFilter(_own_lines_at_info)
+    previous = sys.unraisablehook
 
-
-def _drop_stale_reads(previous):
-    """An unraisable-exception hook without the aftermath of a failed Orbax restore: the reads it
-    still had in flight end later and call back into its closed event loop, which Python reports
-    as an "Event loop is closed" traceback each (124 for one truncated file, measured), after the
-    tool's one error line."""
-    def hook(report):
+    def drop_stale_reads(report):
+        """The reads a failed Orbax restore still had in flight later call into its closed event
+        loop: an "Event loop is closed" traceback each (124 for one truncated file), not shown."""
         frames = traceback.extract_tb(report.exc_traceback)
         if not (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"
                 and frames and frames[0].name == "call_soon_threadsafe"):
             previous(report)
 
-    return hook
+    sys.unraisablehook = drop_stale_reads
 
 
 @contextlib.contextmanager
-def one_line_errors():
-    """Expected failures print `error: <message>` and exit 2, without a stack trace. The message
-    is joined into one line (the "not prepared" hint spans several), so the error is always the
-    last line of stderr, whole."""
+def one_line_errors(exit_status: dict | None = None):
+    """Expected failures print `error: <message>` and exit 2 (or their class's `exit_status`),
+    without a stack trace; the message is joined into one line, the last of stderr, whole."""
     try:
         yield
     except EXPECTED as e:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"error: {message or type(e).__name__}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.py"
+        sys.exit((exit_status or {}).get(type(e), 2))
 
 
 def _parse_flags(argv):
-    """absl's own parsing, with an unknown `--config.KEY` (ml_collections' locked config refuses
-    it, with a traceback) turned into one line that keeps its "did you mean"."""
+    """absl's parsing, with an unknown `--config.KEY` as one line (it keeps the "did you mean")."""
     try:
         return app.parse_flags_with_usage(argv)
-    except AttributeError as e:
+    except AttributeError as e:  # ml_collections' locked config refuses the key
         text = str(e).strip("\"'").replace("\\n", "\n").replace("\\'", "'")
         key = text.splitlines()[0].strip("'\"")
         given = next((a for a in argv if a.startswith(f"--config.{key}")), f"--config.{key}")
@@ -147,8 +132,7 @@ def _parse_flags(argv):
 
 
 def run(main, argv=None, legacy_flags: dict | None = None) -> None:
-    """app.run(main) with one-line errors for unknown config keys, and the old spellings of
-    renamed flags (`legacy_flags`: {"--old": "--new"}) still accepted."""
+    """app.run(main), accepting the old spellings of renamed flags ({"--old": "--new"})."""
     argv = list(sys.argv if argv is None else argv)
     for old, new in (legacy_flags or {}).items():
         argv = [new + a[len(old):] if a == old or a.startswith(old + "=") else a for a in argv]
@@ -156,9 +140,8 @@ def run(main, argv=None, legacy_flags: dict | None = None) -> None:
 
 
 def config_for(config_flag, source):
-    """The config an evaluation of `source` uses: the --config file if given; else the config.json
-    of the training workdir `source` belongs to (over the defaults, for keys added since); else
-    the defaults. Command-line --config.KEY overrides apply in every case."""
+    """The config to evaluate `source` with: the --config file if given, else the config.json of
+    the workdir `source` belongs to (over the defaults), else the defaults; then --config.KEY."""
     if config_flag.present:
         return config_flag.value
     config = config_flag.value

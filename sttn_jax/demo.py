@@ -1,15 +1,13 @@
 """`make demo`: the whole STTN workflow on the embedded digits, on a CPU, in minutes.
 
-Train resnet18_bwx2 (configs/demo.py) -> merge the binary pairs into ternary kernels -> evaluate the
-bwx2 and the ternary model on the held-out split -> print a short table and write
-`summary.json` with the merge report and plots beside it. Same TFDS pipeline, training, merge and
-evaluation code as ImageNet.
+Train resnet18_bwx2 (configs/demo.py) -> merge it into ternary kernels -> evaluate bwx2, ternary
+and int8 on the held-out split -> print a short table, write `summary.json` beside the merge
+report and plots. Same TFDS pipeline, training, merge and evaluation code as ImageNet.
 
   python -m sttn_jax.demo [--workdir runs/demo] [--config.key=value ...]
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from sttn_jax import cli
 
 
 def run(config, workdir="runs/demo") -> dict:
-    from sttn_jax import evaluation, merging, train_loop
+    from sttn_jax import evaluation, merging, report, train_loop
 
     workdir = Path(workdir)
     t0 = time.perf_counter()
@@ -54,7 +52,7 @@ def run(config, workdir="runs/demo") -> dict:
         "packed_file": str(packed_file), "packed_file_bytes": packed_file.stat().st_size,
         "bwx2_checkpoint": str(train_dir), "ternary_checkpoint": str(merged_dir),
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report.save_json(summary, workdir / "summary.json")
     print(format_summary(summary, workdir))
     return summary
 

@@ -27,8 +27,7 @@ class ArchMismatchError(CheckpointError):
 
 
 class MergeCheckError(CheckpointError):
-    """The merged model's logits differ from the bwx2 model's beyond the tolerance; nothing was
-    written."""
+    """The merged model's logits differ from the bwx2 model's beyond the tolerance; none written."""
 
 
 class CheckpointWriteError(RuntimeError):

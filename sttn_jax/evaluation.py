@@ -1,23 +1,19 @@
 """Evaluation of a model from any source on a TFDS split: top-1, top-5, mean cross-entropy.
 
-`evaluate_checkpoint(config, source, ...)` is what eval.py runs: the model comes from
-`model_io.load` (a workdir, a model checkpoint or an original PyTorch file; its arch is what the
-source holds), the data, image size, batch size and dtype from the config, and the eval step is
-train.py's (`training.make_eval_step`: every device of every process, centre crops, the padded
-last batch masked out). bwx2 latent kernels are clamped to [-1, 1] first, as the original's
-validate() does, so a bwx2 model and its merged ternary model give the same logits.
+`evaluate_checkpoint(config, source, ...)` is what eval.py runs: the model from `model_io.load`
+(its arch is what the source holds), data, sizes and dtype from the config, and train.py's eval
+step (`training.make_eval_step`: all devices, centre crops, the padded last batch masked out).
+bwx2 latent kernels are clamped to [-1, 1] first, as the original's validate() does, so a bwx2
+model and its merged ternary model give the same logits.
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import jax
 import numpy as np
 from absl import logging
 
 import ops
-from sttn_jax import model_io, models, quantize, training
+from sttn_jax import model_io, models, quantize, report, training
 from sttn_jax.data import pipeline, sources
 from sttn_jax.errors import CheckpointError, ConfigError
 from sttn_jax.metric_writers import Progress
@@ -54,12 +50,10 @@ def eval_config(config, loaded, split: str | None):
 
 def evaluate_checkpoint(config, source, *, arch: str | None = None, split: str | None = None,
                         step: int | None = None, progress: bool | None = None, loaded=None) -> dict:
-    """Top-1 / top-5 (fractions) and mean cross-entropy of the model at `source` over `split`
-    (default config.eval_split) of config.dataset, with where it came from.
-
-    Returns {"top1", "top5", "loss", "num_examples", "arch", "checkpoint", "split", "dataset",
-    "image_size", "source"}. progress: a progress bar (process 0); None = config.progress_bar.
-    `loaded` (a `model_io.LoadedModel`) skips reading `source` again."""
+    """{"top1", "top5" (fractions), "loss" (mean cross-entropy), "num_examples", "arch",
+    "checkpoint", "split", "dataset", "image_size", "inference_dtype", "source"} of the model at
+    `source` over `split` (default config.eval_split). progress: a progress bar (process 0); None =
+    config.progress_bar. `loaded` (a `model_io.LoadedModel`) skips reading `source` again."""
     loaded = loaded or model_io.load(source, arch=arch, step=step)
     cfg = eval_config(config, loaded, split)
     mesh = training.make_mesh()
@@ -100,7 +94,4 @@ def format_result(result: dict) -> str:
             f"loss {result['loss']:.4f}")
 
 
-def write_result(result: dict, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+write_result = report.save_json  # eval.py --output: the result as indented JSON

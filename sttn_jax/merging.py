@@ -2,21 +2,18 @@
 `merge_from_bwx2_to_ternary.py`): weight = B1 + B2 = alpha (sign W1 + sign W2), bias = b1 + b2;
 every other tensor (stem, BatchNorm, PReLU, fc) is copied.
 
-- `merge_params(params)` / `merge_variables(variables)`: the merge itself.
+- `merge_variables(variables)`: the merge itself.
 - `check_merge(bwx2_variables, ternary_variables, ...)`: both models on one batch of random
-  normal images, float32, eval mode; the merge is accepted when max|delta logit| /
-  max|bwx2 logit| <= 1e-5.
-- `merge_checkpoint(source, out, ...)`: what `merge.py` does: load a bwx2 model from a training
-  workdir, a model checkpoint or an original .pth.tar, merge, check, and only then write the
-  resnet18_ter model checkpoint, its report (`sttn_jax.report`) and optionally the original's
-  PyTorch format.
+  normal images, float32, eval mode; accepted when max|delta logit| / max|bwx2 logit| <= 1e-5.
+- `merge_checkpoint(source, out, ...)`: what `merge.py` does: load a bwx2 model (workdir, model
+  checkpoint or .pth.tar), merge, check, and only then write the resnet18_ter model checkpoint,
+  its report (`sttn_jax.report`) and optionally the packed file and the original's format.
 
-Exactness: the merged kernel is computed by the same jitted `ops.fold_binary_pair` the bwx2
-model runs in its forward pass, so it is bit-identical to the kernel the bwx2 model convolves
-with, and the two models give bit-identical logits (measured on CPU: 0.0 difference at 32x32
-and 224x224). An eagerly computed kernel differs in the last bit of some alphas (another
-summation order), which moves the logits by ~2e-7 relative and can flip a ternary activation
-sitting at +-0.5.
+Exactness: the merged kernel comes from the same jitted `ops.fold_binary_pair` the bwx2 forward
+runs, so it is bit-identical to the kernel the bwx2 model convolves with, and so are the logits
+(0.0 difference on CPU at 32x32 and 224x224). An eager fold differs in the last bit of some
+alphas (another summation order): ~2e-7 relative in the logits, which can flip a ternary
+activation sitting at +-0.5.
 """
 from __future__ import annotations
 
@@ -32,7 +29,8 @@ import numpy as np
 from flax import traverse_util
 
 import ops
-from sttn_jax import model_io, models, report, report_format
+from sttn_jax import interop, model_io, models, report, report_format
+from sttn_jax import packed as packed_lib
 from sttn_jax.errors import CheckpointError, MergeCheckError
 from sttn_jax.interop import parity
 
@@ -42,6 +40,7 @@ DEFAULT_IMAGE_SIZE = 224
 BWX2, TERNARY = models.BWX2, models.TERNARY
 REPORT_JSON = "merge_report.json"
 REPORT_PNG = "merge_report.png"
+LAYER_TABLE = "layers.txt"  # the merged network module by module (flax tabulate): 140 columns
 
 
 @jax.jit
@@ -50,15 +49,16 @@ def _fold_clamped(w1, w2):
     return ops.fold_binary_pair(jnp.clip(w1, -1, 1), jnp.clip(w2, -1, 1))
 
 
-def merge_params(params):
-    """Ternary-model params from bwx2 params. The latent kernels are clamped to [-1, 1] first, as
-    the original does before every binarization (a no-op for its saved checkpoints)."""
-    pairs = dict(ops.binary_pairs(params))
+def merge_variables(variables):
+    """{"params", "batch_stats"} of a resnet18_ter model from those of a resnet18_bwx2 model. The
+    latent kernels are clamped to [-1, 1] first, as the original does before every binarization
+    (a no-op for its saved checkpoints)."""
+    pairs = dict(ops.binary_pairs(variables["params"]))
     if not pairs:
         raise ValueError("these variables hold no binary pairs (kernel_1/kernel_2): not a "
                          "resnet18_bwx2 model")
     flat = {}
-    for key, value in traverse_util.flatten_dict(dict(params), sep="/").items():
+    for key, value in traverse_util.flatten_dict(dict(variables["params"]), sep="/").items():
         module = key.rsplit("/", 1)[0]
         if module not in pairs:
             flat[key] = np.asarray(value)
@@ -67,17 +67,8 @@ def merge_params(params):
             kernel = _fold_clamped(jnp.asarray(pair["kernel_1"]), jnp.asarray(pair["kernel_2"]))
             flat[f"{module}/kernel"] = np.asarray(kernel)
             flat[f"{module}/bias"] = np.asarray(pair["bias_1"]) + np.asarray(pair["bias_2"])
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def merge_variables(variables):
-    """{"params", "batch_stats"} of a resnet18_ter model from those of a resnet18_bwx2 model."""
-    return {"params": merge_params(variables["params"]),
+    return {"params": traverse_util.unflatten_dict(flat, sep="/"),
             "batch_stats": variables.get("batch_stats", {})}
-
-
-# ---------------------------------------------------------------------------------------------
-# the check
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,33 +77,23 @@ def _apply_fn(arch: str, num_classes: int, act_backend: str):
     return jax.jit(lambda v, x: module.apply(v, x, train=False))
 
 
-def check_images(batch: int = DEFAULT_CHECK_BATCH, image_size: int = DEFAULT_IMAGE_SIZE,
-                 seed: int = 0) -> np.ndarray:
-    """The check's batch: standard normal float32 images, NHWC."""
-    if batch < 1 or image_size < 32:
-        raise CheckpointError(f"the merge check needs a batch >= 1 and images of at least 32x32, "
-                              f"got batch {batch} at {image_size}x{image_size}")
-    return np.random.default_rng(seed).standard_normal((batch, image_size, image_size, 3),
-                                                       dtype=np.float32)
-
-
 def check_merge(bwx2_variables, ternary_variables, *, batch: int = DEFAULT_CHECK_BATCH,
                 image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0,
                 tolerance: float = MERGE_TOLERANCE, act_backend: str = "auto"):
     """Both models (eval mode, float32; the bwx2 latent kernels clamped as the original's
     validate() does) on `batch` random normal images: a `parity.ParityResult` of the ternary
     logits against the bwx2 ones, passed when max|delta| / max|bwx2| <= tolerance."""
-    images = check_images(batch, image_size, seed)
+    if batch < 1 or image_size < 32:
+        raise CheckpointError(f"the merge check needs a batch >= 1 and images of at least 32x32, "
+                              f"got batch {batch} at {image_size}x{image_size}")
+    images = np.random.default_rng(seed).standard_normal((batch, image_size, image_size, 3),
+                                                         dtype=np.float32)
     num_classes = models.num_classes_of(bwx2_variables["params"])
     bw = {"params": ops.clamp_latent_kernels(bwx2_variables["params"]),
           "batch_stats": bwx2_variables.get("batch_stats", {})}
     a = np.asarray(_apply_fn(BWX2, num_classes, act_backend)(bw, images))
     b = np.asarray(_apply_fn(TERNARY, num_classes, act_backend)(ternary_variables, images))
     return parity.compare(b, a, "float32", tolerance)
-
-
-# ---------------------------------------------------------------------------------------------
-# merge.py
 
 
 @dataclasses.dataclass
@@ -141,15 +122,12 @@ def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | No
                      batch: int = DEFAULT_CHECK_BATCH, image_size: int | None = None,
                      seed: int = 0, tolerance: float = MERGE_TOLERANCE, plot: bool = True,
                      echo: Callable[[str], None] = print) -> MergeResult:
-    """Loads the resnet18_bwx2 model at `source` (training workdir: best checkpoint, or `step`;
-    model checkpoint; original .pth.tar), merges it, checks the logits, and only if the check
-    passes writes `out` (a resnet18_ter model checkpoint with merge_report.json and
-    merge_report.png), with `torch_out` the original's PyTorch format, and with `packed` the
-    packed 2-bit model file (`sttn_jax.packed`).
-
-    image_size: of the check batch and of the report's MACs; None = the workdir's training
-    image size, else 224. Raises MergeCheckError (writing nothing) when the logits differ by
-    more than `tolerance` relative, CheckpointError for sources that are not bwx2 models."""
+    """Loads the resnet18_bwx2 model at `source` (`model_io.load`; `step` for workdirs), merges
+    it, checks the logits, and only if the check passes writes `out` (a resnet18_ter model
+    checkpoint with merge_report.json/.png and layers.txt), `torch_out` (the original's PyTorch
+    format) and `packed` (the 2-bit file, `sttn_jax.packed`). image_size: of the check batch and
+    the report's MACs; None = the workdir's training image size, else 224. Raises MergeCheckError
+    (writing nothing) above `tolerance`, CheckpointError for sources that are not bwx2 models."""
     loaded = model_io.load(source, step=step)
     if loaded.arch != BWX2:
         what = {"resnet18_ter": "an already merged ternary model",
@@ -181,11 +159,9 @@ def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | No
     extra = {"merged_from": loaded.info(), "merge_check": check.as_dict(),
              "num_classes": loaded.num_classes, "report": REPORT_JSON}
     if packed is not None:  # first: it refuses what its format cannot hold, writing nothing
-        from sttn_jax import packed as packed_lib
-
         packed_lib.write(packed, merged, TERNARY, meta=extra)
         echo(f"wrote {packed} (packed 2-bit ternary model)")
-    if out.exists() and model_io.is_model_checkpoint(out):
+    if model_io.is_model_checkpoint(out):
         shutil.rmtree(out)  # replaced as a whole: no stale report or plot from an earlier merge
     model_io.save(out, merged, TERNARY, extra=extra)
     report.save_json(rep, out / REPORT_JSON)
@@ -195,13 +171,11 @@ def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | No
             plot_path = report_format.save_plot(rep, out / REPORT_PNG)
         except ImportError as e:
             echo(f"warning: no plot ({e}); install matplotlib for {REPORT_PNG}")
+    (out / LAYER_TABLE).write_text(report_format.layer_table(loaded.num_classes, image_size))
     echo(report_format.format_report(rep))
-    echo(report_format.layer_table(loaded.num_classes, image_size))
     echo(f"wrote {out} ({TERNARY} model checkpoint, {REPORT_JSON}"
-         f"{', ' + REPORT_PNG if plot_path else ''})")
+         f"{', ' + REPORT_PNG if plot_path else ''}, {LAYER_TABLE})")
     if torch_out is not None:
-        from sttn_jax import interop
-
         interop.save_torch_checkpoint(merged, TERNARY, torch_out)
         echo(f"wrote {torch_out} (the original's resnet18_ter format: {{'state_dict'}} with "
              "'module.' keys)")

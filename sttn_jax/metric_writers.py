@@ -1,15 +1,7 @@
-"""What a run shows while it goes: TensorBoard events, progress, and the log file.
-
-- TensorBoard: `clu.metric_writers` (tf.summary underneath) in `WORKDIR/tensorboard`, process 0
-  only: the training and evaluation metrics, the learning rate, images/s, the sparsity of every
-  ternary kernel, the hyperparameters; `clu.periodic_actions.ReportProgress` adds steps/s, and
-  `Profile` a profiler trace when config.profile_steps asks for one.
-- The progress bar (tqdm, process 0, stderr) is redrawn below the log lines, never on them: while
-  it is shown, absl's stderr handler writes through tqdm.
-- `log_file(path)`: every log line of the run also goes to `WORKDIR/train.log`.
-"""
-from __future__ import annotations
-
+"""What a run shows while it goes (process 0): TensorBoard events in `WORKDIR/tensorboard` (clu:
+metrics, learning rate, images/s and steps/s, per-kernel sparsity, hyperparameters, a profiler
+trace if config.profile_steps), a tqdm progress bar below the log lines (absl's stderr handler
+writes through tqdm while it is shown), and every log line also in `WORKDIR/train.log`."""
 import contextlib
 import logging as std_logging
 import sys
@@ -29,14 +21,8 @@ HPARAMS = ("arch", "dataset", "dtype", "batch_size", "learning_rate", "num_epoch
            "teacher_arch", "teacher_checkpoint", "sync_batch_stats", "seed", "data_shards")
 
 
-def _scalars(prefix: str, values: dict) -> dict:
-    return {f"{prefix}/{k}": float(v) for k, v in values.items()
-            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
-
-
 class MetricWriter:
-    """Scalars, per-layer ternary sparsity and the run's hyperparameters, for TensorBoard, with the
-    progress and profiling hooks that report through it."""
+    """TensorBoard scalars, sparsity and hyperparameters, and the hooks that report through it."""
 
     def __init__(self, workdir: Path, config, total_steps: int):
         logdir = str(Path(workdir) / "tensorboard")
@@ -44,9 +30,8 @@ class MetricWriter:
                        if jax.process_index() == 0 else metric_writers.MultiWriter([]))
         self.writer.write_hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
                                    for k, v in config.items() if k in HPARAMS})
-        self.hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                                      writer=self.writer,
-                                                      every_steps=config.log_every_steps)]
+        self.hooks = [periodic_actions.ReportProgress(
+            num_train_steps=total_steps, writer=self.writer, every_steps=config.log_every_steps)]
         if config.profile_steps and jax.process_index() == 0:
             self.hooks.append(periodic_actions.Profile(
                 logdir=logdir, num_profile_steps=config.profile_steps, profile_duration_ms=None))
@@ -57,7 +42,9 @@ class MetricWriter:
             hook(step)
 
     def write_scalars(self, step: int, prefix: str, values: dict) -> None:
-        self.writer.write_scalars(step, _scalars(prefix, values))
+        self.writer.write_scalars(step, {f"{prefix}/{k}": float(v) for k, v in values.items()
+                                         if isinstance(v, (int, float, np.number))
+                                         and not isinstance(v, bool)})
 
     def write_sparsity(self, step: int, params) -> None:
         """The fraction of zeros of every ternary kernel the binary pairs fold into."""
@@ -75,34 +62,30 @@ class Progress:
 
     def __init__(self, enabled: bool, total: int, initial: int = 0, unit: str = "step",
                  desc: str = "train"):
-        self.bar, self._stream = None, None
-        if enabled and jax.process_index() == 0:
-            from tqdm.auto import tqdm
-            from tqdm.contrib import DummyTqdmFile
+        from tqdm.auto import tqdm
+        from tqdm.contrib import DummyTqdmFile
 
-            handler = logging.get_absl_handler().python_handler
-            self._stream, handler.stream = handler.stream, DummyTqdmFile(sys.stderr)
-            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr,
-                            dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr,
+                        dynamic_ncols=True, disable=not (enabled and jax.process_index() == 0))
+        handler = logging.get_absl_handler().python_handler
+        self._stream = handler.stream
+        if not self.bar.disable:
+            handler.stream = DummyTqdmFile(sys.stderr)
 
     def update(self, position: int) -> None:
-        if self.bar is not None:
-            self.bar.update(position - self.bar.n)
+        self.bar.update(position - self.bar.n)
 
     def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
+        self.bar.update(1)
 
     def show(self, metrics: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "top1", "images_per_sec")
-                                  if k in metrics}, refresh=False)
+        self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "top1", "images_per_sec")
+                              if k in metrics}, refresh=False)
 
     def close(self) -> None:
-        if self.bar is not None:
+        if not self.bar.disable:  # a closed bar is disabled too
             self.bar.close()
             logging.get_absl_handler().python_handler.stream = self._stream
-            self.bar = None
 
 
 @contextlib.contextmanager

@@ -2,16 +2,15 @@
 
 `load(source, arch=None, step=None)` reads
 - a training workdir of train.py: its best evaluated checkpoint by default, else the newest;
-  `step=N` picks step N. `WORKDIR/checkpoints` or a step directory `WORKDIR/checkpoints/N` may be
-  given directly too (the newest, or that step);
+  `step=N` picks step N; `WORKDIR/checkpoints` (the newest) or `WORKDIR/checkpoints/N` too;
 - a model checkpoint directory written by `save` (converted, merged, exported models);
 - a packed model file written by `merge.py --packed` (`sttn_jax.packed`);
 - an original PyTorch file (.pth/.pth.tar: a training checkpoint, {'state_dict'} or a bare
   state_dict, with or without `module.`).
-The arch comes from the source itself; `arch` only checks it. Variables come back exactly as
-stored: bwx2 latent kernels are not clamped here (evaluation and merging clamp them, as the
-original does before it binarizes); whatever the source, they are checked against the arch's tree
-and shapes and for NaN or Inf. Every problem is a CheckpointError naming the path and the fix.
+The arch comes from the source itself; `arch` only checks it. Variables come back as stored (bwx2
+latent kernels unclamped: evaluation and merging clamp them, as the original does before it
+binarizes), checked against the arch's tree and shapes and for NaN or Inf. Every problem is a
+CheckpointError naming the path and the fix.
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from sttn_jax import checkpoints, models, packed
 from sttn_jax.errors import ArchMismatchError, CheckpointError
+from sttn_jax.interop import torch_io
 
 MODEL_METADATA = "sttn_model.json"
 MODEL_ITEM = "variables"
@@ -170,30 +170,18 @@ def _load_workdir(path: Path, parts, arch, step) -> LoadedModel:
         raise CheckpointError(f"{workdir / which / str(step)}: its parameters are not those of "
                               f"any of {', '.join(models.ARCHS)}")
     _check(path, found, arch)
-    config = None
-    if (workdir / "config.json").is_file():
-        try:
-            config = json.loads((workdir / "config.json").read_text())
-        except ValueError:
-            config = None
+    try:
+        config = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):  # none, or damaged: the model is still usable
+        config = None
     return LoadedModel(variables, found, WORKDIR, str(path), step=step, selected=how,
                        config=config, meta=meta)
 
 
-def _load_torch_file(path: Path, arch) -> LoadedModel:
-    from sttn_jax.interop import torch_io
-
-    variables, found, meta = torch_io.load_torch_checkpoint_with_info(path, arch)
-    return LoadedModel(variables, found, PYTORCH, str(path), meta=meta)
-
-
 def load(source, arch: str | None = None, step: int | None = None) -> LoadedModel:
-    """The model at `source` (a workdir, a model checkpoint directory or a PyTorch file).
-
-    arch: None accepts what the source holds; otherwise it must match. step: a training step,
-    for workdirs only. Whatever the source, the variables are checked here, once, against the
-    model (tree, shapes, finite values): a damaged or diverged model is refused before any tool
-    computes with it or writes anything derived from it."""
+    """The model at `source` (see the module docstring). arch: None accepts what the source holds,
+    else it must match; step: a training step, workdirs only. The variables are checked here, once
+    (tree, shapes, finite values): no tool computes with or derives from a damaged model."""
     loaded = _read(source, arch, step)
     where = loaded.path if loaded.kind != WORKDIR else f"{loaded.path} (step {loaded.step})"
     models.check_variables(where, loaded.variables, loaded.arch)
@@ -203,11 +191,9 @@ def load(source, arch: str | None = None, step: int | None = None) -> LoadedMode
 def _is_packed(path: Path) -> bool:
     """A packed model file, also one whose zip directory is damaged: its first member is
     header.npy (a torch file's is data.pkl), so it gets the packed format's message and fix."""
-    if packed.is_packed_file(path):
-        return True
     with open(path, "rb") as f:
         head = f.read(64)
-    return head.startswith(b"PK\x03\x04") and b"header.npy" in head
+    return packed.is_packed_file(path) or (head.startswith(b"PK\x03\x04") and b"header.npy" in head)
 
 
 def _read(source, arch, step) -> LoadedModel:
@@ -237,4 +223,5 @@ def _read(source, arch, step) -> LoadedModel:
         variables, found, meta = packed.read(path)
         _check(path, found, arch)
         return LoadedModel(variables, found, PACKED, str(path), meta=meta)
-    return _load_torch_file(path, arch)
+    variables, found, meta = torch_io.load_torch_checkpoint_with_info(path, arch)
+    return LoadedModel(variables, found, PYTORCH, str(path), meta=meta)

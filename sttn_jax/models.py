@@ -9,7 +9,7 @@ original's 7x7 map before pooling).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -19,9 +19,7 @@ from flax import traverse_util
 
 from ops import ternary_activation
 from sttn_jax.errors import CheckpointError, ConfigError
-from sttn_jax.layers import BatchNorm, BinaryPairConv, Conv, Dense, Int8TernaryConv, PReLU
-
-Dtype = Any
+from sttn_jax.layers import BatchNorm, BinaryPairConv, Conv, Dense, Dtype, Int8TernaryConv, PReLU
 
 BWX2, TERNARY, TEACHER = "resnet18_bwx2", "resnet18_ter", "resnet50"
 # The architectures by name: what `create` builds, every tool accepts and every message lists.
@@ -34,13 +32,12 @@ ARCHS = {
 RESNET18_BLOCKS = ((64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2),
                    (256, 256, 1), (256, 512, 2), (512, 512, 1))
 FIRST_BLOCK_INDEX = 4
-INFERENCE_DTYPES = (None, "float", "int8")
+MIN_IMAGE_SIZE = 32
 
 
 def max_pool_torch(x, window: int, stride: int, padding: int = 0):
     """nn.MaxPool2d: padding counts as -inf, floor output size."""
-    pad = ((padding, padding), (padding, padding))
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
+    return nn.max_pool(x, (window,) * 2, strides=(stride,) * 2, padding=((padding, padding),) * 2)
 
 
 class STTNBasicBlock(nn.Module):
@@ -55,12 +52,8 @@ class STTNBasicBlock(nn.Module):
     bn_axis_name: str | None = None
     inference_dtype: str | None = None
 
-    @property
-    def int8(self) -> bool:
-        return self.inference_dtype == "int8"
-
     def _conv(self, name, stride):
-        if self.int8:
+        if self.inference_dtype == "int8":
             return Int8TernaryConv(self.out_channels, stride, dtype=self.dtype, name=name)
         if self.ternary_weights:
             return Conv(self.out_channels, 3, stride, 1, use_bias=True, dtype=self.dtype, name=name)
@@ -71,30 +64,26 @@ class STTNBasicBlock(nn.Module):
 
     def _activation(self, x):
         out = ternary_activation(x, self.act_backend)
-        return out.astype(jnp.int8) if self.int8 else out  # exact: the values are -1, 0, +1
+        return out.astype(jnp.int8) if self.inference_dtype == "int8" else out  # exact: -1, 0, 1
 
     @nn.compact
     def __call__(self, x, train: bool):
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"block expects {self.in_channels} channels, got {x.shape[-1]}")
         out = self._activation(self._bn("bn1")(x, train))
-        if self.stride == 2:
-            shortcut = max_pool_torch(x, 2, 2)
-            shortcut = jnp.concatenate([shortcut, jnp.zeros_like(shortcut)], axis=-1)
-        else:
-            shortcut = x
+        shortcut = x
+        if self.stride == 2:  # halve the map, zeros for the new channels
+            shortcut = jnp.pad(max_pool_torch(x, 2, 2), ((0, 0),) * 3 + ((0, x.shape[-1]),))
         out = self._bn("bn_add1")(self._conv("conv1", self.stride)(out), train) + shortcut
-        out = PReLU(dtype=self.dtype, name="prelu1")(out)
-        add = out
-        out = self._activation(self._bn("bn2")(out, train))
-        out = self._bn("bn_add2")(self._conv("conv2", 1)(out), train) + add
+        mid = PReLU(dtype=self.dtype, name="prelu1")(out)
+        out = self._activation(self._bn("bn2")(mid, train))
+        out = self._bn("bn_add2")(self._conv("conv2", 1)(out), train) + mid
         return PReLU(dtype=self.dtype, name="prelu2")(out)
 
 
 class STTNResNet18(nn.Module):
-    """`resnet18_bwx2` (ternary_weights=False) and `resnet18_ter` (True) of the original.
-    inference_dtype="int8" (resnet18_ter only, evaluation only) runs the 16 block convolutions in
-    integers on `sttn_jax.quantize.int8_variables(variables)`."""
+    """`resnet18_bwx2` (ternary_weights=False) and `resnet18_ter` (True) of the original;
+    inference_dtype="int8": see `create`."""
     num_classes: int = 1000
     ternary_weights: bool = False
     dtype: Dtype = jnp.float32
@@ -105,8 +94,6 @@ class STTNResNet18(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         check_images(x)
-        check_inference_dtype(TERNARY if self.ternary_weights else BWX2,
-                              self.inference_dtype)
         if train and self.inference_dtype == "int8":
             raise ValueError("the int8 model is for inference only: call it with train=False, or "
                              "train the resnet18_bwx2 model and merge it")
@@ -123,14 +110,10 @@ class STTNResNet18(nn.Module):
         return Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
 
 
-def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
-    """torchvision's ResNet conv init: kaiming_normal_(mode='fan_out', nonlinearity='relu')."""
-    return nn.initializers.variance_scaling(2.0, "fan_out", "normal")(key, shape, dtype)
-
-
-def torch_linear_kernel(key, shape, dtype=jnp.float32):
-    """nn.Linear's default weight init, U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a=sqrt(5))."""
-    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")(key, shape, dtype)
+# torchvision's ResNet conv init: kaiming_normal_(mode='fan_out', nonlinearity='relu').
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# nn.Linear's default weight init, U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a=sqrt(5)).
+torch_linear_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 class Bottleneck(nn.Module):
@@ -149,11 +132,9 @@ class Bottleneck(nn.Module):
         out = nn.relu(bn("bn1")(conv(self.planes, 1, 1, 0, "conv1")(x), train))
         out = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, 1, "conv2")(out), train))
         out = bn("bn3")(conv(self.planes * 4, 1, 1, 0, "conv3")(out), train)
-        identity = x
         if self.downsample:
-            identity = bn("downsample_1")(conv(self.planes * 4, 1, self.stride, 0, "downsample_0")(x),
-                                          train)
-        return nn.relu(out + identity)
+            x = bn("downsample_1")(conv(out.shape[-1], 1, self.stride, 0, "downsample_0")(x), train)
+        return nn.relu(out + x)
 
 
 class ResNet50(nn.Module):
@@ -171,20 +152,13 @@ class ResNet50(nn.Module):
                  name="conv1")(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name="bn1")(x, train))
         x = max_pool_torch(x, 3, 2, 1)
-        in_planes = 64
         for stage, blocks in enumerate(self.stage_sizes):
-            planes = 64 * 2 ** stage
-            for b in range(blocks):
+            for b in range(blocks):  # the first block of a stage projects: 4x the channels
                 stride = 2 if (stage > 0 and b == 0) else 1
-                downsample = b == 0 and (stride != 1 or in_planes != planes * 4)
-                x = Bottleneck(planes, stride, downsample, self.dtype, self.bn_axis_name,
+                x = Bottleneck(64 * 2 ** stage, stride, b == 0, self.dtype, self.bn_axis_name,
                                name=f"layer{stage + 1}_{b}")(x, train)
-                in_planes = planes * 4
         x = jnp.mean(x, axis=(1, 2))
         return Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_linear_kernel, name="fc")(x)
-
-
-MIN_IMAGE_SIZE = 32
 
 
 def check_images(x):
@@ -199,39 +173,27 @@ def check_images(x):
 
 def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: str = "auto",
            bn_axis_name: str | None = None, inference_dtype: str | None = None) -> nn.Module:
-    """The Flax module for `arch`, one of ARCHS ("resnet18_bwx2", "resnet18_ter", "resnet50").
-
-    dtype: computation dtype (float32; bfloat16 for speed; float64 with jax x64 for parity checks).
-    Parameters are created in float32 either way. act_backend: see `ops.ternary_activation`.
-    bn_axis_name: a mapped axis over which BatchNorm statistics are synchronised in training.
-    inference_dtype: None or "float" (the float model), or "int8" (resnet18_ter only): the 16 block
-    convolutions in integers, applied to `sttn_jax.quantize.int8_variables(variables)`, eval only.
-    """
+    """The Flax module for `arch`, one of ARCHS. dtype: the computation dtype (bfloat16 for speed,
+    float64 with jax x64 for parity checks; parameters are float32 either way). act_backend: see
+    `ops.ternary_activation`. bn_axis_name: a mapped axis to synchronise BatchNorm statistics over.
+    inference_dtype: None or "float" (an alias), or "int8" (resnet18_ter, eval only: the 16 block
+    convolutions in integers, on `sttn_jax.quantize.int8_variables(variables)`)."""
     check_arch(arch)
-    inference_dtype = check_inference_dtype(arch, inference_dtype)
-    if arch == TEACHER:
-        return ResNet50(num_classes, dtype, bn_axis_name)
-    return STTNResNet18(num_classes, arch == TERNARY, dtype, act_backend, bn_axis_name,
-                        inference_dtype)
-
-
-def check_inference_dtype(arch: str, inference_dtype: str | None) -> str | None:
-    """None for the float model ("float" is an alias), "int8" where `arch` has an int8 form."""
-    if inference_dtype not in INFERENCE_DTYPES:
+    if inference_dtype not in (None, "float", "int8"):
         raise ValueError(f"unknown inference_dtype {inference_dtype!r}; choose None (float) or 'int8'")
     if inference_dtype == "int8" and arch != TERNARY:
         raise ValueError(f"inference_dtype='int8' needs the merged ternary model: create "
                          f"'resnet18_ter' (merge a resnet18_bwx2 with merge.py), not {arch!r}")
-    return None if inference_dtype == "float" else inference_dtype
+    if arch == TEACHER:
+        return ResNet50(num_classes, dtype, bn_axis_name)
+    return STTNResNet18(num_classes, arch == TERNARY, dtype, act_backend, bn_axis_name,
+                        None if inference_dtype == "float" else inference_dtype)
 
 
 def init_variables(module: nn.Module, rng, image_size: int = 224, batch: int = 1):
     """{'params', 'batch_stats'} for `module`, created from a dummy batch (float32 parameters)."""
     x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
     return jax.jit(lambda r: module.init(r, x, train=False))(rng)
-
-
-# -- checks and facts of a parameter tree ----------------------------------------------------------
 
 
 def check_arch(arch: str) -> None:

@@ -57,8 +57,7 @@ def _pack(variables) -> dict[str, np.ndarray]:
                              "(merge.py writes float32 models)")
         if name in TERNARY:
             codes, scale = quantize.ternary_codes(leaf, name=name)
-            codes = codes.ravel()
-            fields.append(FIELD_OF_CODE[codes.astype(np.int64) + 2])
+            fields.append(FIELD_OF_CODE[codes.ravel().astype(np.int64) + 2])
             signs.append(codes[np.abs(codes) == 1] < 0)
             alphas.append(scale)
         else:

@@ -1,11 +1,10 @@
 """Integer form of a merged ternary model, for int8 inference and the packed file.
 
 A merged convolution's kernel is T = alpha (sign W1 + sign W2): per output channel (last axis)
-every weight is one of -2a, -a, 0, +a, +2a (the +-a levels only where a latent weight was exactly
-0). So T = codes * scale exactly, with integer codes in {-2, ..., 2} and one float32 scale per
-channel. `ternary_codes` finds that split and refuses any kernel that does not have it;
-`int8_variables` applies it to the 16 block convolutions of a resnet18_ter model (host numpy, once),
-which is what `models.create("resnet18_ter", inference_dtype="int8")` runs on.
+every weight is one of -2a, -a, 0, +a, +2a (+-a only where a latent weight was exactly 0), so
+T = codes * scale exactly, with integer codes in {-2, ..., 2} and a float32 scale per channel.
+`ternary_codes` finds that split (refusing kernels without it); `int8_variables` applies it to
+resnet18_ter's 16 block convolutions (host numpy, once) for its int8 model.
 """
 from __future__ import annotations
 
@@ -59,14 +58,12 @@ def ternary_codes(kernel, name: str = "kernel") -> tuple[np.ndarray, np.ndarray]
 
 def kernel_from_codes(codes, scale, dtype=np.float32) -> np.ndarray:
     """The kernel back from `ternary_codes`'s output (exact, in the kernel's original `dtype`)."""
-    dtype = np.dtype(dtype)
     return np.asarray(codes).astype(dtype) * np.asarray(scale).astype(dtype)
 
 
 def int8_variables(variables):
-    """resnet18_ter variables with each of the 16 ternary kernels replaced by its `codes` (int8,
-    HWIO) and `scale` (float32 per output channel), for the int8 inference model. Everything else
-    (bias, stem, BatchNorm, PReLU, fc, batch_stats) is returned unchanged."""
+    """resnet18_ter variables for the int8 model: each of the 16 ternary kernels replaced by its
+    `codes` (int8, HWIO) and `scale` (float32 per output channel), all else unchanged."""
     flat = traverse_util.flatten_dict(dict(variables["params"]), sep="/")
     for path in ternary_conv_paths():
         if f"{path}/{CODES}" in flat:

@@ -2,18 +2,15 @@
 
 `build_merge_report(bwx2_params, ternary_variables, image_size=224)` gives
 - `layers`: per merged convolution (the 16 binary pairs), the fraction of its weights at each level
-  of T = alpha (sign W1 + sign W2): -2a, -a, 0, +a, +2a (the +-a levels appear only where a latent
-  weight is exactly 0, sign(0) = 0), its sparsity (the 0 level), alpha (one per output channel) as
-  mean / min / max, and its MACs per image;
-- `overall`: the same fractions over all ternary weights;
-- `parameters`: ternary (the merged conv kernels) + full precision (everything else) = the model's
-  parameter count (11,530,216 for resnet18_ter at 1000 classes); the BatchNorm running statistics
-  and the per-channel alphas are listed apart (not parameters of the float model);
-- `size_bytes`: the parameters as float32 vs the packed model file's tensor data
-  (`sttn_jax.packed`: 2-bit ternary kernels, a float32 alpha per output channel, a sign bit per
-  +-a weight, every other tensor, BatchNorm running statistics included, as stored);
-- `macs`: multiply-accumulates per image at `image_size`, ternary (the merged convolutions) vs full
-  precision (stem conv, fc).
+  -2a, -a, 0, +a, +2a of T = alpha (sign W1 + sign W2) (+-a only where a latent weight is exactly
+  0, sign(0) = 0), its sparsity (the 0 level), alpha per output channel (mean / min / max) and its
+  MACs per image; `overall`: the same fractions over all ternary weights;
+- `parameters`: ternary (the merged conv kernels) + full precision (the rest) = the model's
+  parameter count (11,530,216 for resnet18_ter at 1000 classes); BatchNorm running statistics and
+  alphas are counted apart (not parameters of the float model);
+- `size_bytes`: the float32 parameters vs the packed model file's tensor data (`sttn_jax.packed`,
+  BatchNorm running statistics included);
+- `macs`: per image at `image_size`, ternary (the merged convolutions) vs full precision (stem, fc).
 `sttn_jax.report_format` prints and plots it.
 """
 from __future__ import annotations
@@ -37,21 +34,15 @@ FLOAT_BYTES = 4
 REPORT_FORMAT = "sttn-jax merge report"
 
 
-def _torch_name(flax_path: str) -> str:
-    return ".".join(torch_module_name(p) for p in flax_path.split("/"))
-
-
 def pair_layer_stats(w1, w2) -> dict:
     """Level counts/fractions, sparsity and alpha statistics of one binary pair (HWIO latent
     kernels; clamped to [-1, 1] here, as the merge does: alpha depends on the clamp, signs not)."""
-    w1 = np.clip(np.asarray(w1, np.float64), -1, 1)
-    w2 = np.clip(np.asarray(w2, np.float64), -1, 1)
+    w1, w2 = (np.clip(np.asarray(w, np.float64), -1, 1) for w in (w1, w2))
     levels = (np.sign(w1) + np.sign(w2)).astype(np.int64)  # in {-2, ..., 2}
     counts = np.bincount(levels.ravel() + 2, minlength=5)
     n = int(levels.size)
-    fan_in = math.prod(w1.shape[:-1])
     axes = tuple(range(w1.ndim - 1))
-    alpha = (np.abs(w1).sum(axis=axes) + np.abs(w2).sum(axis=axes)) / (2 * fan_in)
+    alpha = (np.abs(w1).sum(axis=axes) + np.abs(w2).sum(axis=axes)) / (2 * math.prod(w1.shape[:-1]))
     return {
         "shape_hwio": [int(d) for d in w1.shape],
         "weights": n,
@@ -67,38 +58,28 @@ def layer_calls(arch: str, num_classes: int, image_size: int) -> list[dict]:
     """Every Conv / BinaryPairConv / Dense call of `arch` on one image of `image_size`, in order:
     {"path", "type", "input_shape", "output_shape", "kernel", "macs"} (shapes only: jax.eval_shape)."""
     module = models.create(arch, num_classes=num_classes)
-    calls = []
+    calls = {}  # by path: init traces each module once, keep the first record anyway
 
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__" and isinstance(
                 mod, (layers.Conv, layers.BinaryPairConv, layers.Dense)):
-            x = args[0]
-            cin = int(x.shape[-1])
-            if isinstance(mod, layers.Dense):
-                kernel = [cin, int(mod.features)]
-                macs = cin * int(mod.features)
-            else:
-                k = int(mod.kernel_size)
-                kernel = [k, k, cin, int(mod.features)]
-                macs = int(out.shape[1]) * int(out.shape[2]) * k * k * cin * int(mod.features)
-            calls.append({"path": "/".join(mod.scope.path), "type": type(mod).__name__,
-                          "input_shape": [int(d) for d in x.shape[1:]],
-                          "output_shape": [int(d) for d in out.shape[1:]],
-                          "kernel": kernel, "macs": macs})
+            x, path = args[0], "/".join(mod.scope.path)
+            kernel = [int(x.shape[-1]), int(mod.features)]
+            if not isinstance(mod, layers.Dense):
+                kernel = [int(mod.kernel_size)] * 2 + kernel
+            calls.setdefault(path, {  # macs: kernel weights times output positions
+                "path": path, "type": type(mod).__name__,
+                "input_shape": [int(d) for d in x.shape[1:]],
+                "output_shape": [int(d) for d in out.shape[1:]],
+                "kernel": kernel, "macs": math.prod(kernel) * math.prod(out.shape[1:-1])})
         return out
 
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     with nn.intercept_methods(interceptor):
         jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
-    # init traces each module once; keep the first record per path
-    seen, unique = set(), []
-    for c in calls:
-        if c["path"] not in seen:
-            seen.add(c["path"])
-            unique.append(c)
-    return unique
+    return list(calls.values())
 
 
 def _category(key: tuple[str, ...], ternary_modules: set[str], flat: dict) -> str:
@@ -131,8 +112,8 @@ def build_merge_report(bwx2_params, ternary_variables, *, image_size: int = 224,
         if merged_shape != stats["shape_hwio"]:
             raise ValueError(f"{path}: merged kernel {merged_shape} vs pair {stats['shape_hwio']}")
         h, w, i, o = stats["shape_hwio"]
-        layers_out.append({"name": _torch_name(path), "flax_path": path,
-                           "torch_shape": [o, i, h, w], **stats,
+        layers_out.append({"name": ".".join(torch_module_name(p) for p in path.split("/")),
+                           "flax_path": path, "torch_shape": [o, i, h, w], **stats,
                            "output_shape": calls[path]["output_shape"],
                            "macs": calls[path]["macs"]})
     total_w = sum(layer["weights"] for layer in layers_out)
@@ -148,7 +129,6 @@ def build_merge_report(bwx2_params, ternary_variables, *, image_size: int = 224,
         breakdown[cat] = breakdown.get(cat, 0) + int(np.size(leaf))
     total = sum(breakdown.values())
     ternary = breakdown.pop("ternary conv kernels", 0)
-    full = total - ternary
     if ternary != total_w:
         raise AssertionError(f"parameter counts do not add up: {ternary} ternary kernel weights "
                              f"vs {total_w} in the pairs")
@@ -160,8 +140,7 @@ def build_merge_report(bwx2_params, ternary_variables, *, image_size: int = 224,
         lambda a: np.asarray(a, np.float32) if np.asarray(a).dtype.kind == "f" else a,
         ternary_variables))
     size = {"float32": total * FLOAT_BYTES, "packed_ternary": sum(parts.values()),
-            "packed_breakdown": parts,
-            "batchnorm_running_stats_float32": stats_count * FLOAT_BYTES}
+            "packed_breakdown": parts, "batchnorm_running_stats_float32": stats_count * FLOAT_BYTES}
     size["compression"] = size["float32"] / size["packed_ternary"]
 
     tern_macs = sum(c["macs"] for p, c in calls.items() if p in pairs)
@@ -172,7 +151,7 @@ def build_merge_report(bwx2_params, ternary_variables, *, image_size: int = 224,
         "format": REPORT_FORMAT, "version": 1, "arch": models.TERNARY, "num_classes": num_classes,
         "image_size": image_size, "source": source or {}, "check": check or {},
         "layers": layers_out, "overall": overall,
-        "parameters": {"ternary": ternary, "full_precision": full, "total": total,
+        "parameters": {"ternary": ternary, "full_precision": total - ternary, "total": total,
                        "full_precision_breakdown": breakdown,
                        "batchnorm_running_stats": stats_count, "alphas": alphas},
         "size_bytes": size, "macs": macs,

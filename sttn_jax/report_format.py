@@ -28,23 +28,16 @@ def layer_table(num_classes: int, image_size: int) -> str:
 
 def format_report(rep: dict) -> str:
     """The report as text tables (what merge.py prints)."""
-    lines = []
     src = rep.get("source") or {}
     head = f"merge report: {rep['arch']} ({rep['num_classes']} classes)"
     if src:
-        where = src.get("path", "")
-        if src.get("step") is not None:
-            where += f" step {src['step']}"
-        head += f" from {src.get('arch', '?')} {where}"
-    lines.append(head)
-    lines.append("")
-    lines.append("ternary weights per merged convolution: T = alpha (sign W1 + sign W2)")
-    hdr = (f"  {'layer':18s} {'shape (O,I,H,W)':>17s} {'-2a':>7s} {'-a':>7s} {'0':>7s} "
-           f"{'+a':>7s} {'+2a':>7s} {'alpha mean':>11s} {'min':>10s} {'max':>10s}")
-    lines.append(hdr)
+        step = f" step {src['step']}" if src.get("step") is not None else ""
+        head += f" from {src.get('arch', '?')} {src.get('path', '')}{step}"
+    lines = [head, "", "ternary weights per merged convolution: T = alpha (sign W1 + sign W2)",
+             f"  {'layer':18s} {'shape (O,I,H,W)':>17s} {'-2a':>7s} {'-a':>7s} {'0':>7s} "
+             f"{'+a':>7s} {'+2a':>7s} {'alpha mean':>11s} {'min':>10s} {'max':>10s}"]
     for layer in rep["layers"]:
-        f = layer["fractions"]
-        a = layer["alpha"]
+        f, a = layer["fractions"], layer["alpha"]
         shape = "x".join(str(d) for d in layer["torch_shape"])
         lines.append(f"  {layer['name']:18s} {shape:>17s} " + " ".join(
             f"{100 * f[lv]:6.2f}%" for lv in LEVELS)
@@ -52,19 +45,16 @@ def format_report(rep: dict) -> str:
     o = rep["overall"]
     lines.append(f"  {'all 16':18s} {o['ternary_weights']:>17,d} " + " ".join(
         f"{100 * o['fractions'][lv]:6.2f}%" for lv in LEVELS))
-    lines.append(f"  overall sparsity (weights at 0): {100 * o['sparsity']:.2f}%"
-                 + ("" if o["half_levels"] == 0 else
-                    f"; {o['half_levels']:,d} weights at +-alpha (a latent weight exactly 0)"))
-    lines.append("")
+    lines += [f"  overall sparsity (weights at 0): {100 * o['sparsity']:.2f}%"
+              + ("" if o["half_levels"] == 0 else
+                 f"; {o['half_levels']:,d} weights at +-alpha (a latent weight exactly 0)"), ""]
     p = rep["parameters"]
     lines.append(f"parameters: {p['total']:,d} = {p['ternary']:,d} ternary "
                  f"({100 * p['ternary'] / p['total']:.2f}%) + {p['full_precision']:,d} full precision")
-    for k, v in p["full_precision_breakdown"].items():
-        lines.append(f"  {k:38s} {v:>12,d}")
+    lines += [f"  {k:38s} {v:>12,d}" for k, v in p["full_precision_breakdown"].items()]
     lines.append(f"  (not parameters: {p['alphas']:,d} alphas, {p['batchnorm_running_stats']:,d} "
                  "BatchNorm running statistics)")
-    s = rep["size_bytes"]
-    pb = s["packed_breakdown"]
+    s, pb = rep["size_bytes"], rep["size_bytes"]["packed_breakdown"]
     lines.append(f"model size: {_size(s['float32'])} of float32 parameters, "
                  f"{_size(s['packed_ternary'])} packed ({_size(pb['codes'])} 2-bit kernels + "
                  f"{_size(pb['alphas'])} alphas + {_size(pb['half_signs'])} +-alpha signs + "

@@ -1,13 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the whole training run, resumable.
 
-The workdir holds `checkpoints/` (the last k steps and the best evaluated one), TensorBoard events
-in `tensorboard/`, `config.json`, `train.log` and, at the end, `final_metrics.json`. Running
-the same command on the workdir of an interrupted run (killed, preempted, out of disk) resumes
-exactly: the state comes from the newest complete checkpoint, and the data stream is a pure
-function of (seed, epoch, data_shards) from which the batches already seen are skipped.
-"""
-from __future__ import annotations
-
+The workdir holds `checkpoints/` (the last k steps and the best evaluated one), `tensorboard/`,
+`config.json`, `train.log` and, at the end, `final_metrics.json`. An interrupted run (killed,
+preempted, out of disk) resumes exactly: the state comes from the newest complete checkpoint, and
+the data stream is a pure function of (seed, epoch, data_shards), the batches seen skipped."""
 import json
 import signal
 import threading
@@ -16,6 +12,7 @@ from pathlib import Path
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from sttn_jax import checkpoints, evaluation, model_io, models, training, workdir as workdir_lib
 from sttn_jax.data import pipeline, sources
@@ -28,9 +25,7 @@ class Preempted(Exception):
 
 
 def load_teacher(config):
-    """The teacher's variables, refused before any training when the file holds another arch or
-    another number of classes (it would otherwise fail in the first compiled step), or is damaged
-    (model_io.load's message, prefixed with the flag that named the file)."""
+    """The teacher's variables, refused before training: another arch or classes, or damaged."""
     path, want = config.teacher_checkpoint, config.teacher_arch
     if want not in models.ARCHS:
         raise ConfigError(f"config.teacher_arch={want!r}: choose one of {list(models.ARCHS)} "
@@ -144,7 +139,6 @@ def _train(config, workdir: Path, mesh, teacher) -> dict:
                     raise Preempted(f"preempted at step {step}; checkpoint saved")
                 if step >= total_steps:
                     break
-        nonfinite.flush()
     finally:
         term.restore()
         progress.close()
@@ -173,27 +167,21 @@ def _fmt(metrics: dict) -> str:
 
 
 class _NonFiniteWatch:
-    """Acts on a step's `finite` metric one step late, so checking never stalls the device. The
-    step itself already kept the old state on a non-finite loss (`training.make_train_step`)."""
+    """Reads a step's `finite` metric one step late, so checking never stalls the device."""
 
     def __init__(self, config, workdir: Path):
-        self.skip = bool(config.skip_nonfinite_steps)
-        self.workdir = workdir
-        self.pending = None
-        self.skipped = 0
+        self.skip, self.workdir = bool(config.skip_nonfinite_steps), workdir
+        self.pending, self.skipped = None, 0
 
     def push(self, step: int, metrics) -> None:
         self.flush()
         self.pending = (step, metrics["finite"], metrics["loss"])
 
     def flush(self) -> None:
-        if self.pending is None:
+        pending, self.pending = self.pending, None
+        if pending is None or float(jax.device_get(pending[1])):
             return
-        step, finite, loss = self.pending
-        self.pending = None
-        if float(jax.device_get(finite)):
-            return
-        loss = float(jax.device_get(loss))
+        step, loss = pending[0], float(jax.device_get(pending[2]))
         if self.skip:
             self.skipped += 1
             logging.warning("loss is %s at step %d: step skipped (parameters unchanged; %d skipped "
@@ -207,31 +195,20 @@ class _NonFiniteWatch:
 
 
 class _TermSignal:
-    """SIGTERM, the usual preemption notice, as "save and stop after this step", at the same step
-    on every process.
-
-    One process: a Python handler notes the signal and the loop asks after each step. Several
-    processes: the notice often reaches one host only, or the hosts at different steps, and a save
-    is collective, so a process stopping on its own would hang the others. There JAX's preemption
-    service (started by jax.distributed.initialize) takes SIGTERM on any host, tells the others,
-    and `multihost_utils.reached_preemption_sync_point` turns True at one step on all of them."""
+    """SIGTERM (preemption) as "save and stop after this step", at the same step on every process.
+    Several processes: the notice may reach one host only, and a save is collective, so JAX's
+    preemption service (from jax.distributed.initialize) takes SIGTERM on any host and
+    `reached_preemption_sync_point` turns True at one step on all."""
 
     def __init__(self):
-        self.received = False
-        self._old = None
+        self.received, self._old = False, None
         self._multi = jax.process_count() > 1
         if not self._multi and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.received = True
+            self._old = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "received", True))
 
     def reached(self, step: int) -> bool:
         if not self._multi:
             return self.received
-        from jax.experimental import multihost_utils
-
         try:
             return multihost_utils.reached_preemption_sync_point(step)
         except RuntimeError as e:  # the service is off (jax_enable_preemption_service=False)
@@ -242,4 +219,3 @@ class _TermSignal:
     def restore(self):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
-            self._old = None

@@ -1,18 +1,12 @@
-"""The training state, the train step and the eval step, built from the config and the mesh (in
-the shape of Flax's examples/imagenet).
+"""The training state, the train step and the eval step (in the shape of Flax's examples/imagenet).
 
 A training step is the original algorithm (docs/original.md, "Weight binarization"): clamp the
 latent kernels to [-1, 1] (persistently), run teacher and student, take the gradient of the
 distillation loss through the folded convolutions (`ops.fold_binary_pair` applies the original
-gradient rule), average it over the data axis, let Adam update the latent weights.
-
-Data parallelism: `jax.shard_map` over a 1-D mesh axis "data" spanning every device of every
-process; parameters replicated, batches split. With config.sync_batch_stats, BatchNorm statistics
-are synchronised over the axis (N devices compute what one does on the global batch); else each
-device normalises its own shard, as the original's `nn.DataParallel` did.
-"""
-from __future__ import annotations
-
+gradient rule), average it over the data axis, let Adam update the latent weights. `shard_map`
+over the mesh axis "data" (every device of every process) replicates parameters and splits
+batches; BatchNorm statistics are synchronised over it with config.sync_batch_stats, else each
+device normalises its own shard (as the original's DataParallel)."""
 import math
 from typing import Any, Callable
 
@@ -57,9 +51,6 @@ def shard_batch(mesh: Mesh, batch: dict) -> dict:
             for k, v in batch.items()}
 
 
-# -- checks ---------------------------------------------------------------------------------------
-
-
 def check_model_config(config) -> None:
     """What training and evaluation share: the dtype and the image and resize sizes."""
     if config.dtype not in DTYPES:
@@ -99,9 +90,6 @@ def check_config(config, num_devices: int) -> None:
         raise ConfigError("config.checkpoint_every_steps must be positive")
 
 
-# -- state ----------------------------------------------------------------------------------------
-
-
 def learning_rate_fn(config, steps_per_epoch: int) -> Callable:
     """The original schedule: lr = 0.5 * base * (1 + cos(pi * epoch / epochs)), set per epoch."""
     def schedule(step):
@@ -138,9 +126,8 @@ def create_train_state(config, mesh: Mesh, tx, rng=None, variables=None) -> Trai
 def abstract_train_state(config, mesh: Mesh, tx) -> TrainState:
     """Shapes, dtypes and shardings of a state: to restore a checkpoint, and its size on disk."""
     module = models.create(config.arch, config.num_classes)
-    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda: _state(config, module.init(jax.random.PRNGKey(0), images,
-                                                               train=False), tx))
+    shapes = jax.eval_shape(lambda: _state(config, models.init_variables(
+        module, jax.random.PRNGKey(0), config.image_size), tx))
     return jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), shapes)
 
@@ -148,9 +135,6 @@ def abstract_train_state(config, mesh: Mesh, tx) -> TrainState:
 def eval_variables(state: TrainState) -> dict:
     """The variables a trained state evaluates with (latent kernels clamped, as the original)."""
     return {"params": ops.clamp_latent_kernels(state.params), "batch_stats": state.batch_stats}
-
-
-# -- losses and metrics ---------------------------------------------------------------------------
 
 
 def distillation_loss(student_logits, teacher_logits):
@@ -173,19 +157,14 @@ def topk_correct(logits, labels, k: int):
 
 def ternary_zero_fraction(params):
     """Fraction of zeros in the ternary kernels the pairs fold into (sign W1 = -sign W2)."""
-    zeros = [jnp.sum(jnp.sign(p["kernel_1"]) + jnp.sign(p["kernel_2"]) == 0)
-             for _, p in ops.binary_pairs(params)]
-    total = sum(p["kernel_1"].size for _, p in ops.binary_pairs(params))
-    return sum(zeros) / total if zeros else jnp.zeros(())
-
-
-# -- steps ----------------------------------------------------------------------------------------
+    pairs = [p for _, p in ops.binary_pairs(params)]
+    zeros = [jnp.sum(jnp.sign(p["kernel_1"]) + jnp.sign(p["kernel_2"]) == 0) for p in pairs]
+    return sum(zeros) / sum(p["kernel_1"].size for p in pairs) if pairs else jnp.zeros(())
 
 
 def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)`, jitted over the mesh, with the teacher's
-    variables (if any) bound here, once. A non-finite loss leaves the state as it was but for the
-    step counter (metrics["finite"] says so)."""
+    """`train_step(state, batch) -> (state, metrics)`, jitted over the mesh, the teacher's
+    variables (if any) bound once. A non-finite loss keeps the state but for the step counter."""
     dtype = DTYPES[config.dtype]
     axis = DATA_AXIS if config.sync_batch_stats else None
     student = models.create(config.arch, config.num_classes, dtype, config.act_backend, axis)
@@ -207,9 +186,8 @@ def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
                                             train=True, mutable=["batch_stats"])
             loss = (distillation_loss(logits, t_logits) if teacher is not None
                     else jnp.mean(cross_entropy_loss(logits, labels)))
-            # The mean over devices inside the differentiated function: shard_map's autodiff
-            # already sums the cotangents of the replicated parameters over the axis, so this
-            # yields the global-batch gradient (an extra pmean of the gradient would not).
+            # pmean of the loss inside the differentiated function: shard_map's autodiff sums the
+            # replicated params' cotangents over the axis: the gradient is already the global one.
             return jax.lax.pmean(loss, DATA_AXIS), (logits, updates["batch_stats"])
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -221,17 +199,16 @@ def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
         new_state = TrainState(step=state.step + 1, params=optax.apply_updates(params, updates),
                                batch_stats=batch_stats, opt_state=opt_state)
         finite = jnp.isfinite(loss)
-        kept = state.replace(step=state.step + 1)
-        new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
+        new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state,
+                                           state.replace(step=state.step + 1))
         metrics = {"loss": loss, "finite": finite.astype(jnp.float32),
                    "top1": jax.lax.pmean(jnp.mean(topk_correct(logits, labels, 1)), DATA_AXIS),
                    "top5": jax.lax.pmean(jnp.mean(topk_correct(logits, labels, 5)), DATA_AXIS),
                    "ternary_zero_fraction": ternary_zero_fraction(new_state.params)}
         return new_state, metrics
 
-    mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
-                           out_specs=(P(), P()))
-    step = jax.jit(mapped, donate_argnums=(0,))
+    step = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
+                                 out_specs=(P(), P())), donate_argnums=(0,))
     bound = jax.device_put(teacher_variables, replicated(mesh))
 
     def train_step(state, batch):
@@ -242,8 +219,8 @@ def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
 
 
 def make_eval_step(config, mesh: Mesh, module=None) -> Callable:
-    """`eval_step(variables, batch) -> sums` of loss, top-1, top-5 and count over the real (mask 1)
-    examples of the global batch."""
+    """`eval_step(variables, batch) -> sums` of loss, top-1, top-5 and count of real (mask 1)
+    examples in the global batch."""
     model = module or models.create(config.arch, config.num_classes, DTYPES[config.dtype],
                                     config.act_backend)
 
@@ -260,8 +237,7 @@ def make_eval_step(config, mesh: Mesh, module=None) -> Callable:
 
 
 def evaluate(eval_step: Callable, mesh: Mesh, variables, batches, progress=None) -> dict:
-    """Top-1/top-5 (fractions), mean cross-entropy and count over `batches` (this process's
-    numpy batches with a mask); `progress()` after every batch."""
+    """Top-1/top-5 (fractions), mean cross-entropy and count over this process's `batches`."""
     totals = None
     for batch in batches:
         sums = eval_step(variables, shard_batch(mesh, batch))

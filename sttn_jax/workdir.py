@@ -1,15 +1,10 @@
 """The workdir of a training run: one run at a time, writable, with room for its checkpoints.
 
-The lock is `WORKDIR/.lock`, held with `fcntl.flock` for the life of the run and holding the
-holder's host and pid. The kernel drops a flock when its process dies, however it dies, so on one
-host a live holder always refuses a second run and a dead one never blocks the next. Another host's
-run cannot be checked that way (a shared filesystem may not carry flocks across hosts): a lock
-file written there is refused until the run is started with the takeover option.
-"""
-from __future__ import annotations
-
+The lock, `WORKDIR/.lock`, is flock'ed for the run and names its host and pid. The kernel drops a
+flock when its process dies, however it dies: on one host a live holder always refuses a second run
+and a dead one never blocks the next. Flocks may not carry across hosts (shared filesystems): a
+lock file written on another host is refused unless --take_over_lock."""
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -20,12 +15,12 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
+from sttn_jax.checkpoints import DISK_FULL
 from sttn_jax.errors import ConfigError, WorkdirLockedError
 
 LOCK_FILE = ".lock"
-TAKEOVER_FLAG = "--take_over_lock"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _holder(path: Path) -> dict:
@@ -53,7 +48,7 @@ def _acquire(path: Path, take_over: bool) -> int:
         raise WorkdirLockedError(
             f"workdir {path.parent} is locked by pid {held['pid']} on host {held['host']}, which "
             f"cannot be checked from {me}; if that run has ended, start this one with "
-            f"{TAKEOVER_FLAG}")
+            "--take_over_lock")
     if held.get("pid"):
         logging.warning("taking over the lock of workdir %s from pid %s on host %s (no longer "
                         "running)", path.parent, held["pid"], held.get("host"))
@@ -64,8 +59,7 @@ def _acquire(path: Path, take_over: bool) -> int:
 
 @contextlib.contextmanager
 def lock(workdir: Path, take_over: bool = False):
-    """Holds the workdir's lock for the `with` block; process 0 holds it for all processes, and
-    all of them stop when it cannot."""
+    """Holds the workdir's lock for the `with` block (process 0 for all; all stop if it cannot)."""
     path, fd, error = Path(workdir) / LOCK_FILE, None, None
     if jax.process_index() == 0:
         try:
@@ -73,8 +67,6 @@ def lock(workdir: Path, take_over: bool = False):
         except WorkdirLockedError as e:
             error = e
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         if multihost_utils.broadcast_one_to_all(np.int32(error is not None)) and error is None:
             error = WorkdirLockedError(f"workdir {workdir} is locked (process 0 says by whom)")
     if error is not None:
@@ -108,9 +100,8 @@ def free_bytes(path: Path) -> int:
 
 
 def check_space(workdir: Path, need: int) -> None:
-    """Refuses a workdir whose disk cannot take one more checkpoint of `need` bytes: the run would
-    otherwise fail at its first save, perhaps hours in (Orbax deletes the oldest checkpoint only
-    after the new one is written)."""
+    """Refuses a disk without room for one more checkpoint of `need` bytes (Orbax deletes the oldest
+    only after writing the new one), rather than fail at the first save, perhaps hours in."""
     free = free_bytes(workdir)
     if free < need:
         raise ConfigError(f"workdir {workdir} has {free >> 20} MiB free but one checkpoint of this "

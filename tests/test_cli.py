@@ -49,3 +49,15 @@ def test_every_tool_lists_every_flag_in_its_help_with_underscores():
         listed = set(re.findall(r"^\s+--(?:\[no\])?([a-z_]+):", r.stdout, re.M))
         assert wanted <= listed, (tool, wanted - listed)
         assert not any("-" in name for name in listed), (tool, listed)
+
+
+def test_a_lost_peer_is_one_line_without_status_word_or_source_location(monkeypatch, capsys):
+    exits = []
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    exc = RuntimeError("UNKNOWN: Gloo all-reduce failed: [external/gloo/pair.cc:589] Connection "
+                       "closed by peer [127.0.0.1]:1234\nmore detail")
+    cli._LostPeer().handle(exc)
+    err = capsys.readouterr().err.strip()
+    assert exits == [1] and "\n" not in err
+    assert err.startswith("error: lost contact with another process (in a collective: Gloo "
+                          "all-reduce failed: Connection closed by peer [127.0.0.1]:1234); ")

@@ -105,7 +105,7 @@ def test_merge_report_adds_up(merged):
     assert png[:8] == PNG_SIGNATURE and len(png) > 20_000
     text = report_format.format_report(rep)
     assert "features.11.conv2" in text and "11,530,216" in text
-    table = report_format.layer_table(rep["num_classes"], 32)
+    table = (merged.out / merging.LAYER_TABLE).read_text()
     assert "features_11" in table and "fc" in table and "\x1b[" not in table  # no colour codes
 
 

@@ -1,13 +1,10 @@
 """`sttn_digits`: scikit-learn's embedded 8x8 handwritten digits as a TFDS dataset (no download).
 
-1797 images (`sklearn.datasets.load_digits`, shipped inside scikit-learn), values 0..16 scaled to
-0..255 (round(v * 255 / 16)), upsampled 4x by pixel replication to 32x32, grey replicated to
-RGB, stored as PNG; labels 0..9. Fixed split, stratified and free of any random generator: within
-each digit class, in the original order, every 5th example (positions 4, 9, 14, ...) is test:
-1442 train, 355 test.
-
-`ensure_digits(data_dir)` builds it into data_dir once (about a second); afterwards the pipelines
-read it like any TFDS dataset.
+1797 images (`sklearn.datasets.load_digits`), values 0..16 scaled to 0..255 (round(v * 255 / 16)),
+upsampled 4x by pixel replication to 32x32, grey replicated to RGB, stored as PNG; labels 0..9.
+Fixed split, stratified and free of any random generator: within each digit class, in the original
+order, every 5th example (positions 4, 9, 14, ...) is test: 1442 train, 355 test.
+`ensure_digits(data_dir)` builds it into data_dir once (about a second).
 """
 from __future__ import annotations
 
@@ -44,8 +41,7 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
 
 @functools.cache
 def register():
-    """Defines (and so registers with TFDS) the builder; deferred so that importing this module
-    does not import TensorFlow."""
+    """Defines (so registers with TFDS) the builder; deferred: importing this must not import TF."""
     core, features = tfds().core, tfds().features
 
     class SttnDigits(core.GeneratorBasedBuilder):
@@ -68,8 +64,7 @@ def register():
 
         def _split_generators(self, dl_manager):
             del dl_manager  # nothing to download
-            return {"train": self._generate_examples("train"),
-                    "test": self._generate_examples("test")}
+            return {split: self._generate_examples(split) for split in ("train", "test")}
 
         def _generate_examples(self, split):
             images, labels = digits_arrays()

@@ -1,16 +1,16 @@
-"""A tiny fabricated ILSVRC2012, prepared through the real TFDS `imagenet2012` builder: the two
-tar files the builder expects in its manual_dir (train: one inner tar of JPEGs per synset; val:
-`ILSVRC2012_val_%08d.JPEG` files), then the builder's own `download_and_prepare`, so smoke runs read
-the records the real ImageNet gives.
+"""A tiny fabricated ILSVRC2012, prepared by the real TFDS `imagenet2012` builder from the two
+tars it expects in its manual_dir (train: an inner tar of JPEGs per synset; val:
+`ILSVRC2012_val_%08d.JPEG` files), so smoke runs read the records the real ImageNet gives.
 
 The builder labels validation images by position: it zips the package's `validation_labels.txt`
-(one synset per image number) with `sorted(tar.getnames())`, skipping directory members when it
-reads. So the val tar holds a member for every image number up to the last one needed: a JPEG where
-that image's true label is a fabricated class, an empty directory entry otherwise, and every JPEG
-keeps its true ImageNet label.
+(one synset per image number) with `sorted(tar.getnames())`, skipping directory members. So the
+val tar holds a member for every image number up to the last one needed: a JPEG (keeping its true
+label) where that label is a fabricated class, an empty directory entry otherwise.
 """
 from __future__ import annotations
 
+import colorsys
+import importlib.util
 import io
 import os
 import tarfile
@@ -28,11 +28,10 @@ VAL_TAR = "ILSVRC2012_img_val.tar"
 
 def _tfds_imagenet_file(name: str) -> Path:
     """A file of TFDS's imagenet2012 builder, found without importing TensorFlow."""
-    import importlib.util
-
     spec = importlib.util.find_spec("tensorflow_datasets")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("tensorflow-datasets is needed: pip install 'sttn-jax[data]'")
+        raise ImportError("tensorflow-datasets is missing: reinstall sttn-jax (pip install -e . "
+                          "or make install)")
     root = Path(list(spec.submodule_search_locations)[0])
     for rel in ("datasets/imagenet2012", "image_classification"):
         path = root / rel / name
@@ -46,56 +45,41 @@ def imagenet_synsets() -> list[str]:
     return _tfds_imagenet_file("labels.txt").read_text().split()
 
 
-def imagenet_validation_labels() -> list[str]:
-    """Synset of validation image number k (1-based) at position k - 1."""
-    return _tfds_imagenet_file("validation_labels.txt").read_text().split()
-
-
 def _class_colour(c: int, num_classes: int) -> np.ndarray:
     """A distinct saturated colour per class (evenly spaced hues)."""
-    import colorsys
-
     r, g, b = colorsys.hsv_to_rgb(c / max(num_classes, 1), 0.85, 0.9)
     return np.array([r, g, b]) * 255.0
 
 
-def _class_image(c: int, num_classes: int, shape: tuple[int, int],
-                 rng: np.random.Generator) -> np.ndarray:
-    """A learnable image of class c: class colour, class-specific stripes, noise, random shift."""
-    h, w = shape
+def _class_jpeg(c: int, num_classes: int, image_size: Sequence[int], k: int,
+                rng: np.random.Generator) -> bytes:
+    """A learnable JPEG of class c: class colour, class-specific stripes, noise, random shift; of
+    (h, w) = image_size, transposed for odd k so both shorter-side cases are exercised."""
+    from PIL import Image
+
+    h, w = int(image_size[0]), int(image_size[1])
+    if k % 2:
+        h, w = w, h
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     angle = np.pi * c / max(num_classes, 1)
     period = 6.0 + 2.0 * (c % 3)
     phase = rng.uniform(0, 2 * np.pi)
     stripes = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 2 * np.pi / period + phase)
-    base = _class_colour(c, num_classes)
-    img = base[None, None, :] * (0.75 + 0.25 * stripes[..., None])
+    img = _class_colour(c, num_classes) * (0.75 + 0.25 * stripes[..., None])
     img = img + rng.normal(0.0, 12.0, size=img.shape)
-    return np.clip(np.round(img), 0, 255).astype(np.uint8)
-
-
-def _jpeg_bytes(img: np.ndarray, quality: int = 92) -> bytes:
-    from PIL import Image
-
+    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(img, mode="RGB").save(buf, format="JPEG", quality=quality)
+    Image.fromarray(img, mode="RGB").save(buf, format="JPEG", quality=92)
     return buf.getvalue()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes | None) -> None:
     """A file member holding `data`, or an empty directory member for None."""
     info = tarfile.TarInfo(name)
+    info.size = len(data or b"")
     if data is None:
         info.type, info.mode = tarfile.DIRTYPE, 0o755
-    else:
-        info.size = len(data)
     tar.addfile(info, None if data is None else io.BytesIO(data))
-
-
-def _image_shape(image_size: Sequence[int], k: int) -> tuple[int, int]:
-    """Alternates landscape and portrait so both shorter-side cases are exercised."""
-    h, w = int(image_size[0]), int(image_size[1])
-    return (h, w) if k % 2 == 0 else (w, h)
 
 
 def fabricate_imagenet(manual_dir, num_classes: int = 4, train_per_class: int = 6,
@@ -119,30 +103,27 @@ def fabricate_imagenet(manual_dir, num_classes: int = 4, train_per_class: int = 
             inner_buf = io.BytesIO()
             with tarfile.open(fileobj=inner_buf, mode="w") as inner:
                 for k in range(train_per_class):
-                    img = _class_image(c, num_classes, _image_shape(image_size, k), rng)
-                    _add(inner, f"{syn}_{10000 + k}.JPEG", _jpeg_bytes(img))
+                    _add(inner, f"{syn}_{10000 + k}.JPEG",
+                         _class_jpeg(c, num_classes, image_size, k, rng))
             _add(outer, f"{syn}.tar", inner_buf.getvalue())
     os.replace(tmp, manual_dir / TRAIN_TAR)
 
-    # Validation: the first val_per_class images of each class, by real image number.
-    val_labels = imagenet_validation_labels()
+    # Validation: val_labels[k - 1] is the synset of image number k.
+    val_labels = _tfds_imagenet_file("validation_labels.txt").read_text().split()
     taken = {s: 0 for s in synsets}
     chosen: list[int] = []  # 1-based image numbers
-    for idx, syn in enumerate(val_labels):
+    for number, syn in enumerate(val_labels, 1):
         if syn in taken and taken[syn] < val_per_class:
             taken[syn] += 1
-            chosen.append(idx + 1)
-            if len(chosen) == num_classes * val_per_class:
-                break
+            chosen.append(number)
     chosen_set = set(chosen)
-    last = max(chosen) if chosen else 0
     tmp = manual_dir / (VAL_TAR + ".tmp")
     with tarfile.open(tmp, "w") as tar:
-        for number in range(1, last + 1):
+        for number in range(1, max(chosen, default=0) + 1):
             data = None  # a placeholder: keeps the builder's positional labels aligned
             if number in chosen_set:
-                c = class_of[val_labels[number - 1]]
-                data = _jpeg_bytes(_class_image(c, num_classes, _image_shape(image_size, number), rng))
+                data = _class_jpeg(class_of[val_labels[number - 1]], num_classes, image_size,
+                                   number, rng)
             _add(tar, f"ILSVRC2012_val_{number:08d}.JPEG", data)
     os.replace(tmp, manual_dir / VAL_TAR)
 
@@ -165,9 +146,8 @@ def prepare_imagenet(data_dir, manual_dir, num_shards: int | None = None) -> flo
 def ensure_fake_imagenet(data_dir, num_shards: int | None = None, **fabricate_kwargs) -> bool:
     """Fabricates (into data_dir/manual/imagenet2012) and prepares a tiny imagenet2012 in
     data_dir unless one is there; True when it did so now (about a second)."""
-    tfds = tf_import.tfds()
     data_dir = os.fspath(data_dir)
-    if tfds.builder("imagenet2012", data_dir=data_dir).is_prepared():
+    if tf_import.tfds().builder("imagenet2012", data_dir=data_dir).is_prepared():
         return False
     manual_dir = os.path.join(data_dir, "manual", "imagenet2012")
     fabricate_imagenet(manual_dir, **fabricate_kwargs)

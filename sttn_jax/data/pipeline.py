@@ -1,11 +1,10 @@
 """The input pipelines: tf.data over TFDS, one epoch of this process's batches at a time.
 
 `make_train_dataset(config, epoch=..., skip_batches=...)`: the epoch's shuffle, random crops and
-flips, full batches only. The split is read as shards (`sources.train_layout`); each shard is a
-stream of its own whose file order, shuffle buffer, crops and flips are seeded from (seed, epoch,
-shard) and the example's position in that stream, so the global batches are a pure function of
-(seed, epoch, data_shards). `skip_batches=k` gives exactly the stream without its first k batches,
-without decoding them (exact resume).
+flips, full batches only, read as shards (`sources.train_layout`): each shard a stream whose file
+order, shuffle buffer, crops and flips are seeded from (seed, epoch, shard) and the example's
+position in it, so the global batches are a pure function of (seed, epoch, data_shards).
+`skip_batches=k`: exactly the stream without its first k batches, not decoding them (exact resume).
 
 `make_eval_dataset(config, split=None)`: read order, centre crops; the last batch is padded with
 zero images of mask 0, and processes with fewer batches get all-padding batches, so every process
@@ -17,12 +16,9 @@ torchvision ones (`transforms`), exact; training may take the fast mode (config.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from sttn_jax.data import sources, tf_import, transforms
-from sttn_jax.data.sources import data_dir
 from sttn_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
 
 
@@ -30,15 +26,6 @@ def _derive_seed(*values: int) -> int:
     """A 31-bit seed, a pure function of the integers given."""
     ints = [int(v) % (1 << 63) for v in values]
     return int(np.random.SeedSequence(ints).generate_state(1, dtype=np.uint32)[0] >> 1)
-
-
-def _features(builder):
-    """(decoders for as_dataset, image feature -> (train transform, eval transform) inputs): an
-    encoded image stays encoded, so that a JPEG's transform decodes only what its crop reads."""
-    tfds = tf_import.tfds()
-    if isinstance(builder.info.features["image"], tfds.features.Image):
-        return {"image": tfds.decode.SkipDecoding()}, True
-    return None, False
 
 
 def _as_rgb(image):
@@ -53,21 +40,19 @@ def _as_rgb(image):
                    lambda: image[..., :3])
 
 
-def _train_transform(encoded: bool, config):
-    """image (encoded or not), seed -> the training transform of config.input_mode."""
-    kw = dict(image_size=config.image_size, resize_size=config.resize_size or None,
-              random_flip=config.random_flip, mode=config.input_mode)
-    if encoded:
-        return lambda image, seed: transforms.preprocess_encoded_for_train(image, seed, **kw)
-    return lambda image, seed: transforms.preprocess_for_train(_as_rgb(image), seed, **kw)
-
-
-def _eval_transform(encoded: bool, config):
-    """image (encoded or not) -> the exact evaluation transform."""
+def _transform(builder, config, train: bool):
+    """(decoders for as_dataset, (image[, seed]) -> transform), training in config.input_mode. An
+    encoded image stays encoded: a JPEG's transform decodes only what its crop reads."""
+    tfds = tf_import.tfds()
     kw = dict(image_size=config.image_size, resize_size=config.resize_size or None)
-    if encoded:
-        return lambda image: transforms.preprocess_encoded_for_eval(image, **kw)
-    return lambda image: transforms.preprocess_for_eval(_as_rgb(image), **kw)
+    if train:
+        kw.update(random_flip=config.random_flip, mode=config.input_mode)
+    if isinstance(builder.info.features["image"], tfds.features.Image):
+        fn = (transforms.preprocess_encoded_for_train if train
+              else transforms.preprocess_encoded_for_eval)
+        return {"image": tfds.decode.SkipDecoding()}, lambda image, *seed: fn(image, *seed, **kw)
+    fn = transforms.preprocess_for_train if train else transforms.preprocess_for_eval
+    return None, lambda image, *seed: fn(_as_rgb(image), *seed, **kw)
 
 
 def _options():
@@ -95,13 +80,11 @@ def make_train_dataset(config, *, epoch: int = 0, skip_batches: int = 0, process
     if skip_batches < 0:
         raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
     layout = sources.train_layout(config, process_index, process_count)
-    builder = sources.get_builder(config.dataset, data_dir(config))
-    decoders, encoded = _features(builder)
-    transform = _train_transform(encoded, config)
+    builder = sources.config_builder(config)
+    decoders, transform = _transform(builder, config, train=True)
     streams = []
     for i, shard in enumerate(layout.shards):
-        shard_index = layout.first_shard + i
-        seed = lambda k: _derive_seed(config.seed, epoch, k, shard_index)  # noqa: E731
+        seed = lambda k: _derive_seed(config.seed, epoch, k, layout.first_shard + i)  # noqa: E731
         ds = _read(builder, shard, decoders, shuffle_seed=seed(1))
         buffer = max(1, min(config.shuffle_buffer or 16 * layout.shard_batch,
                             sources.split_examples(builder, shard)))
@@ -131,30 +114,20 @@ def make_eval_dataset(config, split: str | None = None, *, process_index=None, p
     split = split or config.eval_split
     index, count = sources.process_of(process_index, process_count)
     batch = config.eval_batch_size // count
-    size = config.image_size
-    builder = sources.get_builder(config.dataset, data_dir(config))
-    decoders, encoded = _features(builder)
-    eval_transform = _eval_transform(encoded, config)
+    builder = sources.config_builder(config)
+    decoders, transform = _transform(builder, config, train=False)
     sources.split_examples(builder, split)  # an unknown split: one message listing the splits
-    parts = sources.even_splits(split, count, drop_remainder=False)
-
-    def eval_map(image, label):
-        return {"image": eval_transform(image), "label": label,
-                "mask": tf.constant(1.0, tf.float32)}
-
-    def pad(b):
-        k = batch - tf.shape(b["label"])[0]
-        return {"image": tf.pad(b["image"], [[0, k], [0, 0], [0, 0], [0, 0]]),
-                "label": tf.pad(b["label"], [[0, k]]), "mask": tf.pad(b["mask"], [[0, k]])}
-
-    ds = _read(builder, parts[index], decoders)
-    ds = ds.map(eval_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).map(pad)
+    parts = tf_import.tfds().even_splits(split, n=count, drop_remainder=False)
+    ds = _read(builder, parts[index], decoders).map(
+        lambda image, label: {"image": transform(image), "label": label,
+                              "mask": tf.constant(1.0, tf.float32)},
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # Zero examples of mask 0 fill the last batch and make every process yield `steps` batches.
     steps = sources.eval_steps(config, split, count)
-    mine = math.ceil(sources.split_examples(builder, parts[index]) / batch)
-    if steps > mine:  # every process yields the same number of batches
-        zeros = {"image": tf.zeros((batch, size, size, 3), tf.float32),
-                 "label": tf.zeros((batch,), tf.int32), "mask": tf.zeros((batch,), tf.float32)}
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(zeros).repeat(steps - mine))
+    padding = steps * batch - sources.split_examples(builder, parts[index])
+    zero = {"image": tf.zeros((config.image_size, config.image_size, 3), tf.float32),
+            "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32)}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(zero).repeat(padding))
+    ds = ds.batch(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())

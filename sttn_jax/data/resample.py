@@ -1,17 +1,15 @@
 """PIL's fixed-point bicubic resampling (Pillow's Resample.c for 8-bit images) in TF ops, over a
 window of the output only: the resize behind the exact transforms (`sttn_jax.data.transforms`).
 
-The kernel is bicubic with a = -0.5, widened by the downscale factor; the weights are integers with
-22 fraction bits; each pass along an axis is rounded to uint8, in Pillow's order of passes. Only
-the window a crop keeps is computed: its columns over the source rows its rows read, then its rows
-(or the other way round, where Pillow does that).
+Bicubic with a = -0.5, widened by the downscale factor; integer weights with 22 fraction bits;
+each pass along an axis rounded to uint8, in Pillow's order of passes. Only the window a crop keeps
+is computed: its columns over the source rows its rows read, then its rows (or the reverse).
 """
 from __future__ import annotations
 
 from sttn_jax.data.tf_import import tf as _tf
 
 PRECISION_BITS = 22  # PIL's fixed-point weights for 8-bit images
-
 
 
 def _bicubic(x):
@@ -24,10 +22,9 @@ def _bicubic(x):
 
 
 def precompute_coeffs(in_size, out_size, start, count: int):
-    """PIL's taps for output pixels start .. start + count - 1 of an in_size -> out_size resize
-    along one axis: (source index, integer weight), int32 (count, taps); taps past a pixel's
-    support weigh 0. PIL's float64 operations in PIL's order (the sum as a cumulative sum), so the
-    integer weights are PIL's exactly."""
+    """PIL's taps for output pixels start .. start + count - 1 of an in_size -> out_size resize on
+    one axis: (source index, integer weight), int32 (count, taps), 0 past a pixel's support. PIL's
+    float64 ops in PIL's order (the sum as a cumulative sum), so the weights are PIL's exactly."""
     tf = _tf()
     f64 = tf.float64
     scale = tf.cast(in_size, f64) / tf.cast(out_size, f64)
@@ -69,7 +66,7 @@ def vertical_first(in_h, in_w, out_h, out_w):
 
 class Window:
     """An output window's taps: the source region it reads (rows row0 .. row0 + num_rows - 1,
-    likewise the columns) and per output row / column the taps in it. A flip reverses the columns."""
+    likewise the columns) and per output row / column its taps there; a flip reverses columns."""
 
     def __init__(self, in_h, in_w, out_h, out_w, top, left, crop_h: int, crop_w: int,
                  flip=False):

@@ -1,11 +1,9 @@
-"""The TFDS datasets behind the pipelines: opening them (never downloading), their splits, how a
-training split is cut into shards over processes, and the checks and preparation a run needs
-before its first step.
+"""The TFDS datasets behind the pipelines: opening them (never downloading), their splits, their
+shards over processes, and the checks and preparation a run needs before its first step.
 
-A training split is cut into `num_shards` equal shards (config.data_shards; 0 means one per
-process), and process p reads shards p*S/P .. (p+1)*S/P - 1. Global batch b is the b-th sub-batch
-of every shard, shard after shard, so the batch stream depends on (seed, epoch, num_shards) and not
-on the number of processes.
+A training split is cut into `num_shards` equal shards (config.data_shards; 0: one per process);
+process p reads shards p*S/P .. (p+1)*S/P - 1. Global batch b is the b-th sub-batch of every shard,
+shard after shard, so the batches depend on (seed, epoch, num_shards), not on the process count.
 """
 from __future__ import annotations
 
@@ -22,12 +20,8 @@ from sttn_jax.data.tf_import import tfds
 from sttn_jax.errors import ConfigError, DatasetNotPreparedError
 
 
-def data_dir(config):
-    return config.data_dir or None
-
-
 def _prepare_hint(name: str, data_dir) -> str:
-    dd = os.fspath(data_dir) if data_dir is not None else "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
+    dd = data_dir if data_dir is not None else "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
     base = name.split("/")[0].split(":")[0]
     if base == "imagenet2012":
         return (f"Dataset imagenet2012 is not prepared in data_dir {dd}. ImageNet cannot be "
@@ -53,6 +47,11 @@ def get_builder(name: str, data_dir=None):
     return builder
 
 
+def config_builder(config):
+    """`get_builder` for config.dataset; config.data_dir "" means TFDS's default directory."""
+    return get_builder(config.dataset, config.data_dir or None)
+
+
 def split_examples(builder, split) -> int:
     """Examples in `split` (slices such as 'train[:10%]' allowed); ValueError listing the splits."""
     try:
@@ -76,11 +75,6 @@ def process_of(process_index=None, process_count=None) -> tuple[int, int]:
     return index, count
 
 
-def even_splits(split: str, n: int, drop_remainder: bool) -> list[str]:
-    """`n` disjoint sub-splits (equal sizes when `drop_remainder`)."""
-    return tfds().even_splits(split, n=n, drop_remainder=drop_remainder)
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainLayout:
     """How one process reads the training split: its shards and the batch each gives."""
@@ -101,26 +95,27 @@ def train_layout(config, process_index=None, process_count=None) -> TrainLayout:
     if config.batch_size % num_shards:
         raise ConfigError(f"config.data_shards={num_shards} does not divide the global batch "
                           f"{config.batch_size} (every shard gives an equal part of each batch)")
-    builder = get_builder(config.dataset, data_dir(config))
-    split_examples(builder, config.train_split)
-    shards = even_splits(config.train_split, num_shards, drop_remainder=True)
+    builder = config_builder(config)
+    total = split_examples(builder, config.train_split)
+    shards = tfds().even_splits(config.train_split, n=num_shards, drop_remainder=True)
     shard_batch = config.batch_size // num_shards
     steps = split_examples(builder, shards[0]) // shard_batch
     if steps == 0:
-        raise ConfigError(f"the {config.train_split} split has {split_examples(builder, config.train_split)} "
-                          f"examples, fewer than one batch of {config.batch_size}; lower "
-                          "--config.batch_size")
+        raise ConfigError(f"the {config.train_split} split has {total} examples, fewer than one "
+                          f"batch of {config.batch_size}; lower --config.batch_size")
     mine = num_shards // count
-    return TrainLayout(tuple(shards[index * mine:(index + 1) * mine]), index * mine, shard_batch, steps)
+    return TrainLayout(tuple(shards[index * mine:(index + 1) * mine]), index * mine, shard_batch,
+                       steps)
 
 
 def eval_steps(config, split: str, process_count=None) -> int:
     """Batches every process yields for `split`: ceil(largest process part / per-process batch)
     (the shorter parts are padded with masked batches)."""
     count = process_count or jax.process_count()
-    builder = get_builder(config.dataset, data_dir(config))
+    builder = config_builder(config)
     split_examples(builder, split)
-    sizes = [split_examples(builder, s) for s in even_splits(split, count, drop_remainder=False)]
+    parts = tfds().even_splits(split, n=count, drop_remainder=False)
+    sizes = [split_examples(builder, s) for s in parts]
     return math.ceil(max(sizes) / (config.eval_batch_size // count))
 
 
@@ -144,23 +139,21 @@ def prepare(config) -> None:
 
 def check(config, split_keys=("train_split", "eval_split")) -> None:
     """Opens config.dataset and the splits named by `split_keys` before anything is built: a typo
-    in --config.eval_split would otherwise surface after an epoch of training, and an unknown
-    dataset as TFDS's multi-page list of every dataset. ConfigError names the key and the
-    choices; DatasetNotPreparedError says how to prepare the data."""
+    in --config.eval_split would otherwise surface after an epoch of training, an unknown dataset
+    as TFDS's multi-page list of every dataset. ConfigError names the key and the choices."""
     if config.input_mode not in transforms.MODES:
         raise ConfigError(f"config.input_mode={config.input_mode!r}: choose one of "
                           f"{', '.join(transforms.MODES)}")
     name = config.dataset
     try:
-        builder = get_builder(name, data_dir(config))
+        builder = config_builder(config)
     except DatasetNotPreparedError:
         raise
     except (ValueError, AssertionError) as e:  # tfds: DatasetNotFoundError, unknown version
         text = str(e)
-        guess = re.search(r"Did you mean: \S+ -> (\S+) \?", text)
         if type(e).__name__ == "DatasetNotFoundError":
-            why = "is not a dataset TFDS knows" + (f" (did you mean {guess.group(1)}?)" if guess
-                                                  else "")
+            guess = re.search(r"Did you mean: \S+ -> (\S+) \?", text)
+            why = "is not a dataset TFDS knows" + (f" (did you mean {guess[1]}?)" if guess else "")
         else:
             why = "cannot be opened: " + (text.strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"config.dataset={name!r} {why}; set --config.dataset to a TFDS "

@@ -17,10 +17,8 @@ def tf():
             import triton  # noqa: F401
     import tensorflow
 
-    try:
+    with contextlib.suppress(Exception):  # already initialised, or no GPU support at all
         tensorflow.config.set_visible_devices([], "GPU")
-    except Exception:  # noqa: BLE001 - already initialised, or no GPU support at all
-        pass
     return tensorflow
 
 

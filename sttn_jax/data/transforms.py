@@ -12,8 +12,6 @@ pass with a box filter: pixels a few 255ths from exact. The crop and flip are th
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from sttn_jax.data import resample
@@ -25,30 +23,20 @@ MODES = ("exact", "fast")
 _DCT = "INTEGER_ACCURATE"  # libjpeg's default IDCT, PIL's: bit-identical pixels
 
 
-def default_resize_size(image_size: int) -> int:
-    """256 at 224 (the original): round(image_size * 256 / 224)."""
-    return int(round(image_size * 256 / 224))
-
-
-def _normalization(normalize) -> tuple[Any, Any] | None:
+def _to_output(image, normalize):
+    """HWC 0..255 -> float32 ToTensor() and Normalize ("imagenet", None/"none" or a (mean, std)
+    pair) as one multiply-add a value (within 2 float32 ulps of (x / 255 - mean) / std), on the
+    (H, W*3) view: TF broadcasts a row that long faster."""
+    tf = _tf()
     if normalize is None or (isinstance(normalize, str) and normalize.lower() == "none"):
-        return None
-    if isinstance(normalize, str):
+        mean, std = 0.0, 1.0
+    elif isinstance(normalize, str):
         if normalize.lower() != "imagenet":
             raise ValueError(f"normalize must be 'imagenet', None or 'none', got {normalize!r}")
-        return IMAGENET_MEAN, IMAGENET_STD
-    mean, std = normalize  # an explicit (mean, std) pair
-    return tuple(mean), tuple(std)
-
-
-def _to_output(image, normalize):
-    """HWC 0..255 -> float32 ToTensor() and Normalize as one multiply-add a value (within 2 float32
-    ulps of (x / 255 - mean) / std), on the (H, W*3) view: TF broadcasts a row that long faster."""
-    tf = _tf()
-    norm = _normalization(normalize)
-    mean, std = norm if norm is not None else (0.0, 1.0)
-    mean = np.broadcast_to(np.asarray(mean, np.float64), (3,))
-    std = np.broadcast_to(np.asarray(std, np.float64), (3,))
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = map(tuple, normalize)
+    mean, std = (np.broadcast_to(np.asarray(v, np.float64), (3,)) for v in (mean, std))
     scale, offset = (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
     shape = tf.shape(image)
     x = tf.reshape(tf.cast(image, tf.float32), [shape[0], -1])
@@ -61,65 +49,47 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Geometry: the resized size and the crop, as torchvision computes them.
-
-
 def resized_shape(height, width, size: int):
-    """torchvision Resize(size): the shorter side becomes size, the longer int(size * long / short)."""
+    """torchvision Resize(size): shorter side -> size, longer side -> int(size * long / short)."""
     tf = _tf()
-    h = tf.cast(height, tf.float64)
-    w = tf.cast(width, tf.float64)
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
     s = tf.constant(float(size), tf.float64)
     new_h = tf.where(h <= w, s, tf.floor(s * h / w))
     new_w = tf.where(h <= w, tf.floor(s * w / h), s)
     return tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32)
 
 
-def _random_crop(seed, new_h, new_w, image_size: int, random_flip: bool):
-    """RandomCrop's (top, left) and RandomHorizontalFlip's choice from a stateless seed."""
+def _geometry(seed, image_size: int, resize_size: int | None, random_flip: bool = False):
+    """(height, width) -> (resized h, resized w, top, left, flip), as torchvision computes them:
+    with a stateless `seed`, RandomCrop and RandomHorizontalFlip; with seed None, CenterCrop at
+    int(round((side - crop) / 2)) (half to even, as Python's round) and no flip. resize_size None:
+    round(image_size * 256 / 224), the original's 256 at 224."""
     tf = _tf()
-    seeds = tf.random.experimental.stateless_split(seed, num=3)
-    top = tf.random.stateless_uniform([], seeds[0], minval=0, maxval=new_h - image_size + 1,
-                                      dtype=tf.int32)
-    left = tf.random.stateless_uniform([], seeds[1], minval=0, maxval=new_w - image_size + 1,
-                                       dtype=tf.int32)
-    flip = tf.random.stateless_uniform([], seeds[2]) < (0.5 if random_flip else 0.0)
-    return top, left, flip
-
-
-def _center_crop(new_h, new_w, image_size: int):
-    """CenterCrop's (top, left): int(round((side - crop) / 2)), half to even as Python's round."""
-    tf = _tf()
-
-    def offset(side):
-        return tf.cast(tf.round(tf.cast(side - image_size, tf.float64) / 2.0), tf.int32)
-
-    return offset(new_h), offset(new_w)
-
-
-def _resize_size(image_size: int, resize_size: int | None) -> int:
-    size = resize_size or default_resize_size(image_size)
+    size = resize_size or int(round(image_size * 256 / 224))
     if size < image_size:
         raise ValueError(f"resize_size {size} is smaller than image_size {image_size}")
-    return size
+
+    def geometry(height, width):
+        new_h, new_w = resized_shape(height, width, size)
+        if seed is None:
+            top, left = (tf.cast(tf.round(tf.cast(side - image_size, tf.float64) / 2.0), tf.int32)
+                         for side in (new_h, new_w))
+            return new_h, new_w, top, left, tf.constant(False)
+        seeds = tf.random.experimental.stateless_split(seed, num=3)
+        top = tf.random.stateless_uniform([], seeds[0], minval=0, maxval=new_h - image_size + 1,
+                                          dtype=tf.int32)
+        left = tf.random.stateless_uniform([], seeds[1], minval=0, maxval=new_w - image_size + 1,
+                                           dtype=tf.int32)
+        flip = tf.random.stateless_uniform([], seeds[2]) < (0.5 if random_flip else 0.0)
+        return new_h, new_w, top, left, flip
+
+    return geometry
 
 
 def train_crop(seed, height, width, *, image_size: int = 224, resize_size: int | None = None,
                random_flip: bool = True):
     """The (top, left, flip) `preprocess_for_train` chooses for an image of (height, width)."""
-    new_h, new_w = resized_shape(height, width, _resize_size(image_size, resize_size))
-    return _random_crop(seed, new_h, new_w, image_size, random_flip)
-
-
-def eval_crop(height, width, *, image_size: int = 224, resize_size: int | None = None):
-    """The centre crop's corner (top, left) in the resized image, as `preprocess_for_eval`."""
-    new_h, new_w = resized_shape(height, width, _resize_size(image_size, resize_size))
-    return _center_crop(new_h, new_w, image_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding only what the window reads.
+    return _geometry(seed, image_size, resize_size, random_flip)(height, width)[2:]
 
 
 def _decode_jpeg_region(encoded, win, width):
@@ -129,18 +99,13 @@ def _decode_jpeg_region(encoded, win, width):
     tf = _tf()
     col0 = tf.maximum(win.col0 - 1, 0)
     col1 = tf.minimum(win.col0 + win.num_cols + 1, width)
-    region = tf.io.decode_and_crop_jpeg(
-        encoded, tf.stack([win.row0, col0, win.num_rows, col1 - col0]), channels=3,
-        dct_method=_DCT)
+    box = tf.stack([win.row0, col0, win.num_rows, col1 - col0])
+    region = tf.io.decode_and_crop_jpeg(encoded, box, channels=3, dct_method=_DCT)
     return region[:, win.col0 - col0:win.col0 - col0 + win.num_cols]
 
 
-# ---------------------------------------------------------------------------------------------
-# Fast mode: one resize of the source box under the window.
-
-
 def _source_box(in_h, in_w, out_h, out_w, top, left, size: int):
-    """(y0, x0, height, width) of the source pixels under an output window, rounded to pixels."""
+    """Fast mode: (y0, x0, height, width) of the source pixels under an output window, rounded."""
     tf = _tf()
 
     def span(start, in_size, out_size):
@@ -150,8 +115,7 @@ def _source_box(in_h, in_w, out_h, out_w, top, left, size: int):
         lo = tf.clip_by_value(lo, 0, in_size - 1)
         return lo, tf.clip_by_value(hi, lo + 1, in_size) - lo
 
-    y0, h = span(top, in_h, out_h)
-    x0, w = span(left, in_w, out_w)
+    (y0, h), (x0, w) = span(top, in_h, out_h), span(left, in_w, out_w)
     return y0, x0, h, w
 
 
@@ -163,47 +127,17 @@ def _fast_resize(box, flip, size: int):
     return tf.cond(flip, lambda: tf.reverse(out, axis=[1]), lambda: out)
 
 
-# ---------------------------------------------------------------------------------------------
-# The transforms, on decoded images and on encoded bytes.
-
-
 def decode(encoded):
     """The whole image, HWC uint8 RGB, as PIL decodes it (JPEG: accurate integer DCT)."""
     tf = _tf()
-    return tf.cond(
-        tf.io.is_jpeg(encoded),
-        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method=_DCT),
-        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
-
-
-def _train_geometry(seed, image_size, resize_size, random_flip):
-    """(height, width) -> (resized h, resized w, top, left, flip) of the training transform."""
-    size = _resize_size(image_size, resize_size)
-
-    def geometry(height, width):
-        new_h, new_w = resized_shape(height, width, size)
-        return (new_h, new_w) + _random_crop(seed, new_h, new_w, image_size, random_flip)
-
-    return geometry
-
-
-def _eval_geometry(image_size, resize_size):
-    """(height, width) -> (resized h, resized w, top, left, flip=False) of the eval transform."""
-    tf = _tf()
-    size = _resize_size(image_size, resize_size)
-
-    def geometry(height, width):
-        new_h, new_w = resized_shape(height, width, size)
-        return (new_h, new_w) + _center_crop(new_h, new_w, image_size) + (tf.constant(False),)
-
-    return geometry
+    return tf.cond(tf.io.is_jpeg(encoded),
+                   lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method=_DCT),
+                   lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
 
 
 def _finish(window, image_size, normalize):
     """The static shape, then ToTensor and Normalize."""
-    tf = _tf()
-    window = tf.ensure_shape(window, (image_size, image_size, 3))
-    return _to_output(window, normalize)
+    return _to_output(_tf().ensure_shape(window, (image_size, image_size, 3)), normalize)
 
 
 def _from_image(image, geometry, image_size, normalize, mode):
@@ -216,20 +150,26 @@ def _from_image(image, geometry, image_size, normalize, mode):
         y0, x0, h, w = _source_box(shape[0], shape[1], new_h, new_w, top, left, image_size)
         window = _fast_resize(image[y0:y0 + h, x0:x0 + w], flip, image_size)
     else:
-        win = resample.Window(shape[0], shape[1], new_h, new_w, top, left, image_size, image_size, flip)
+        win = resample.Window(shape[0], shape[1], new_h, new_w, top, left, image_size,
+                              image_size, flip)
         window = win.resample(win.region_of(image))
     return _finish(window, image_size, normalize)
 
 
 def _from_encoded(encoded, geometry, image_size, normalize, mode):
-    """A JPEG: its header's size -> the geometry -> only the region the window reads decoded. Other
-    formats: decoded whole. The tf.conds hold only decoding: in tf.data, ops in a cond run slower."""
+    """A JPEG: header size -> geometry -> only the region the window reads is decoded; other
+    formats whole. The tf.conds hold only decoding: in tf.data, ops in a cond run slower."""
     tf = _tf()
     _check_mode(mode)
     is_jpeg = tf.io.is_jpeg(encoded)
+
+    def decode_whole():
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        return image, tf.shape(image)
+
     whole, shape = tf.cond(  # a JPEG is not decoded here: an empty placeholder
         is_jpeg, lambda: (tf.zeros([0, 0, 3], tf.uint8), tf.io.extract_jpeg_shape(encoded)),
-        lambda: _shaped(tf.io.decode_image(encoded, channels=3, expand_animations=False)))
+        decode_whole)
     height, width = shape[0], shape[1]
     new_h, new_w, top, left, flip = geometry(height, width)
     if mode == "fast":
@@ -252,23 +192,19 @@ def _from_encoded(encoded, geometry, image_size, normalize, mode):
     return _finish(win.resample(region), image_size, normalize)
 
 
-def _shaped(image):
-    return image, _tf().shape(image)
-
-
 def preprocess_for_train(image, seed, *, image_size: int = 224, resize_size: int | None = None,
                          normalize="imagenet", random_flip: bool = True, mode: str = "exact"):
     """Resize shorter side (bicubic), RandomCrop, RandomHorizontalFlip(0.5), scale, normalise:
     HWC uint8 RGB -> float32 (image_size, image_size, 3). `seed`: int64 (2,) for stateless random
     ops; `random_flip=False` for data whose class a mirror changes (digits)."""
-    geometry = _train_geometry(seed, image_size, resize_size, random_flip)
+    geometry = _geometry(seed, image_size, resize_size, random_flip)
     return _from_image(image, geometry, image_size, normalize, mode)
 
 
 def preprocess_for_eval(image, *, image_size: int = 224, resize_size: int | None = None,
                         normalize="imagenet", mode: str = "exact"):
     """Resize shorter side (bicubic), CenterCrop(image_size), scale to [0,1], normalise."""
-    return _from_image(image, _eval_geometry(image_size, resize_size), image_size, normalize,
+    return _from_image(image, _geometry(None, image_size, resize_size), image_size, normalize,
                        mode)
 
 
@@ -277,7 +213,7 @@ def preprocess_encoded_for_train(encoded, seed, *, image_size: int = 224,
                                  random_flip: bool = True, mode: str = "exact"):
     """`preprocess_for_train(decode(encoded), seed, ...)`, decoding only the part of a JPEG the
     crop reads (fast mode: at half resolution where it suffices)."""
-    geometry = _train_geometry(seed, image_size, resize_size, random_flip)
+    geometry = _geometry(seed, image_size, resize_size, random_flip)
     return _from_encoded(encoded, geometry, image_size, normalize, mode)
 
 
@@ -285,5 +221,5 @@ def preprocess_encoded_for_eval(encoded, *, image_size: int = 224,
                                 resize_size: int | None = None, normalize="imagenet",
                                 mode: str = "exact"):
     """`preprocess_for_eval(decode(encoded), ...)`, decoding only the part of a JPEG it reads."""
-    return _from_encoded(encoded, _eval_geometry(image_size, resize_size), image_size,
+    return _from_encoded(encoded, _geometry(None, image_size, resize_size), image_size,
                          normalize, mode)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 from absl import app, flags
 
 from sttn_jax import cli, models
 
-COMMANDS = ("convert", "export", "parity")
+COMMANDS = {"convert": 2, "export": 2, "parity": 0}  # command -> number of arguments
 flags.DEFINE_enum("arch", None, list(models.ARCHS), "The arch the source must hold (default: "
                   "whatever it holds).")
 flags.DEFINE_string("checkpoint", None, "parity: model checkpoint directory, workdir or .pth file.")
@@ -38,29 +39,23 @@ FLAGS = flags.FLAGS
 
 
 def _load_npy(path, what):
-    import numpy as np
-
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read the {what} as a .npy array ({e})") from None
 
 
-def convert(src, dst) -> int:
-    from sttn_jax import model_io
-
-    loaded = model_io.load(src, arch=FLAGS.arch)
-    out = model_io.save(dst, loaded.variables, loaded.arch, extra={"converted_from": loaded.path})
-    print(f"converted {src} ({loaded.arch}) -> {out}")
-    return 0
-
-
-def export(src, dst) -> int:
+def convert(command, src, dst) -> int:
+    """convert: to a model checkpoint directory; export: to a PyTorch file."""
     from sttn_jax import interop, model_io
 
     loaded = model_io.load(src, arch=FLAGS.arch)
-    out = interop.save_torch_checkpoint(loaded.variables, loaded.arch, dst)
-    print(f"exported {src} ({loaded.arch}) -> {out}")
+    if command == "convert":
+        out = model_io.save(dst, loaded.variables, loaded.arch,
+                            extra={"converted_from": loaded.path})
+    else:
+        out = interop.save_torch_checkpoint(loaded.variables, loaded.arch, dst)
+    print(f"{command}ed {src} ({loaded.arch}) -> {out}")
     return 0
 
 
@@ -91,14 +86,13 @@ def parity() -> int:
 
 def main(argv):
     command, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
-    wanted = {"convert": 2, "export": 2, "parity": 0}
-    if command not in wanted or len(args) != wanted[command]:
+    if command not in COMMANDS or len(args) != COMMANDS[command]:
         raise app.UsageError(f"usage: python -m sttn_jax.interop {{{','.join(COMMANDS)}}} ... "
                              "(see --help)")
     cli.setup_logging()
     with cli.one_line_errors():
         try:
-            code = {"convert": convert, "export": export, "parity": parity}[command](*args)
+            code = parity() if command == "parity" else convert(command, *args)
         except (ValueError, OSError, ImportError) as e:
             print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
             code = 2

@@ -1,7 +1,6 @@
-"""PyTorch state_dict keys <-> Flax variable paths, computed from the Flax variable tree: the
-models name their modules after the PyTorch ones, `_` where PyTorch has `.` before an index
-(`features_4` <-> `features.4`, `layer1_0` <-> `layer1.0`), so each leaf path of the abstract tree
-of `models.create(arch)` turns into its key (torch is not imported):
+"""PyTorch state_dict keys <-> Flax variable paths, computed from the abstract Flax variable tree
+(torch is not imported). The models name their modules after the PyTorch ones, with `_` where
+PyTorch has `.` before an index (`features_4` <-> `features.4`, `layer1_0` <-> `layer1.0`):
 
     params/features_0/kernel              features.0.weight        (7,7,3,64) HWIO <-> OIHW
     params/features_1/{scale,bias}        features.1.{weight,bias}
@@ -23,8 +22,8 @@ from sttn_jax import models
 # How an array is laid out on each side: HWIO <-> OIHW, (in, out) <-> (out, in), the same, and
 # BatchNorm's num_batches_tracked, an int32 scalar in Flax and an int64 scalar in torch.
 CONV, DENSE, VECTOR, COUNT = "conv", "dense", "vector", "count"
+TORCH_AXES = {CONV: (3, 2, 0, 1), DENSE: (1, 0)}  # Flax -> torch transposes; others: the same
 PARAMS, BATCH_STATS = "params", "batch_stats"
-COLLECTIONS = (PARAMS, BATCH_STATS)
 # Flax leaf name -> torch tensor name (the leaves that are not kernels or pair members).
 _LEAF_NAMES = {"bias": "bias", "scale": "weight", "slope": "weight", "mean": "running_mean",
                "var": "running_var", "num_batches_tracked": "num_batches_tracked"}
@@ -42,10 +41,6 @@ class Entry:
     flax_shape: tuple[int, ...]
     torch_shape: tuple[int, ...]
 
-    @property
-    def flax_name(self) -> str:
-        return "/".join((self.collection,) + self.path)
-
 
 def torch_module_name(flax_module: str) -> str:
     """`features_4` -> `features.4`, `layer1_0` -> `layer1.0`; `bn_add1`, `conv1` unchanged."""
@@ -53,20 +48,8 @@ def torch_module_name(flax_module: str) -> str:
     return f"{m.group(1)}.{m.group(2)}" if m else flax_module
 
 
-def torch_shape(kind: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if kind == CONV:
-        h, w, i, o = flax_shape
-        return (o, i, h, w)
-    if kind == DENSE:
-        i, o = flax_shape
-        return (o, i)
-    return tuple(flax_shape)
-
-
 def _entry(collection: str, path: tuple[str, ...], shape: tuple[int, ...]) -> Entry:
     *modules, leaf = path
-    if not modules:
-        raise ValueError(f"unexpected top-level leaf {collection}/{leaf} in the Flax tree")
     torch_modules = [torch_module_name(m) for m in modules]
     pair = _PAIR_LEAF.match(leaf)
     if pair:  # BinaryPairConv: conv1/kernel_1 -> conv1_1.weight
@@ -74,14 +57,9 @@ def _entry(collection: str, path: tuple[str, ...], shape: tuple[int, ...]) -> En
         torch_modules[-1] = f"{modules[-1]}_{member}"
         torch_leaf = "weight" if what == "kernel" else "bias"
         kind = CONV if what == "kernel" else VECTOR
-    elif leaf == "kernel":
+    elif leaf == "kernel" and len(shape) in (2, 4):
         torch_leaf = "weight"
-        if len(shape) == 4:
-            kind = CONV
-        elif len(shape) == 2:
-            kind = DENSE
-        else:
-            raise ValueError(f"kernel {collection}/{'/'.join(path)} has unexpected rank {len(shape)}")
+        kind = CONV if len(shape) == 4 else DENSE
     elif leaf in _LEAF_NAMES:
         torch_leaf = _LEAF_NAMES[leaf]
         kind = COUNT if leaf == "num_batches_tracked" else VECTOR
@@ -89,38 +67,25 @@ def _entry(collection: str, path: tuple[str, ...], shape: tuple[int, ...]) -> En
         raise ValueError(f"no PyTorch name for Flax leaf {collection}/{'/'.join(path)}")
     key = ".".join(torch_modules + [torch_leaf])
     shape = tuple(int(d) for d in shape)
-    return Entry(key, collection, tuple(path), kind, shape, torch_shape(kind, shape))
+    axes = TORCH_AXES.get(kind, range(len(shape)))
+    return Entry(key, collection, tuple(path), kind, shape, tuple(shape[i] for i in axes))
 
 
 @functools.lru_cache(maxsize=None)
 def entries(arch: str, num_classes: int = 1000) -> tuple[Entry, ...]:
     """Every tensor of `arch`, in the Flax tree's order (params, then batch_stats)."""
     models.check_arch(arch)
-    out = [_entry(key.split("/")[0], tuple(key.split("/")[1:]), tuple(leaf.shape))
-           for key, leaf in models.variable_shapes(arch, num_classes).items()]
-    keys = [e.torch_key for e in out]
-    if len(set(keys)) != len(keys):  # the naming scheme would be ambiguous: a bug, not bad input
-        raise AssertionError(f"{arch}: two Flax leaves map to one torch key")
-    return tuple(out)
+    return tuple(_entry(key.split("/")[0], tuple(key.split("/")[1:]), tuple(leaf.shape))
+                 for key, leaf in models.variable_shapes(arch, num_classes).items())
 
 
 def by_torch_key(arch: str, num_classes: int = 1000) -> dict[str, Entry]:
     return {e.torch_key: e for e in entries(arch, num_classes)}
 
 
-def torch_keys(arch: str, num_classes: int = 1000) -> list[str]:
-    return [e.torch_key for e in entries(arch, num_classes)]
-
-
-# Keys that tell the archs apart (each is present in exactly one of them; the resnet50 one also
-# in torchvision's other ResNets, which `infer_arch` tells apart by their blocks).
-SIGNATURE_KEYS = {
-    "resnet18_bwx2": "features.4.conv1_1.weight",
-    "resnet18_ter": "features.4.conv1.weight",
-    "resnet50": "layer1.0.conv1.weight",
-}
-
-
+# A key in exactly one arch each (the resnet50 one also in torchvision's other ResNets).
+SIGNATURE_KEYS = {"resnet18_bwx2": "features.4.conv1_1.weight",
+                  "resnet18_ter": "features.4.conv1.weight", "resnet50": "layer1.0.conv1.weight"}
 # torchvision ResNets by (blocks per stage, bottleneck blocks).
 TORCHVISION_RESNETS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
                        ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
@@ -141,8 +106,6 @@ def infer_arch(keys) -> str | None:
     resnet50 key is also in every other torchvision ResNet, so resnet50 needs its block layout."""
     keys = set(keys)
     found = [arch for arch, key in SIGNATURE_KEYS.items() if key in keys]
-    if len(found) != 1:
-        return None
-    if found[0] == "resnet50" and torchvision_resnet(keys) != "resnet50":
+    if len(found) != 1 or (found[0] == "resnet50" and torchvision_resnet(keys) != "resnet50"):
         return None
     return found[0]

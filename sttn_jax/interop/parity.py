@@ -1,12 +1,10 @@
-"""Logits compared: the JAX models against the PyTorch reference of the original
-(`interop.reference`), both in evaluation mode on the same weights and batch, in float64 and
-float32: max |delta logit|, relative error max|delta| / max|reference| and top-1 agreement.
+"""The JAX models' eval-mode logits against the PyTorch reference's (`interop.reference`), same
+weights and batch, float64 and float32: max |delta logit|, relative error max|delta| /
+max|reference| and top-1 agreement. resnet18_bwx2 runs as the original's validate() does.
 
-Parity is judged in float64 only. The network ternarizes activations at +-0.5: in float32 the two
-frameworks round differently, and an activation within rounding of a threshold legitimately lands
-on the other level, which moves the logits far more than the rounding. In float64 that does not
-happen on real data, so any difference beyond ~1e-12 is a real bug. resnet18_bwx2 is evaluated as
-the original's validate() does: latent weights clamped to [-1, 1], binarized, run.
+Judged in float64 only: activations are ternarized at +-0.5, and in float32 one within rounding of
+a threshold legitimately lands on the other level in one framework, moving the logits far more
+than the rounding. In float64 that does not happen on real data: a difference > ~1e-12 is a bug.
 """
 from __future__ import annotations
 
@@ -52,8 +50,8 @@ class ParityResult:
 
 def random_images(batch: int = 2, image_size: int = 224, seed: int = 0) -> np.ndarray:
     """A batch of standard-normal float32 images, NCHW (the torch layout)."""
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
+    return np.random.default_rng(seed).standard_normal((batch, 3, image_size, image_size),
+                                                       dtype=np.float32)
 
 
 def as_nchw(images) -> np.ndarray:
@@ -88,8 +86,7 @@ def jax_logits(variables, arch: str, images_nchw, dtype: str = "float64",
         v = cast_floats(variables, dtype)
         if arch == "resnet18_bwx2":  # the original clamps before it binarizes, also to evaluate
             v = {**v, "params": ops.clamp_latent_kernels(v["params"])}
-        out = _eval_fn(arch, num_classes, jnp.dtype(dtype).name, act_backend)(v, x)
-        return np.asarray(out)
+        return np.asarray(_eval_fn(arch, num_classes, jnp.dtype(dtype).name, act_backend)(v, x))
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,29 +97,18 @@ def _eval_fn(arch: str, num_classes: int, dtype: str, act_backend: str):
     return jax.jit(lambda v, x: module.apply(v, x, train=False))
 
 
-def torch_model(variables, arch: str, dtype: str = "float64"):
-    """The reference nn.Module holding `variables` (eval mode, `dtype`) and its BinOp (or None)."""
+def torch_logits(variables, arch: str, images_nchw, dtype: str = "float64") -> np.ndarray:
+    """Eval-mode logits of the PyTorch reference, as the original's validate() computes them."""
     import torch
 
     from sttn_jax.interop import reference
     from sttn_jax.interop.torch_save import variables_to_state_dict
 
     sd = variables_to_state_dict(variables, arch, prefix="")
-    num_classes = int(sd["fc.weight"].shape[0])
-    model = reference.build(arch, num_classes)
+    model = reference.build(arch, int(sd["fc.weight"].shape[0]))
     model.load_state_dict(sd)
-    model = model.to(getattr(torch, np.dtype(dtype).name)).eval()
+    model = model.to(getattr(torch, np.dtype(dtype).name))
     binop = reference.BinOp(model) if arch == "resnet18_bwx2" else None
-    return model, binop
-
-
-def torch_logits(variables, arch: str, images_nchw, dtype: str = "float64") -> np.ndarray:
-    """Eval-mode logits of the PyTorch reference, as the original's validate() computes them."""
-    import torch
-
-    from sttn_jax.interop import reference
-
-    model, binop = torch_model(variables, arch, dtype)
     x = torch.from_numpy(np.ascontiguousarray(as_nchw(images_nchw)).astype(dtype))
     return reference.evaluate(model, x, binop).numpy()
 
@@ -147,13 +133,10 @@ def run_parity(variables, arch: str, images_nchw, reference_logits=None, dtypes=
                act_backend: str = "auto") -> list[ParityResult]:
     """JAX vs the PyTorch reference (or vs `reference_logits`, then torch is not run) per dtype."""
     images_nchw = as_nchw(images_nchw)
-    results = []
-    for dtype in dtypes:
-        ours = jax_logits(variables, arch, images_nchw, dtype, act_backend)
-        ref = reference_logits if reference_logits is not None else torch_logits(
-            variables, arch, images_nchw, dtype)
-        results.append(compare(ours, ref, dtype))
-    return results
+    return [compare(jax_logits(variables, arch, images_nchw, dtype, act_backend),
+                    reference_logits if reference_logits is not None
+                    else torch_logits(variables, arch, images_nchw, dtype), dtype)
+            for dtype in dtypes]
 
 
 def passed(results) -> bool:
@@ -165,15 +148,14 @@ def passed(results) -> bool:
 def format_report(results, arch: str, images_shape, reference: str) -> str:
     n, _, h, w = images_shape
     lines = [f"parity {arch}: JAX vs {reference}, batch {n}, {h}x{w}",
-             f"  {'dtype':8s} {'max|dlogit|':>12s} {'max|ref|':>10s} {'rel. error':>11s}  top-1 agreement"]
-    for r in results:
-        lines.append(f"  {r.dtype:8s} {r.max_abs_diff:12.3e} {r.max_abs_reference:10.3e} "
-                     f"{r.relative_error:11.3e}  {r.top1_agree}/{r.batch}")
+             f"  {'dtype':8s} {'max|dlogit|':>12s} {'max|ref|':>10s} {'rel. error':>11s}"
+             + "  top-1 agreement",
+             *(f"  {r.dtype:8s} {r.max_abs_diff:12.3e} {r.max_abs_reference:10.3e} "
+               f"{r.relative_error:11.3e}  {r.top1_agree}/{r.batch}" for r in results)]
     f64 = [r for r in results if r.dtype == "float64"]
     if f64:
-        worst = max(r.relative_error for r in f64)
         lines.append(f"float64 parity: {'PASS' if passed(results) else 'FAIL'} (relative error "
-                     f"{worst:.3e}, tolerance {f64[0].tolerance:g})")
+                     f"{max(r.relative_error for r in f64):.3e}, tolerance {f64[0].tolerance:g})")
     if any(r.dtype == "float32" for r in results):
         lines.append("float32 is reported, not judged: rounding can flip ternary activations "
                      "sitting at +-0.5.")

@@ -1,16 +1,11 @@
-"""The project's PyTorch reference of the original STTN code (docs/original.md), what parity is
-judged against: its models (`reference_modules`), `util.BinOp`, the distillation loss and
-`main.py`'s training and validation steps. Deliberately not optimised: it mirrors the original's
-arithmetic (two convolutions per pair, in-place clamp/binarize/restore, the gradient rule applied
-to `.grad`). torch is imported on first use."""
+"""The PyTorch reference of the original STTN code (docs/original.md) that parity is judged
+against: its models (`reference_modules`), `util.BinOp`, the distillation loss and main.py's train
+and validate steps. Deliberately unoptimised: it mirrors the original's arithmetic (two convolutions
+per pair, in-place clamp/binarize/restore, the gradient rule on `.grad`). torch: on first use."""
 from __future__ import annotations
 
 from sttn_jax.interop.reference_modules import _classes  # noqa: F401 - also for tests
 
-# main.py defaults.
-ADAM_LR = 0.005
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 GRADIENT_CUTOFF = 1.96  # util.BinOp.updateBinaryGradWeight
 
 
@@ -20,8 +15,8 @@ def ternary_activation(x):
 
 
 def build(arch: str, num_classes: int = 1000, device=None):
-    """The reference nn.Module for `arch` (float32, train mode, PyTorch's default init).
-    device="meta" builds it without memory (for its state_dict keys and shapes)."""
+    """The reference nn.Module for `arch` (float32, train mode, PyTorch's default init);
+    device="meta": without memory (for its state_dict keys and shapes)."""
     c = _classes()
     makers = {"resnet18_bwx2": lambda: c.ResNet18STTN(num_classes, ternary=False),
               "resnet18_ter": lambda: c.ResNet18STTN(num_classes, ternary=True),
@@ -38,14 +33,13 @@ def init_like_original(model, generator=None):
     with c.torch.no_grad():
         for m in model.modules():
             if isinstance(m, (c.nn.Conv2d, c.nn.Linear)):
-                fan_in = float(m.weight[0].nelement())
-                m.weight.normal_(0.0, 1.0 / fan_in, generator=generator)
+                m.weight.normal_(0.0, 1.0 / float(m.weight[0].nelement()), generator=generator)
     return model
 
 
 class BinOp:
     """`util.BinOp` of the original, step for step. Targets: every Conv2d/Linear in
-    `named_modules()` order but the first, those inside a `branch` and the last (fc): for
+    `named_modules()` order but the first, those in a `branch` and the last (fc): for
     resnet18_bwx2 the 32 block convolutions, consecutive targets forming the pairs."""
 
     def __init__(self, model):
@@ -59,7 +53,6 @@ class BinOp:
         self.target_names = [layers[i][0] for i in bin_range]
         self.target_modules = [layers[i][1].weight for i in bin_range]
         self.saved_params = [w.detach().clone() for w in self.target_modules]
-        self.num_of_params = len(self.target_modules)
 
     def binarization(self):
         self.clampConvParams()
@@ -75,20 +68,16 @@ class BinOp:
             saved.copy_(w.data)
 
     def binarizeConvParams(self):
-        m_pair = None
         for index, w in enumerate(self.target_modules):
             n = w.data[0].nelement()
             s = w.data.size()
-            if index % 2 == 0:
+            if index % 2 == 0:  # the pair's m, computed before either member is binarized
                 other = self.target_modules[index + 1].data
                 if len(s) == 4:  # (|W1|_1 + |W2|_1) / (2n) per output channel, the original's order
                     m = (w.data.norm(1, 3, keepdim=True) + other.norm(1, 3, keepdim=True)) \
                         .sum(2, keepdim=True).sum(1, keepdim=True).div(2 * n)
                 else:
                     m = (w.data.norm(1, 1, keepdim=True) + other.norm(1, 1, keepdim=True)).div(2 * n)
-                m_pair = m
-            else:
-                m = m_pair
             w.data.sign_().mul_(m.expand(s))
 
     def restore(self):
@@ -113,7 +102,7 @@ class BinOp:
 
 
 def distillation_loss(teacher_logits, student_logits):
-    """util.TS_Loss(..., 'mean'): mean over the batch of -sum(softmax(teacher) * log_softmax(student))."""
+    """util.TS_Loss(..., 'mean'): batch mean of -sum(softmax(teacher) * log_softmax(student))."""
     c = _classes()
     if teacher_logits.requires_grad:
         raise ValueError("teacher logits must not require gradients")
@@ -122,10 +111,10 @@ def distillation_loss(teacher_logits, student_logits):
     return (-c.torch.bmm(t, s)).mean()
 
 
-def make_optimizer(model, lr: float = ADAM_LR):
-    """main.py's optimizer: Adam over all parameters, betas (0.9, 0.999), eps 1e-8, no decay."""
-    torch = _classes().torch
-    return torch.optim.Adam(model.parameters(), lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0)
+def make_optimizer(model, lr: float = 0.005):
+    """main.py's optimizer: Adam over all parameters, its default lr, betas, eps, no decay."""
+    return _classes().torch.optim.Adam(model.parameters(), lr, betas=(0.9, 0.999), eps=1e-8,
+                                       weight_decay=0)
 
 
 def reference_train_step(model, optimizer, binop, images, teacher_logits):
@@ -135,8 +124,7 @@ def reference_train_step(model, optimizer, binop, images, teacher_logits):
     model.train()
     if binop is not None:
         binop.binarization()
-    student_logits = model(images)
-    loss = distillation_loss(teacher_logits.detach(), student_logits)
+    loss = distillation_loss(teacher_logits.detach(), model(images))
     optimizer.zero_grad()
     loss.backward()
     if binop is not None:
@@ -148,13 +136,12 @@ def reference_train_step(model, optimizer, binop, images, teacher_logits):
 
 
 def evaluate(model, images, binop=None):
-    """main.py's `validate()` on one batch: eval mode, binarize (clamp first) before, restore after."""
-    torch = _classes().torch
+    """main.py's `validate()` on one batch: eval mode, clamped and binarized while it runs."""
     model.eval()
     if binop is not None:
         binop.binarization()
     try:
-        with torch.no_grad():
+        with _classes().torch.no_grad():
             return model(images)
     finally:
         if binop is not None:

@@ -1,7 +1,7 @@
-"""The original's model files as PyTorch modules, for `interop.reference`: `ResNet18_BNN` of its
-resnet18_bwx2 / resnet18_ter (the module names and registration order of the original, so its
-checkpoints load), the CUDA extension's ternary activation as an autograd function, and
-torchvision's ResNet-50 in plain `torch.nn`. Built on first use (torch is imported then)."""
+"""The original's models as PyTorch modules, for `interop.reference`: `ResNet18_BNN` of
+resnet18_bwx2 / resnet18_ter (the original's module names and registration order, so its
+checkpoints load), the CUDA extension's ternary activation, and torchvision's ResNet-50. Built on
+first use (torch is imported then)."""
 from __future__ import annotations
 
 import functools
@@ -16,7 +16,7 @@ RESNET18_BLOCKS = ((64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 
 def _classes():
     import torch
     import torch.nn as nn
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # noqa: F401 - returned below, in locals()
 
     class TernaryActivationFunction(torch.autograd.Function):
         """The CUDA extension `TerActivateFunc`: forward x < -0.5 -> -1, x < 0.5 -> 0, else +1
@@ -25,16 +25,13 @@ def _classes():
         @staticmethod
         def forward(ctx, x):
             ctx.save_for_backward(x)
-            out = torch.ones_like(x)
-            out = torch.where(x < 0.5, torch.zeros_like(x), out)
+            out = torch.where(x < 0.5, torch.zeros_like(x), torch.ones_like(x))
             return torch.where(x < -0.5, -torch.ones_like(x), out)
 
         @staticmethod
         def backward(ctx, grad_output):
             (x,) = ctx.saved_tensors
-            grad = grad_output.clone()
-            grad[(x > 1.0) | (x < -1.0)] = 0.0
-            return grad
+            return grad_output.masked_fill((x > 1.0) | (x < -1.0), 0.0)
 
     class TernaryActivation(nn.Module):
         """`SymmTerActive_cuda` of the original (no parameters)."""
@@ -49,50 +46,30 @@ def _classes():
             super().__init__()
             self.stride = stride
             self.ternary = ternary
-            self.bn1 = nn.BatchNorm2d(in_ch)
-            self.ba1 = TernaryActivation()
-            self.prelu1 = nn.PReLU(out_ch)
-            if ternary:
-                self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1)
-            else:
-                self.conv1_1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1)
-                self.conv1_2 = nn.Conv2d(in_ch, out_ch, 3, stride, 1)
-            self.bn_add1 = nn.BatchNorm2d(out_ch)
-            self.bn2 = nn.BatchNorm2d(out_ch)
-            self.ba2 = TernaryActivation()
-            self.prelu2 = nn.PReLU(out_ch)
-            if ternary:
-                self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1)
-            else:
-                self.conv2_1 = nn.Conv2d(out_ch, out_ch, 3, 1, 1)
-                self.conv2_2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1)
-            self.bn_add2 = nn.BatchNorm2d(out_ch)
+            # bn1, ba1, prelu1, conv1 (or conv1_1, conv1_2), bn_add1, then the same with 2.
+            for i, cin, s in ((1, in_ch, stride), (2, out_ch, 1)):
+                setattr(self, f"bn{i}", nn.BatchNorm2d(cin))
+                setattr(self, f"ba{i}", TernaryActivation())
+                setattr(self, f"prelu{i}", nn.PReLU(out_ch))
+                for name in [f"conv{i}"] if ternary else [f"conv{i}_1", f"conv{i}_2"]:
+                    setattr(self, name, nn.Conv2d(cin, out_ch, 3, s, 1))
+                setattr(self, f"bn_add{i}", nn.BatchNorm2d(out_ch))
             if stride == 2:
                 self.branch = nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=2))
 
+        def _conv(self, i, x):
+            if self.ternary:
+                return getattr(self, f"conv{i}")(x)
+            return getattr(self, f"conv{i}_1")(x) + getattr(self, f"conv{i}_2")(x)
+
         def forward(self, x):
             out = self.ba1(self.bn1(x))
+            short_cut = x
             if self.stride == 2:
                 short_cut = self.branch(x)
                 short_cut = torch.cat([short_cut, short_cut.mul(0.0)], 1)
-            else:
-                short_cut = x
-            if self.ternary:
-                out = self.conv1(out)
-            else:
-                out = self.conv1_1(out) + self.conv1_2(out)
-            out = self.bn_add1(out)
-            out = out + short_cut
-            out = self.prelu1(out)
-            add = out
-            out = self.ba2(self.bn2(out))
-            if self.ternary:
-                out = self.conv2(out)
-            else:
-                out = self.conv2_1(out) + self.conv2_2(out)
-            out = self.bn_add2(out)
-            out = out + add
-            return self.prelu2(out)
+            out = self.prelu1(self.bn_add1(self._conv(1, out)) + short_cut)
+            return self.prelu2(self.bn_add2(self._conv(2, self.ba2(self.bn2(out)))) + out)
 
     class ResNet18STTN(nn.Module):
         """`ResNet18_BNN` of model_list/resnet18_{bwx2,ter}.py. AdaptiveAvgPool2d(1) replaces
@@ -100,6 +77,7 @@ def _classes():
 
         def __init__(self, num_classes=1000, ternary=False):
             super().__init__()
+            # The blocks first, as in the original (the order the default init draws numbers).
             blocks = [BasicBlock(i, o, s, ternary) for i, o, s in RESNET18_BLOCKS]
             self.features = nn.Sequential(
                 nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False),
@@ -115,8 +93,7 @@ def _classes():
             return self.fc(x.view(x.size(0), -1))
 
     class Bottleneck(nn.Module):
-        """torchvision's Bottleneck (v1.5: stride on the 3x3 conv)."""
-        expansion = 4
+        """torchvision's Bottleneck (v1.5: stride on the 3x3 conv), expansion 4."""
 
         def __init__(self, in_planes, planes, stride=1, downsample=None):
             super().__init__()
@@ -130,13 +107,9 @@ def _classes():
             self.downsample = downsample
 
         def forward(self, x):
-            identity = x
             out = self.relu(self.bn1(self.conv1(x)))
-            out = self.relu(self.bn2(self.conv2(out)))
-            out = self.bn3(self.conv3(out))
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            return self.relu(out + identity)
+            out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
     class ResNet50(nn.Module):
         """torchvision.models.resnet50's module tree and state_dict keys."""
@@ -148,10 +121,8 @@ def _classes():
             self.bn1 = nn.BatchNorm2d(64)
             self.relu = nn.ReLU(inplace=True)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-            self.layer1 = self._make_layer(64, layers[0], 1)
-            self.layer2 = self._make_layer(128, layers[1], 2)
-            self.layer3 = self._make_layer(256, layers[2], 2)
-            self.layer4 = self._make_layer(512, layers[3], 2)
+            for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+                setattr(self, f"layer{i + 1}", self._make_layer(planes, blocks, 2 if i else 1))
             self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
             self.fc = nn.Linear(512 * 4, num_classes)
             for m in self.modules():
@@ -172,10 +143,6 @@ def _classes():
         def forward(self, x):
             x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            x = torch.flatten(self.avgpool(x), 1)
-            return self.fc(x)
+            return self.fc(torch.flatten(self.avgpool(x), 1))
 
-    return types.SimpleNamespace(
-        torch=torch, nn=nn, F=F, TernaryActivationFunction=TernaryActivationFunction,
-        TernaryActivation=TernaryActivation, BasicBlock=BasicBlock, ResNet18STTN=ResNet18STTN,
-        Bottleneck=Bottleneck, ResNet50=ResNet50)
+    return types.SimpleNamespace(**locals())  # torch, nn, F and the classes above

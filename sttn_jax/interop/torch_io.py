@@ -1,12 +1,8 @@
-"""Reading the original PyTorch checkpoints (docs/original.md, "Checkpoint files").
-
-`load_torch_checkpoint(path, arch=None)` -> Flax variables {"params", "batch_stats"} (float32
-parameters and statistics, int32 `num_batches_tracked`) from main.py's training checkpoint, the
-merge script's or released model's {'state_dict'}, or a bare state_dict (torchvision's), with or
-without nn.DataParallel's `module.` prefix. `torch.load(weights_only=True)`: a file that would run
-code when unpickled is refused, never executed. Writing: `torch_save`. A bad file is one
-CheckpointError naming it and the fix. torch is imported on first use.
-"""
+"""Reading the original PyTorch checkpoints (docs/original.md, "Checkpoint files"): main.py's
+training checkpoint, {'state_dict'} or a bare state_dict, with or without nn.DataParallel's
+`module.` prefix, into Flax variables (float32, int32 `num_batches_tracked`). Read with
+`torch.load(weights_only=True)`: a file that would run code when unpickled is refused, never run.
+A bad file is one CheckpointError naming it and the fix. torch is imported on first use."""
 from __future__ import annotations
 
 import collections
@@ -20,17 +16,14 @@ from flax import traverse_util
 from sttn_jax import models
 from sttn_jax.errors import ArchMismatchError, CheckpointError
 from sttn_jax.interop import names
-from sttn_jax.interop.names import BATCH_STATS, CONV, COUNT, DENSE, PARAMS
+from sttn_jax.interop.names import BATCH_STATS, COUNT, PARAMS, TORCH_AXES
 
 DATA_PARALLEL_PREFIX = "module."
 # The first bytes of a legacy (pre-zip) torch.save file: the pickled magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
-_ZIP_MAGIC = b"PK\x03\x04"
 _TORCH_SAVE_FIX = "give a .pth/.pth.tar written by torch.save"
 _COPY_AGAIN = "copy or download it again"
 _STATE_DICT_FIX = "give a file holding a state_dict or {'state_dict': state_dict}"
-_MAX_LISTED = 8
-_INT32_MAX = np.iinfo(np.int32).max
 
 
 def _import_torch():
@@ -42,10 +35,10 @@ def _import_torch():
     return torch
 
 
-def _listing(items, limit: int = _MAX_LISTED) -> str:
+def _listing(items, limit: int = 8) -> str:
     items = list(items)
-    shown = ", ".join(str(i) for i in items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+    return ", ".join(map(str, items[:limit])) + (
+        f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def _key_mismatch(missing, unexpected, noun: str = "") -> str:
@@ -85,11 +78,10 @@ def read_torch_file(path):
 
 
 def _check_zip(path: Path, head: bytes) -> None:
-    """Refuses a file that is not an intact zip archive before torch.load sees it: torch checks no
-    CRC (a flipped byte in a tensor loads as another number); zipfile checks every member's (20 ms
-    for a 46 MB resnet18_ter file)."""
+    """Refuses a file that is not an intact zip archive before torch.load, which checks no CRC (a
+    flipped tensor byte loads as another number); zipfile checks each member's (20 ms for 46 MB)."""
     if not zipfile.is_zipfile(path):
-        if head.startswith(_ZIP_MAGIC):
+        if head.startswith(b"PK\x03\x04"):  # a zip archive's first bytes
             raise CheckpointError(f"{path}: truncated or damaged (a zip archive without its "
                                   f"directory at the end); {_COPY_AGAIN}")
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive "
@@ -159,26 +151,21 @@ def _to_numpy(tensor, entry, path):
             raise CheckpointError(f"{path}: {entry.torch_key} should be an integer count, "
                                   f"found {t.dtype}")
         value = int(t.reshape(()).item())
-        if not 0 <= value <= _INT32_MAX:
+        if not 0 <= value <= np.iinfo(np.int32).max:
             raise CheckpointError(f"{path}: {entry.torch_key} = {value} is out of range")
         return np.asarray(value, dtype=np.int32)
     if not t.is_floating_point():
         raise CheckpointError(f"{path}: {entry.torch_key} should be floating point, found {t.dtype}")
-    if t.dtype != torch.float32:
-        t = t.to(torch.float32)  # float16/bfloat16 widen exactly; float64 rounds
-    a = t.numpy()
-    if entry.kind == CONV:
-        a = a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    elif entry.kind == DENSE:
-        a = a.T  # (out, in) -> (in, out)
+    a = t.float().numpy()  # float16/bfloat16 widen exactly; float64 rounds
+    if entry.kind in TORCH_AXES:  # OIHW -> HWIO, (out, in) -> (in, out)
+        a = a.transpose(np.argsort(TORCH_AXES[entry.kind]))
     return np.array(a, dtype=np.float32, order="C", copy=True)
 
 
 def state_dict_to_variables(state_dict, arch: str | None = None, path="<state_dict>",
                             num_classes: int | None = None):
     """Flax variables from a torch state_dict (keys without `module.`); arch and num_classes
-    default to what the keys and fc.weight say. A missing `num_batches_tracked` counts as 0, as
-    torch's BatchNorm does."""
+    default to what the keys and fc.weight say. A missing `num_batches_tracked` counts as 0."""
     return _convert(state_dict, arch, path, num_classes)[0]
 
 
@@ -200,33 +187,28 @@ def _convert(state_dict, arch, path, num_classes):
         fc = state_dict.get("fc.weight")
         num_classes = int(fc.shape[0]) if fc is not None and fc.ndim == 2 and fc.shape[0] else 1000
     expected = names.by_torch_key(arch, num_classes)
-    missing = [k for k in expected if k not in state_dict
-               and not k.endswith(".num_batches_tracked")]
+    missing = [k for k, e in expected.items() if k not in state_dict and e.kind != COUNT]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not match {arch}: "
                               + _key_mismatch(missing, unexpected, " keys")
                               + f"; give a complete {arch} checkpoint")
-    wrong = []
-    for key, entry in expected.items():
-        if key in state_dict:
-            shape = tuple(state_dict[key].shape)
-            ok = shape == entry.torch_shape or (entry.kind == COUNT and int(np.prod(shape)) == 1)
-            if not ok:
-                wrong.append(f"{key} {shape} (expected {entry.torch_shape})")
+    shapes = {key: tuple(state_dict[key].shape) for key in expected if key in state_dict}
+    wrong = [f"{key} {shape} (expected {expected[key].torch_shape})"
+             for key, shape in shapes.items() if shape != expected[key].torch_shape
+             and not (expected[key].kind == COUNT and int(np.prod(shape)) == 1)]
     if wrong:
         raise CheckpointError(f"{path}: wrong shapes for {arch}: {_listing(wrong)}; give an "
                               f"unaltered {arch} checkpoint")
     flat = {(entry.collection,) + entry.path: _to_numpy(state_dict[key], entry, path)
             if key in state_dict else np.asarray(0, dtype=np.int32)
             for key, entry in expected.items()}
-    variables = {PARAMS: {}, BATCH_STATS: {}, **traverse_util.unflatten_dict(flat)}
-    return variables, arch
+    return {PARAMS: {}, BATCH_STATS: {}, **traverse_util.unflatten_dict(flat)}, arch
 
 
 def load_torch_checkpoint_with_info(path, arch: str | None = None):
-    """(variables, arch, info) of an original PyTorch checkpoint; info holds what the file says
-    of itself (its kind, and the epoch and best_prec1 of a training checkpoint)."""
+    """(variables, arch, info) of an original PyTorch checkpoint; info: what the file says of
+    itself (its kind, and the epoch and best_prec1 of a training checkpoint)."""
     obj = read_torch_file(path)
     state_dict, info = extract_state_dict(obj, path)
     variables, arch = _convert(state_dict, arch, path, None)
@@ -242,5 +224,4 @@ def load_torch_checkpoint_with_info(path, arch: str | None = None):
 def load_torch_checkpoint(path, arch: str | None = None, num_classes: int | None = None):
     """Flax variables {"params", "batch_stats"} of `arch` (one of models.ARCHS, or None: from the
     keys) from an original PyTorch checkpoint; num_classes None: from fc.weight."""
-    state_dict, _ = read_state_dict(path)
-    return _convert(state_dict, arch, path, num_classes)[0]
+    return state_dict_to_variables(read_state_dict(path)[0], arch, path, num_classes)

@@ -1,7 +1,6 @@
-"""Writing the original's checkpoint format: `save_torch_checkpoint(variables, arch, path)` writes
-{'state_dict'} with nn.DataParallel's `module.` keys in the original's registration order and
-`num_batches_tracked` as int64 scalars, which the original code loads unchanged; reading it back
-(`torch_io`) reproduces every tensor bit for bit. torch is imported on first use."""
+"""Writing the original's checkpoint format: {'state_dict'} with nn.DataParallel's `module.` keys
+in the original's registration order and int64 `num_batches_tracked`, which the original code
+loads unchanged; `torch_io` reads it back bit for bit. torch is imported on first use."""
 from __future__ import annotations
 
 import collections
@@ -14,45 +13,39 @@ from flax import traverse_util
 
 from sttn_jax import models
 from sttn_jax.errors import CheckpointError
-from sttn_jax.interop import names
-from sttn_jax.interop.names import BATCH_STATS, CONV, COUNT, DENSE, PARAMS
+from sttn_jax.interop import names, reference
+from sttn_jax.interop.names import BATCH_STATS, COUNT, PARAMS, TORCH_AXES
 from sttn_jax.interop.torch_io import DATA_PARALLEL_PREFIX, _import_torch, _key_mismatch, _listing
 
 
 @functools.lru_cache(maxsize=None)
 def _torch_order(arch: str, num_classes: int) -> list[str]:
-    """The original's state_dict key order (registration order), from the reference model. (Built
-    on the CPU: building on torch's "meta" device imports torch._dynamo, and with it Triton's
-    LLVM, into a process that runs JAX.)"""
-    from sttn_jax.interop import reference
-
+    """The original's state_dict key order (registration order), from the reference model, built
+    on the CPU: on "meta" torch imports torch._dynamo, and Triton's LLVM, into a JAX process."""
     return list(reference.build(arch, num_classes).state_dict().keys())
 
 
 def variables_to_state_dict(variables, arch: str, prefix: str = DATA_PARALLEL_PREFIX,
                             params_only: bool | None = None, where: str = "variables"):
-    """An OrderedDict of torch tensors in the original's layout and key order, from {"params",
-    "batch_stats"} ("params" may be a gradient tree; without statistics, or with params_only, only
-    the parameters). Floats keep their dtype; num_batches_tracked becomes an int64 scalar."""
+    """An OrderedDict of torch tensors in the original's layout and key order from {"params",
+    "batch_stats"} (only the parameters, a gradient tree maybe, without statistics or with
+    params_only). Floats keep their dtype; num_batches_tracked becomes an int64 scalar."""
     torch = _import_torch()
     models.check_arch(arch)
     if not hasattr(variables, "get") or PARAMS not in variables:
         raise CheckpointError(f"{where}: expected a dict {{'params': ..., 'batch_stats': ...}}, "
                               f"got {type(variables).__name__}")
-    stats = variables.get(BATCH_STATS) or {}
     if params_only is None:
-        params_only = len(stats) == 0
+        params_only = not variables.get(BATCH_STATS)
     try:
         num_classes = models.num_classes_of(variables[PARAMS])
     except (KeyError, TypeError, IndexError):
         num_classes = 1000  # no classifier: the key check below names what is missing
-    expected = [e for e in names.entries(arch, num_classes)
-                if not (params_only and e.collection == BATCH_STATS)]
-    given = {}
-    for collection in ((PARAMS,) if params_only else (PARAMS, BATCH_STATS)):
-        flat = traverse_util.flatten_dict(dict(variables.get(collection) or {}))
-        given.update({(collection,) + tuple(map(str, p)): leaf for p, leaf in flat.items()})
-    want = {(e.collection,) + e.path: e for e in expected}
+    flat = traverse_util.flatten_dict({c: dict(variables.get(c) or {}) for c in
+                                       ((PARAMS,) if params_only else (PARAMS, BATCH_STATS))})
+    given = {tuple(map(str, p)): leaf for p, leaf in flat.items()}
+    want = {(e.collection,) + e.path: e for e in names.entries(arch, num_classes)
+            if not (params_only and e.collection == BATCH_STATS)}
     missing = ["/".join(k) for k in want if k not in given]
     unexpected = ["/".join(k) for k in given if k not in want]
     if missing or unexpected:
@@ -70,10 +63,8 @@ def variables_to_state_dict(variables, arch: str, prefix: str = DATA_PARALLEL_PR
             continue
         if a.dtype not in (np.float32, np.float64):
             a = a.astype(np.float32)  # bfloat16/float16 widen exactly
-        if e.kind == CONV:
-            a = a.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-        elif e.kind == DENSE:
-            a = a.T
+        if e.kind in TORCH_AXES:  # HWIO -> OIHW, (in, out) -> (out, in)
+            a = a.transpose(TORCH_AXES[e.kind])
         tensors[e.torch_key] = torch.from_numpy(np.array(a, order="C", copy=True))
     order = [k for k in _torch_order(arch, num_classes) if k in tensors]
     order += [k for k in tensors if k not in set(order)]
@@ -95,9 +86,8 @@ def save_torch_checkpoint(variables, arch: str, path, extra: dict | None = None,
     torch = _import_torch()
     path = Path(path)
     sd = variables_to_state_dict(variables, arch, prefix=prefix, where=f"cannot write {path}")
-    obj = {"state_dict": sd, **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    torch.save({"state_dict": sd, **(extra or {})}, tmp)
     os.replace(tmp, path)
     return path
