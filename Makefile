@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 PYTEST_ARGS ?=
+# the tests in parallel processes, one per core up to 4 (XDIST= runs them in this process)
+XDIST ?= -n auto --maxprocesses 4 --dist worksteal
 DEMO_ARGS ?=
 
 .PHONY: install install-test install-gpu test demo clean
@@ -27,7 +29,7 @@ install-gpu: $(VENV)/.sttn-demo
 	$(PY) -m pip install --quiet -e ".[gpu]"
 
 test: $(VENV)/.sttn-test
-	$(PY) -m pytest -q --durations=12 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=12 $(XDIST) $(PYTEST_ARGS)
 
 demo: $(VENV)/.sttn-demo
 	$(PY) -m sttn_jax.demo --workdir runs/demo $(DEMO_ARGS)

@@ -1,8 +1,12 @@
 """Test setup and shared fixtures: 8 simulated CPU devices (for shard_map tests), TensorFlow kept
 quiet, one persistent XLA compilation cache for the session (the tests build the same networks
-many times, also in the CLI subprocesses they start, which inherit these variables), the smoke
-data and training run, and original-format PyTorch checkpoints."""
+many times, also in the CLI subprocesses and pytest-xdist workers they start, which inherit these
+variables), the smoke data and training runs (built once even with several workers), and
+original-format PyTorch checkpoints."""
+import fcntl
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,7 +72,31 @@ def assert_one_error_line(r, code=2) -> str:
     return errors[0]
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked `long` run first: with parallel workers (make test runs pytest-xdist) the
+    suite then does not end waiting on one of them."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable
+
+
 # -- the smoke data and training runs -------------------------------------------------------------
+
+
+def built_once(tmp_path_factory, name, build) -> Path:
+    """A directory `name` that `build(path)` fills once per test session: pytest-xdist workers
+    share the parent of their temporary directories, and the first to take the lock builds
+    while the others wait and reuse it (a failed build is redone by the next)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -77,9 +105,8 @@ def smoke_data_dir(tmp_path_factory):
     the real TFDS imagenet2012 builder."""
     from sttn_jax.data import fabricate
 
-    d = tmp_path_factory.mktemp("smoke_data")
-    fabricate.ensure_fake_imagenet(str(d))
-    return str(d)
+    return str(built_once(tmp_path_factory, "smoke_data",
+                          lambda d: fabricate.ensure_fake_imagenet(str(d))))
 
 
 def smoke_config(data_dir, **overrides):
@@ -105,8 +132,9 @@ def uninterrupted_smoke_run(smoke_data_dir, tmp_path_factory):
     interrupted runs of the same config must end with the same checkpoint, bit for bit."""
     from sttn_jax import train_loop
 
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    return train_loop.train_and_evaluate(smoke_config(smoke_data_dir, **SMOKE_RUN), workdir), workdir
+    workdir = built_once(tmp_path_factory, "uninterrupted", lambda w: train_loop.train_and_evaluate(
+        smoke_config(smoke_data_dir, **SMOKE_RUN), w))
+    return json.loads((workdir / "final_metrics.json").read_text()), workdir
 
 
 @pytest.fixture(scope="session")
@@ -114,10 +142,20 @@ def smoke_workdir(smoke_data_dir, tmp_path_factory):
     """A real training workdir: 3 steps = one epoch, so best/ holds step 3 and checkpoints/ 2, 3."""
     from sttn_jax import train_loop
 
-    w = tmp_path_factory.mktemp("run") / "workdir"
-    result = train_loop.train_and_evaluate(smoke_config(smoke_data_dir, num_train_steps=3), w)
-    assert result["step"] == 3
-    return w
+    def train(w):
+        assert train_loop.train_and_evaluate(smoke_config(smoke_data_dir, num_train_steps=3), w)["step"] == 3
+
+    return built_once(tmp_path_factory, "smoke_workdir", train)
+
+
+@pytest.fixture(scope="session")
+def merged_smoke(smoke_workdir, tmp_path_factory):
+    """merge_checkpoint (merge.py's library entry point) of smoke_workdir: a resnet18_ter model
+    checkpoint with its merge report."""
+    from sttn_jax import merging
+
+    out = tmp_path_factory.mktemp("merged") / "ter"
+    return merging.merge_checkpoint(smoke_workdir, out, echo=lambda line: None)
 
 
 def latest_checkpoint(workdir):

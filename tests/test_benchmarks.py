@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMED_KEYS = ("train_fp32_img_s", "train_bf16_img_s", "eval_fp32_img_s", "eval_bf16_img_s",
@@ -15,6 +16,7 @@ TIMED_KEYS = ("train_fp32_img_s", "train_bf16_img_s", "eval_fp32_img_s", "eval_b
 SETTING_KEYS = ("batch", "image_size", "steps", "warmup", "backend", "jax_version", "date")
 
 
+@pytest.mark.long
 def test_benchmark_smoke_writes_every_key(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke",

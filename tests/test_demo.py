@@ -1,11 +1,13 @@
 """A shortened `make demo`: train a few steps on the embedded digits, merge, evaluate both."""
 import json
 
+import pytest
 
 from configs import demo as demo_config
 from sttn_jax import demo
 
 
+@pytest.mark.long
 def test_short_demo_end_to_end(tmp_path, capsys):
     c = demo_config.get_config()
     c.data_dir = str(tmp_path / "data")

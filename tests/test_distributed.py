@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from sttn_jax import checkpoints, train_loop, training
 from tests.conftest import assert_float64_runs_agree, smoke_config
@@ -61,6 +62,7 @@ def damage(step_dir: Path) -> None:
             f.write_bytes(b"\0garbage" * 3)
 
 
+@pytest.mark.long
 def test_two_processes_preempted_killed_and_damaged_train_like_one_process_with_eight_devices(
         smoke_data_dir, tmp_path, x64):
     """Three launches of the same two commands, then the result of one process with 8 devices.

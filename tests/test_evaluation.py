@@ -11,13 +11,7 @@ from tests.conftest import REPO, run_cli, smoke_config
 RESULT_KEYS = ("top1", "top5", "loss", "num_examples", "arch", "checkpoint")
 
 
-@pytest.fixture(scope="module")
-def merged(smoke_workdir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("merged") / "ter"
-    return merging.merge_checkpoint(smoke_workdir, out, plot=False, echo=lambda line: None)
-
-
-def test_eval_bwx2_and_merged_give_identical_results(smoke_workdir, merged, smoke_data_dir, tmp_path):
+def test_eval_bwx2_and_merged_give_identical_results(smoke_workdir, merged_smoke, smoke_data_dir, tmp_path):
     config = smoke_config(smoke_data_dir)
     bw = evaluation.evaluate_checkpoint(config, smoke_workdir)
     assert bw["arch"] == "resnet18_bwx2" and bw["num_examples"] == 8
@@ -29,13 +23,13 @@ def test_eval_bwx2_and_merged_give_identical_results(smoke_workdir, merged, smok
 
     # eval.py end to end on the merged model, with --output
     result_file = tmp_path / "eval.json"
-    r = run_cli("eval.py", "--config", "configs/smoke.py", "--checkpoint", merged.out,
+    r = run_cli("eval.py", "--config", "configs/smoke.py", "--checkpoint", merged_smoke.out,
                 f"--config.data_dir={smoke_data_dir}", "--output", result_file)
     assert r.returncode == 0, r.stderr
     assert "top-1" in r.stdout and "resnet18_ter" in r.stdout
     ter = json.loads(result_file.read_text())
     assert set(RESULT_KEYS) <= set(ter)
-    assert ter["arch"] == "resnet18_ter" and ter["checkpoint"] == str(merged.out)
+    assert ter["arch"] == "resnet18_ter" and ter["checkpoint"] == str(merged_smoke.out)
     assert ter["num_examples"] == bw["num_examples"] == 8
     assert (ter["top1"], ter["top5"]) == (bw["top1"], bw["top5"])
     assert ter["loss"] == pytest.approx(bw["loss"], rel=1e-5)

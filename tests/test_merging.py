@@ -50,26 +50,19 @@ def merge_main():
     return call
 
 
-@pytest.fixture(scope="module")
-def merged(smoke_workdir, tmp_path_factory):
-    """merge_checkpoint on the workdir (library entry point of merge.py)."""
-    out = tmp_path_factory.mktemp("merged") / "ter"
-    return merging.merge_checkpoint(smoke_workdir, out, echo=lambda line: None)
-
-
-def test_merge_from_workdir_is_exact_and_written(merged, smoke_workdir):
-    check = merged.check
+def test_merge_from_workdir_is_exact_and_written(merged_smoke, smoke_workdir):
+    check = merged_smoke.check
     assert check.passed and check.relative_error <= merging.MERGE_TOLERANCE
     assert check.batch == 8 and check.dtype == "float32"
     if ON_CPU:  # the merged kernels are bit-identical to the ones the bwx2 forward computes
         assert check.max_abs_diff == 0.0 and check.top1_agree == 8
     print(f"\nworkdir merge check: max|dlogit| {check.max_abs_diff:.3e} relative {check.relative_error:.3e}")
 
-    meta = read_metadata(merged.out)
+    meta = read_metadata(merged_smoke.out)
     assert meta["arch"] == "resnet18_ter"
     assert meta["merged_from"]["kind"] == model_io.WORKDIR and meta["merged_from"]["step"] == 3
     assert meta["merged_from"]["selected"] == "best" and meta["merge_check"]["passed"]
-    loaded = model_io.load(merged.out)
+    loaded = model_io.load(merged_smoke.out)
     variables = loaded.variables
     assert loaded.arch == "resnet18_ter" and count(variables["params"]) == TER_PARAMS
 
@@ -86,8 +79,8 @@ def test_merge_from_workdir_is_exact_and_written(merged, smoke_workdir):
                                       pair["bias_1"] + pair["bias_2"])
 
 
-def test_merge_report_adds_up(merged):
-    rep = json.loads((merged.out / merging.REPORT_JSON).read_text())
+def test_merge_report_adds_up(merged_smoke):
+    rep = json.loads((merged_smoke.out / merging.REPORT_JSON).read_text())
     p = rep["parameters"]
     assert p["ternary"] + p["full_precision"] == p["total"] == TER_PARAMS
     assert p["ternary"] == TER_TERNARY and sum(p["full_precision_breakdown"].values()) == p["full_precision"]
@@ -101,11 +94,11 @@ def test_merge_report_adds_up(merged):
         assert 0 < layer["alpha"]["min"] <= layer["alpha"]["mean"] <= layer["alpha"]["max"]
     assert 0 < rep["overall"]["sparsity"] < 1  # STTN's zeros: sign W1 = -sign W2
     assert rep["size_bytes"]["float32"] == 4 * TER_PARAMS
-    png = (merged.out / merging.REPORT_PNG).read_bytes()
+    png = (merged_smoke.out / merging.REPORT_PNG).read_bytes()
     assert png[:8] == PNG_SIGNATURE and len(png) > 20_000
     text = report_format.format_report(rep)
     assert "features.11.conv2" in text and "11,530,216" in text
-    table = (merged.out / merging.LAYER_TABLE).read_text()
+    table = (merged_smoke.out / merging.LAYER_TABLE).read_text()
     assert "features_11" in table and "fc" in table and "\x1b[" not in table  # no colour codes
 
 

@@ -16,12 +16,6 @@ def read_metadata(path):
     return json.loads((path / model_io.MODEL_METADATA).read_text())
 
 
-@pytest.fixture(scope="module")
-def merged(smoke_workdir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("merged") / "ter"
-    return merging.merge_checkpoint(smoke_workdir, out, plot=False, echo=lambda line: None)
-
-
 def test_workdir_checkpoint_selection(smoke_workdir, tmp_path):
     best = model_io.load(smoke_workdir)
     assert (best.arch, best.step, best.selected, best.image_size) == ("resnet18_bwx2", 3, "best", 32)
@@ -62,7 +56,7 @@ def test_workdir_checkpoint_selection(smoke_workdir, tmp_path):
     assert res.check.passed and not (res.out / merging.REPORT_PNG).exists()
 
 
-def test_wrong_arch_is_one_clear_line(smoke_workdir, merged, ter_pth, bwx2_pth, smoke_data_dir,
+def test_wrong_arch_is_one_clear_line(smoke_workdir, merged_smoke, ter_pth, bwx2_pth, smoke_data_dir,
                                       tmp_path):
     # eval.py --arch resnet18_ter on a bwx2 workdir, merge.py on a resnet18_ter .pth (end to end)
     r = run_cli("eval.py", "--config", "configs/smoke.py", "--checkpoint", smoke_workdir,
@@ -76,7 +70,7 @@ def test_wrong_arch_is_one_clear_line(smoke_workdir, merged, ter_pth, bwx2_pth, 
     config = smoke_config(smoke_data_dir)
     for source, wanted, held in [(ter_pth, "resnet18_bwx2", "resnet18_ter"),
                                  (bwx2_pth, "resnet18_ter", "resnet18_bwx2"),
-                                 (merged.out, "resnet18_bwx2", "resnet18_ter")]:
+                                 (merged_smoke.out, "resnet18_bwx2", "resnet18_ter")]:
         with pytest.raises(CheckpointError, match=f"holds a {held} model, not {wanted}"):
             evaluation.evaluate_checkpoint(config, source, arch=wanted)
     # merge.py refuses to overwrite its source or a directory that is not a model checkpoint

@@ -7,6 +7,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from sttn_jax import checkpoints, train_loop
 from tests.conftest import SMOKE_RUN, latest_checkpoint, smoke_config
@@ -61,6 +62,7 @@ def kill_during_a_save(args, checkpoint_dir, timeout=300):
     return run, bool(set(temporary_checkpoints(checkpoint_dir)) - stale)
 
 
+@pytest.mark.long
 def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run(
         smoke_data_dir, uninterrupted_smoke_run, tmp_path):
     """Two concurrent starts (one refused), SIGKILL between and during steps, SIGKILL in the
