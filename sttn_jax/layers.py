@@ -58,31 +58,42 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), self.param_dtype))
         tracked = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
         sdt = jnp.promote_types(self.dtype, jnp.float32)  # bfloat16 statistics are too coarse
-        xs = x.astype(sdt)
         axes = tuple(range(x.ndim - 1))
-        if train:
-            mean = jnp.mean(xs, axis=axes)
-            n = math.prod(x.shape[:-1])
-            if self.axis_name is not None:
-                mean = lax.pmean(mean, self.axis_name)
-                n = n * lax.psum(1, self.axis_name)
-            var = jnp.mean(jnp.square(xs - mean), axis=axes)
-            if self.axis_name is not None:
-                var = lax.pmean(var, self.axis_name)
-            if isinstance(n, int) and n < 2:
-                raise ValueError(f"BatchNorm in training needs more than one value per channel, "
-                                 f"got input of shape {x.shape}; use a larger batch or image")
-            if not self.is_initializing():
-                m = self.momentum
-                unbiased = var * (n / (n - 1))
-                # Keep each statistic's own dtype (float32, or float64 in parity checks).
-                ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
-                ra_var.value = ((1 - m) * ra_var.value + m * unbiased).astype(ra_var.value.dtype)
-                tracked.value = tracked.value + 1
-        else:
-            mean, var = ra_mean.value.astype(sdt), ra_var.value.astype(sdt)
-        inv = lax.rsqrt(var + self.epsilon) * scale.astype(sdt)
-        return ((xs - mean) * inv + bias.astype(sdt)).astype(self.dtype)
+
+        def normalize(x, scale, bias, mean=None, var=None):
+            xs = x.astype(sdt)
+            if mean is None:  # training: this batch's statistics
+                mean = jnp.mean(xs, axis=axes)
+                if self.axis_name is not None:
+                    mean = lax.pmean(mean, self.axis_name)
+                var = jnp.mean(jnp.square(xs - mean), axis=axes)
+                if self.axis_name is not None:
+                    var = lax.pmean(var, self.axis_name)
+            inv = lax.rsqrt(var + self.epsilon) * scale.astype(sdt)
+            return ((xs - mean) * inv + bias.astype(sdt)).astype(self.dtype), mean, var
+
+        if not train:
+            y, _, _ = normalize(x, scale, bias, ra_mean.value.astype(sdt), ra_var.value.astype(sdt))
+            return y
+        n = math.prod(x.shape[:-1])
+        if self.axis_name is not None:
+            n = n * lax.psum(1, self.axis_name)
+        if isinstance(n, int) and n < 2:
+            raise ValueError(f"BatchNorm in training needs more than one value per channel, "
+                             f"got input of shape {x.shape}; use a larger batch or image")
+        if jnp.dtype(x.dtype).itemsize < jnp.dtype(sdt).itemsize:
+            # Narrow (bfloat16) input: keep only x for the backward pass and recompute the rest,
+            # instead of autodiff's two float32 `xs - mean` copies (four times the bytes of x).
+            normalize = jax.checkpoint(normalize)
+        y, mean, var = normalize(x, scale, bias)
+        if not self.is_initializing():
+            m = self.momentum
+            unbiased = var * (n / (n - 1))
+            # Keep each statistic's own dtype (float32, or float64 in parity checks).
+            ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
+            ra_var.value = ((1 - m) * ra_var.value + m * unbiased).astype(ra_var.value.dtype)
+            tracked.value = tracked.value + 1
+        return y
 
 
 class PReLU(nn.Module):

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.ad_checkpoint import print_saved_residuals
 import pytest
 
 import ops
@@ -107,6 +108,47 @@ def test_batchnorm_matches_torch_train_and_eval(x64):
     y_eval = bn.apply(v, jnp.asarray(x), train=False)
     yt_eval = tbn.eval()(xt).detach().numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(y_eval, yt_eval, rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_batchnorm_saves_no_float32_copy_of_its_input(capsys):
+    """In bfloat16 compute, training BatchNorm keeps only its bfloat16 input for the backward pass
+    (autodiff alone keeps float32 `xs - mean` copies, twice the input's size) and recomputes the
+    rest: the same output and gradients as the plain float32-statistics formula."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=(8, 6, 6, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    bn = layers.BatchNorm(dtype=jnp.bfloat16)
+    stats = bn.init(jax.random.PRNGKey(0), x, train=False)["batch_stats"]
+    scale = jnp.asarray(rng.normal(size=16), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=16), jnp.float32)
+
+    def layer(x, scale, bias):
+        y, _ = bn.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x,
+                        train=True, mutable=["batch_stats"])
+        return jnp.sum(y.astype(jnp.float32) * w)
+
+    def formula(x, scale, bias):
+        xs = x.astype(jnp.float32)
+        mean = xs.mean((0, 1, 2))
+        var = jnp.square(xs - mean).mean((0, 1, 2))
+        y = ((xs - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias).astype(jnp.bfloat16)
+        return jnp.sum(y.astype(jnp.float32) * w)
+
+    got = jax.jit(jax.value_and_grad(layer, argnums=(0, 1, 2)))(x, scale, bias)
+    want = jax.jit(jax.value_and_grad(formula, argnums=(0, 1, 2)))(x, scale, bias)
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert g.dtype == r.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                   rtol=1e-6, atol=1e-6)
+
+    def computed_residuals(fn):  # what the backward pass keeps beyond the arguments themselves
+        capsys.readouterr()
+        print_saved_residuals(fn, x, scale, bias)
+        return [line for line in capsys.readouterr().out.splitlines()
+                if "from the argument" not in line and "from a constant" not in line]
+
+    assert not [line for line in computed_residuals(layer) if line.startswith("f32[8,6,6,16]")]
+    assert [line for line in computed_residuals(formula) if line.startswith("f32[8,6,6,16]")]
 
 
 def test_prelu_matches_torch():
