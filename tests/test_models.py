@@ -112,7 +112,7 @@ def test_batchnorm_matches_torch_train_and_eval(x64):
 
 def test_bfloat16_batchnorm_saves_no_float32_copy_of_its_input(capsys):
     """In bfloat16 compute, training BatchNorm keeps only its bfloat16 input for the backward pass
-    (autodiff alone keeps float32 `xs - mean` copies, twice the input's size) and recomputes the
+    (autodiff alone keeps two float32 `xs - mean` copies, four times the input's bytes) and recomputes the
     rest: the same output and gradients as the plain float32-statistics formula."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(1.0, 2.0, size=(8, 6, 6, 16)), jnp.bfloat16)
