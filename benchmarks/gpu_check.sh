@@ -15,6 +15,9 @@
 # into a private directory and nothing else, then:
 #   1. the GPU-only tests: pytest -q tests/test_ops.py -k gpu   (tests.log)
 #   2. python benchmarks/run.py --compare-backends              (bench.json, bench.log)
+#   3. if 150 s are left: python benchmarks/run.py --only train --no-remat, the training step
+#      storing every residual, for remat's cost in speed and its saving in memory
+#      (bench_no_remat.json, bench_no_remat.log)
 # Everything lands in $OUT (default ./gpu_check_out), which the device tool brings back; bench.json
 # is rewritten after every measurement, so a run cut short still returns what it measured.
 #
@@ -108,6 +111,16 @@ print(r['date'] + '_' + (re.sub('[^a-z0-9]+', '-', r['device']['kind'].lower()).
 else
   log "no bench.json written"
   status=1
+fi
+# -- 3. the training step without remat, if there is time (not counted in the exit status) ----
+t=$(( $(left) - 10 ))
+if (( t >= 150 )); then
+  # shellcheck disable=SC2086
+  timeout "$t" python benchmarks/run.py --only train --no-remat \
+    --output "$OUT/bench_no_remat.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_no_remat.log"
+  log "benchmark without remat: exit ${PIPESTATUS[0]}"
+else
+  log "no time left for the benchmark without remat ($t s)"
 fi
 log "gpu_check exit $status"
 exit $status

@@ -5,12 +5,14 @@
     python benchmarks/run.py --only act,copy      # a subset of train, eval, act, copy, input
     python benchmarks/run.py --only input         # the host input pipeline, images/s per CPU core
     python benchmarks/run.py --compare-backends   # also the training step with act_backend triton vs xla
+    python benchmarks/run.py --only train --no-remat  # the training step storing every residual
 
 Measurements (synthetic data already on the device, `jax.block_until_ready` after each sample,
 median of --steps samples after --warmup untimed ones, each program compiled before timing):
 - train: one `sttn_jax.training.make_train_step` step (resnet18_bwx2 student, train-mode ResNet-50
   teacher from random weights, distillation loss, Adam), float32 and bfloat16 compute, images/s;
-  the peak device memory of the float32 step where the backend reports it (GPU; None on CPU).
+  the peak device memory of each step where the backend reports it (GPU; None on CPU); with
+  config.remat "auto" (recomputation on a GPU, not on the CPU) unless --no-remat.
 - eval: resnet18_ter inference (`module.apply(..., train=False)`; the student's random variables
   merged by `sttn_jax.merging`), float32, bfloat16 and int8 (`inference_dtype="int8"`: int8
   activations and kernels, int32 sums), images/s.
@@ -91,6 +93,8 @@ def parse_args(argv=None):
                    help=f"comma-separated subset of {','.join(SECTIONS)} (all but input)")
     p.add_argument("--compare-backends", action="store_true",
                    help="also time the training step with act_backend triton and xla (fp32 and bf16)")
+    p.add_argument("--no-remat", action="store_true",
+                   help="train with config.remat='off': every residual stored, nothing recomputed")
     p.add_argument("--output", help="JSON path (default benchmarks/results/<date>_<device>.json)")
     args = p.parse_args(argv)
     base = SMOKE if args.smoke else FULL
@@ -190,6 +194,7 @@ class Bench:
         config.dtype, config.act_backend = CONFIG_DTYPE[dtype], backend
         config.batch_size, config.image_size = a.batch, a.image_size
         config.teacher_bn_train_mode = True
+        config.remat = "off" if a.no_remat else "auto"
         tx = training.create_optimizer(config, training.learning_rate_fn(config, 1000))
         state = training.create_train_state(config, self.mesh, tx,
                                             variables=self.student_variables())
@@ -208,7 +213,8 @@ class Bench:
         loss = float(call()[1]["loss"])
         self.details[name] = {"median_ms": seconds * 1e3, "compile_s": compile_s,
                               "compiled_temp_gib": None if temp is None else temp / GIB,
-                              "final_loss": loss, "act_backend": backend}
+                              "final_loss": loss, "act_backend": backend,
+                              "remat": training.use_remat(config)}
         return a.batch / seconds
 
     def inference(self, mode: str, name: str) -> float:
@@ -301,6 +307,7 @@ def run(args, save=lambda result: None) -> dict:
         **{key: None for key in RESULT_KEYS},
         "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
         "warmup": args.warmup, "backend": args.backend,
+        "remat": "off" if args.no_remat else "auto",
         "backend_resolved": resolved_backends(args.backend),
         "act_shape": list(args.act_shape), "calls_per_sample": args.calls_per_sample,
         "smoke": args.smoke, "only": args.only, "models": {"student": STUDENT, "teacher": TEACHER,
@@ -401,7 +408,8 @@ def table(result: dict) -> str:
              f"batch {result['batch']}, {result['image_size']}x{result['image_size']}, median of "
              f"{result['steps']} steps after {result['warmup']}, activation backend "
              f"{result['backend']} (fp32: {resolved['fp32']}, bf16: {resolved['bf16']}), "
-             f"activation tensor {'x'.join(map(str, result['act_shape']))}"
+             f"activation tensor {'x'.join(map(str, result['act_shape']))}, "
+             f"remat {result.get('remat', 'auto')}"
              + (" [SMOKE: sizes too small to mean anything]" if result["smoke"] else ""),
              f"{'measurement':<26}{'value':>12}  {'unit':<7}{'median ms':>11}  note"]
 

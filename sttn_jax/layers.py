@@ -13,10 +13,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from ops import fold_binary_pair
 
 Dtype = Any
+# Names of values that training with remat keeps for the backward pass (`models.REMAT_POLICY`).
+CONV_OUT, BN_STATS = "conv_out", "bn_stats"
 
 
 def normal_std_over_fan_in(key, shape, dtype=jnp.float32):
@@ -60,32 +63,29 @@ class BatchNorm(nn.Module):
         sdt = jnp.promote_types(self.dtype, jnp.float32)  # bfloat16 statistics are too coarse
         axes = tuple(range(x.ndim - 1))
 
-        def normalize(x, scale, bias, mean=None, var=None):
-            xs = x.astype(sdt)
-            if mean is None:  # training: this batch's statistics
-                mean = jnp.mean(xs, axis=axes)
-                if self.axis_name is not None:
-                    mean = lax.pmean(mean, self.axis_name)
-                var = jnp.mean(jnp.square(xs - mean), axis=axes)
-                if self.axis_name is not None:
-                    var = lax.pmean(var, self.axis_name)
+        def normalize(mean, var):
             inv = lax.rsqrt(var + self.epsilon) * scale.astype(sdt)
-            return ((xs - mean) * inv + bias.astype(sdt)).astype(self.dtype), mean, var
+            return ((xs - mean) * inv + bias.astype(sdt)).astype(self.dtype)
 
+        xs = x.astype(sdt)
         if not train:
-            y, _, _ = normalize(x, scale, bias, ra_mean.value.astype(sdt), ra_var.value.astype(sdt))
-            return y
+            return normalize(ra_mean.value.astype(sdt), ra_var.value.astype(sdt))
         n = math.prod(x.shape[:-1])
         if self.axis_name is not None:
             n = n * lax.psum(1, self.axis_name)
         if isinstance(n, int) and n < 2:
             raise ValueError(f"BatchNorm in training needs more than one value per channel, "
                              f"got input of shape {x.shape}; use a larger batch or image")
-        if jnp.dtype(x.dtype).itemsize < jnp.dtype(sdt).itemsize:
-            # Narrow (bfloat16) input: keep only x for the backward pass and recompute the rest,
-            # instead of autodiff's two float32 `xs - mean` copies (four times the bytes of x).
-            normalize = jax.checkpoint(normalize)
-        y, mean, var = normalize(x, scale, bias)
+        mean = jnp.mean(xs, axis=axes)
+        if self.axis_name is not None:
+            mean = lax.pmean(mean, self.axis_name)
+        var = jnp.mean(jnp.square(xs - mean), axis=axes)
+        if self.axis_name is not None:
+            var = lax.pmean(var, self.axis_name)
+        # Named for remat (`sttn_jax.models.REMAT_POLICY`), whose backward pass keeps them (two per
+        # channel) and recomputes the normalisation from the saved input.
+        mean, var = checkpoint_name(mean, BN_STATS), checkpoint_name(var, BN_STATS)
+        y = normalize(mean, var)
         if not self.is_initializing():
             m = self.momentum
             unbiased = var * (n / (n - 1))
@@ -125,6 +125,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features),
                             self.param_dtype)
         y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+        y = checkpoint_name(y, CONV_OUT)
         if self.use_bias:
             bias = self.param("bias", torch_default_bias(cin * k * k), (self.features,),
                               self.param_dtype)
@@ -186,7 +187,7 @@ class BinaryPairConv(_BlockConv):
         b2 = self.param("bias_2", bias_init, (self.features,), self.param_dtype)
         kernel = fold_binary_pair(w1, w2).astype(self.dtype)
         y = conv2d(x.astype(self.dtype), kernel, self.stride, self.padding)
-        return y + (b1 + b2).astype(self.dtype)
+        return checkpoint_name(y, CONV_OUT) + (b1 + b2).astype(self.dtype)
 
 
 class Dense(nn.Module):

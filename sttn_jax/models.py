@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.ad_checkpoint import checkpoint_name
 
 from ops import ternary_activation
 from sttn_jax.errors import CheckpointError, ConfigError
-from sttn_jax.layers import BatchNorm, BinaryPairConv, Conv, Dense, Dtype, Int8TernaryConv, PReLU
+from sttn_jax.layers import (BN_STATS, CONV_OUT, BatchNorm, BinaryPairConv, Conv, Dense, Dtype,
+                             Int8TernaryConv, PReLU)
 
 BWX2, TERNARY, TEACHER = "resnet18_bwx2", "resnet18_ter", "resnet50"
 # The architectures by name: what `create` builds, every tool accepts and every message lists.
@@ -33,6 +35,13 @@ RESNET18_BLOCKS = ((64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 
                    (256, 256, 1), (256, 512, 2), (512, 512, 1))
 FIRST_BLOCK_INDEX = 4
 MIN_IMAGE_SIZE = 32
+# With remat, the stem and each block run under jax.checkpoint, and their backward pass keeps only
+# their input and these values: convolution outputs, the residual sum before a block's first PReLU
+# and BatchNorm's statistics. BatchNorm's normalisation, the ternary activations and their masks,
+# PReLU and pooling are recomputed from them (elementwise work; docs/gpu.md has the bytes).
+BLOCK_SUM = "block_sum"
+SAVED_FOR_BACKWARD = (CONV_OUT, BLOCK_SUM, BN_STATS)
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(*SAVED_FOR_BACKWARD)
 
 
 def max_pool_torch(x, window: int, stride: int, padding: int = 0):
@@ -75,7 +84,7 @@ class STTNBasicBlock(nn.Module):
         if self.stride == 2:  # halve the map, zeros for the new channels
             shortcut = jnp.pad(max_pool_torch(x, 2, 2), ((0, 0),) * 3 + ((0, x.shape[-1]),))
         out = self._bn("bn_add1")(self._conv("conv1", self.stride)(out), train) + shortcut
-        mid = PReLU(dtype=self.dtype, name="prelu1")(out)
+        mid = PReLU(dtype=self.dtype, name="prelu1")(checkpoint_name(out, BLOCK_SUM))
         out = self._activation(self._bn("bn2")(mid, train))
         out = self._bn("bn_add2")(self._conv("conv2", 1)(out), train) + mid
         return PReLU(dtype=self.dtype, name="prelu2")(out)
@@ -83,13 +92,21 @@ class STTNBasicBlock(nn.Module):
 
 class STTNResNet18(nn.Module):
     """`resnet18_bwx2` (ternary_weights=False) and `resnet18_ter` (True) of the original;
-    inference_dtype="int8": see `create`."""
+    inference_dtype="int8" and remat: see `create`."""
     num_classes: int = 1000
     ternary_weights: bool = False
     dtype: Dtype = jnp.float32
     act_backend: str = "auto"
     bn_axis_name: str | None = None
     inference_dtype: str | None = None
+    remat: bool = False
+
+    def stem(self, x, train: bool):
+        """features.0-3: the full-precision 7x7 convolution, BatchNorm, PReLU and max pooling."""
+        x = Conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, name="features_0")(x)
+        x = BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name="features_1")(x, train)
+        x = PReLU(dtype=self.dtype, name="features_2")(x)
+        return max_pool_torch(x, 3, 2, 1)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -97,15 +114,15 @@ class STTNResNet18(nn.Module):
         if train and self.inference_dtype == "int8":
             raise ValueError("the int8 model is for inference only: call it with train=False, or "
                              "train the resnet18_bwx2 model and merge it")
-        x = x.astype(self.dtype)
-        x = Conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, name="features_0")(x)
-        x = BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name="features_1")(x, train)
-        x = PReLU(dtype=self.dtype, name="features_2")(x)
-        x = max_pool_torch(x, 3, 2, 1)
+        stem, block = type(self).stem, STTNBasicBlock
+        if self.remat:  # one checkpoint each: a block recomputes only when its gradient is due
+            stem = nn.remat(stem, static_argnums=(2,), policy=REMAT_POLICY)
+            block = nn.remat(block, static_argnums=(2,), policy=REMAT_POLICY)
+        x = stem(self, x.astype(self.dtype), train)
         for i, (cin, cout, stride) in enumerate(RESNET18_BLOCKS):
-            x = STTNBasicBlock(cin, cout, stride, self.ternary_weights, self.dtype, self.act_backend,
-                               self.bn_axis_name, inference_dtype=self.inference_dtype,
-                               name=f"features_{FIRST_BLOCK_INDEX + i}")(x, train)
+            x = block(cin, cout, stride, self.ternary_weights, self.dtype, self.act_backend,
+                      self.bn_axis_name, inference_dtype=self.inference_dtype,
+                      name=f"features_{FIRST_BLOCK_INDEX + i}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
 
@@ -172,12 +189,16 @@ def check_images(x):
 
 
 def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: str = "auto",
-           bn_axis_name: str | None = None, inference_dtype: str | None = None) -> nn.Module:
+           bn_axis_name: str | None = None, inference_dtype: str | None = None,
+           remat: bool = False) -> nn.Module:
     """The Flax module for `arch`, one of ARCHS. dtype: the computation dtype (bfloat16 for speed,
     float64 with jax x64 for parity checks; parameters are float32 either way). act_backend: see
     `ops.ternary_activation`. bn_axis_name: a mapped axis to synchronise BatchNorm statistics over.
     inference_dtype: None or "float" (an alias), or "int8" (resnet18_ter, eval only: the 16 block
-    convolutions in integers, on `sttn_jax.quantize.int8_variables(variables)`)."""
+    convolutions in integers, on `sttn_jax.quantize.int8_variables(variables)`). remat (the STTN
+    ResNet-18s): the stem and every block under jax.checkpoint with REMAT_POLICY, for training:
+    the same values and gradients, about a quarter of the activation memory for the backward pass.
+    """
     check_arch(arch)
     if inference_dtype not in (None, "float", "int8"):
         raise ValueError(f"unknown inference_dtype {inference_dtype!r}; choose None (float) or 'int8'")
@@ -187,7 +208,7 @@ def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: s
     if arch == TEACHER:
         return ResNet50(num_classes, dtype, bn_axis_name)
     return STTNResNet18(num_classes, arch == TERNARY, dtype, act_backend, bn_axis_name,
-                        None if inference_dtype == "float" else inference_dtype)
+                        None if inference_dtype == "float" else inference_dtype, remat)
 
 
 def init_variables(module: nn.Module, rng, image_size: int = 224, batch: int = 1):

@@ -23,6 +23,7 @@ from sttn_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+REMAT = ("auto", "on", "off")
 TRAINABLE_ARCHS = ("resnet18_bwx2", "resnet18_ter")
 
 
@@ -66,6 +67,16 @@ def check_model_config(config) -> None:
                           f"{config.image_size}; the crop must fit: use resize_size >= image_size")
 
 
+def use_remat(config) -> bool:
+    """config.remat resolved for this backend. "auto" is off on the CPU: XLA's CPU compiler drops
+    jax.checkpoint's optimisation barriers before its CSE pass, which merges the recomputation
+    back into the forward pass (measured: no memory saved), while a GPU's keeps them until after
+    scheduling."""
+    if config.remat not in REMAT:
+        raise ConfigError(f"config.remat={config.remat!r}: choose one of {', '.join(REMAT)}")
+    return config.remat == "on" or (config.remat == "auto" and jax.default_backend() != "cpu")
+
+
 def check_batch(config, key: str, num_devices: int) -> None:
     value = config[key]
     if value <= 0:
@@ -82,6 +93,7 @@ def check_config(config, num_devices: int) -> None:
         raise ConfigError(f"config.arch={config.arch!r}: train.py trains 'resnet18_bwx2' (or "
                           "'resnet18_ter' as a plain network); set --config.arch=resnet18_bwx2")
     check_model_config(config)
+    use_remat(config)
     for key in ("batch_size", "eval_batch_size"):
         check_batch(config, key, num_devices)
     if config.num_epochs <= 0 and config.num_train_steps <= 0:
@@ -167,7 +179,8 @@ def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
     variables (if any) bound once. A non-finite loss keeps the state but for the step counter."""
     dtype = DTYPES[config.dtype]
     axis = DATA_AXIS if config.sync_batch_stats else None
-    student = models.create(config.arch, config.num_classes, dtype, config.act_backend, axis)
+    student = models.create(config.arch, config.num_classes, dtype, config.act_backend, axis,
+                            remat=use_remat(config))
     teacher = None if teacher_variables is None else models.create(
         config.teacher_arch, config.num_classes, dtype, config.act_backend, axis)
 

@@ -1,4 +1,8 @@
 """The Flax models: structure, parameter counts, PyTorch-semantics layers, gradients, dtypes."""
+import functools
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,45 +114,69 @@ def test_batchnorm_matches_torch_train_and_eval(x64):
     np.testing.assert_allclose(y_eval, yt_eval, rtol=1e-12, atol=1e-12)
 
 
-def test_bfloat16_batchnorm_saves_no_float32_copy_of_its_input(capsys):
-    """In bfloat16 compute, training BatchNorm keeps only its bfloat16 input for the backward pass
-    (autodiff alone keeps two float32 `xs - mean` copies, four times the input's bytes) and recomputes the
-    rest: the same output and gradients as the plain float32-statistics formula."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(1.0, 2.0, size=(8, 6, 6, 16)), jnp.bfloat16)
-    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-    bn = layers.BatchNorm(dtype=jnp.bfloat16)
-    stats = bn.init(jax.random.PRNGKey(0), x, train=False)["batch_stats"]
-    scale = jnp.asarray(rng.normal(size=16), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=16), jnp.float32)
+SHORT_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f64": jnp.float64, "bool": jnp.bool_}
 
-    def layer(x, scale, bias):
-        y, _ = bn.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x,
-                        train=True, mutable=["batch_stats"])
-        return jnp.sum(y.astype(jnp.float32) * w)
 
-    def formula(x, scale, bias):
-        xs = x.astype(jnp.float32)
-        mean = xs.mean((0, 1, 2))
-        var = jnp.square(xs - mean).mean((0, 1, 2))
-        y = ((xs - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias).astype(jnp.bfloat16)
-        return jnp.sum(y.astype(jnp.float32) * w)
+def saved_bytes(capsys, fn, *args) -> dict[str, int]:
+    """{line: bytes} of what `fn`'s backward pass keeps beyond its arguments and literals, from
+    `print_saved_residuals` lines such as "bf16[4,8,8,64] named 'conv_out' from ..."."""
+    capsys.readouterr()
+    print_saved_residuals(fn, *args)
+    kept = {}
+    for i, line in enumerate(capsys.readouterr().out.splitlines()):
+        if "from the argument" in line or "from a " in line:
+            continue
+        dtype, shape = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
+        size = math.prod(int(d) for d in shape.split(",") if d)
+        kept[f"{i}: {line}"] = size * jnp.dtype(SHORT_DTYPES[dtype]).itemsize
+    return kept
 
-    got = jax.jit(jax.value_and_grad(layer, argnums=(0, 1, 2)))(x, scale, bias)
-    want = jax.jit(jax.value_and_grad(formula, argnums=(0, 1, 2)))(x, scale, bias)
-    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        assert g.dtype == r.dtype
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
-                                   rtol=1e-6, atol=1e-6)
 
-    def computed_residuals(fn):  # what the backward pass keeps beyond the arguments themselves
-        capsys.readouterr()
-        print_saved_residuals(fn, x, scale, bias)
-        return [line for line in capsys.readouterr().out.splitlines()
-                if "from the argument" not in line and "from a constant" not in line]
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_remat_keeps_conv_outputs_block_sums_and_statistics_only(dtype, variables32, capsys):
+    """remat=True: the training backward pass keeps the stage inputs and the values named in
+    SAVED_FOR_BACKWARD, all in the computation dtype (no float32 BatchNorm copies in bfloat16), no
+    masks, under a third of what plain autodiff keeps; the rest is recomputed."""
+    v = variables32[models.BWX2]
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 64, 64, 3))
 
-    assert not [line for line in computed_residuals(layer) if line.startswith("f32[8,6,6,16]")]
-    assert [line for line in computed_residuals(formula) if line.startswith("f32[8,6,6,16]")]
+    def loss(params, remat):
+        module = models.create(models.BWX2, dtype=dtype, act_backend="xla", remat=remat)
+        logits, _ = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                                 train=True, mutable=["batch_stats"])
+        return jnp.sum(logits.astype(jnp.float32))
+
+    kept = saved_bytes(capsys, functools.partial(loss, remat=True), v["params"])
+    plain = saved_bytes(capsys, functools.partial(loss, remat=False), v["params"])
+    named = {n for n in models.SAVED_FOR_BACKWARD for k in kept if f"named '{n}'" in k}
+    assert named == set(models.SAVED_FOR_BACKWARD)
+    width = {jnp.float32: "f32[", jnp.bfloat16: "bf16["}[dtype]
+    large = [k.split(": ", 1)[1] for k, b in kept.items() if b > 4 * 512]  # > 1 value per channel
+    assert large and all(line.startswith(width) for line in large)
+    assert not [line for line in large if "BatchNorm" in line and "named" not in line]
+    assert not [line for line in large if "ternary" in line]
+    assert sum(kept.values()) < sum(plain.values()) / 3
+
+
+def test_remat_gives_the_same_gradients_and_statistics(x64):
+    """Recomputing instead of storing changes no value: float64 gradients and batch statistics of
+    a training step agree with and without remat."""
+    v = models.init_variables(models.create(models.BWX2, 10), jax.random.PRNGKey(0), 32)
+    v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, v)
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3), jnp.float64)
+
+    def loss(params, remat):
+        module = models.create(models.BWX2, 10, jnp.float64, "xla", remat=remat)
+        logits, updates = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                                       train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(3 * logits)), updates
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    plain, remat = step(v["params"], False), step(v["params"], True)
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(remat)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-12)
+    kernels = [g for g in jax.tree_util.tree_leaves(plain[1]) if g.size > 512]
+    assert len(kernels) == 34 and all(np.any(g != 0) for g in kernels)  # a real gradient compared
 
 
 def test_prelu_matches_torch():

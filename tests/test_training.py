@@ -45,7 +45,8 @@ def setup(devices, dtype="float32", steps_per_epoch=10, **overrides):
 
 
 def test_8_devices_equal_1_device_float64(x64):
-    """Data parallelism (shard_map, global-mean loss, synchronised BatchNorm, Adam) changes nothing.
+    """Data parallelism (shard_map, global-mean loss, synchronised BatchNorm, Adam) changes nothing,
+    and neither does remat (on in the 8-device run only).
 
     Run on the merged ternary architecture: with the bwx2 pairs, ternary activations times ternary
     kernels make every convolution output discrete, and in stride-2 blocks the zero-padded shortcut
@@ -62,7 +63,8 @@ def test_8_devices_equal_1_device_float64(x64):
     finals = []
     for devices in (jax.devices()[:1], jax.devices()):
         config, mesh, tx, train_step = setup(devices, "float64", sync_batch_stats=True,
-                                             arch="resnet18_ter")
+                                             arch="resnet18_ter",
+                                             remat="on" if len(devices) > 1 else "off")
         state = training.create_train_state(config, mesh, tx, variables=variables)
         losses, first_mu = [], None
         for _ in range(3):
@@ -143,11 +145,23 @@ def test_config_checks_name_the_fix():
                                 ("eval_batch_size", 0, "must be positive"),
                                 ("arch", "resnet50", "set --config.arch=resnet18_bwx2"),
                                 ("dtype", "float16", "choose one of"),
-                                ("image_size", 16, "at least 32")]:
+                                ("image_size", 16, "at least 32"),
+                                ("remat", "yes", "choose one of auto, on, off")]:
         bad = default.get_config()
         bad[key] = value
         with pytest.raises(training.ConfigError, match=message):
             training.check_config(bad, 8)
+
+
+def test_remat_auto_is_on_except_on_the_cpu():
+    from configs import default
+
+    c = default.get_config()
+    assert c.remat == "auto"
+    assert training.use_remat(c) == (jax.default_backend() != "cpu")
+    for value, want in (("on", True), ("off", False)):
+        c.remat = value
+        assert training.use_remat(c) is want
 
 
 def test_evaluation_needs_no_optimizer_and_counts_the_mask():
