@@ -179,6 +179,30 @@ def test_remat_gives_the_same_gradients_and_statistics(x64):
     assert len(kernels) == 34 and all(np.any(g != 0) for g in kernels)  # a real gradient compared
 
 
+def test_the_triton_backend_path_runs_under_remat(monkeypatch):
+    """backend="triton" puts the kernel call inside custom_vmap inside custom_vjp; under remat that
+    structure is recomputed in the backward pass. With an XLA stand-in for the jax-triton call (no
+    GPU here), the gradients equal the XLA backend's bit for bit."""
+    from ops import ternary
+
+    monkeypatch.setattr(ternary, "_triton_call", ternary._forward_xla)
+    monkeypatch.setattr(ternary, "triton_unavailable_reason", lambda: None)
+    v = models.init_variables(models.create(models.BWX2, 10), jax.random.PRNGKey(0), 32)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+
+    def grads(backend):
+        module = models.create(models.BWX2, 10, act_backend=backend, remat=True)
+
+        def loss(params):
+            logits, _ = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                                     train=True, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(3 * logits))
+        return jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(v["params"]))
+
+    for a, b in zip(grads("xla"), grads("triton")):
+        np.testing.assert_array_equal(b, a)
+
+
 def test_prelu_matches_torch():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(1).normal(size=(2, 4, 4, 3)).astype(np.float32)
