@@ -61,39 +61,34 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), self.param_dtype))
         tracked = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
         sdt = jnp.promote_types(self.dtype, jnp.float32)  # bfloat16 statistics are too coarse
-        axes = tuple(range(x.ndim - 1))
-
-        def normalize(mean, var):
-            inv = lax.rsqrt(var + self.epsilon) * scale.astype(sdt)
-            return ((xs - mean) * inv + bias.astype(sdt)).astype(self.dtype)
-
         xs = x.astype(sdt)
-        if not train:
-            return normalize(ra_mean.value.astype(sdt), ra_var.value.astype(sdt))
-        n = math.prod(x.shape[:-1])
-        if self.axis_name is not None:
-            n = n * lax.psum(1, self.axis_name)
-        if isinstance(n, int) and n < 2:
-            raise ValueError(f"BatchNorm in training needs more than one value per channel, "
-                             f"got input of shape {x.shape}; use a larger batch or image")
-        mean = jnp.mean(xs, axis=axes)
-        if self.axis_name is not None:
-            mean = lax.pmean(mean, self.axis_name)
-        var = jnp.mean(jnp.square(xs - mean), axis=axes)
-        if self.axis_name is not None:
-            var = lax.pmean(var, self.axis_name)
-        # Named for remat (`sttn_jax.models.REMAT_POLICY`), whose backward pass keeps them (two per
-        # channel) and recomputes the normalisation from the saved input.
-        mean, var = checkpoint_name(mean, BN_STATS), checkpoint_name(var, BN_STATS)
-        y = normalize(mean, var)
-        if not self.is_initializing():
-            m = self.momentum
-            unbiased = var * (n / (n - 1))
-            # Keep each statistic's own dtype (float32, or float64 in parity checks).
-            ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
-            ra_var.value = ((1 - m) * ra_var.value + m * unbiased).astype(ra_var.value.dtype)
-            tracked.value = tracked.value + 1
-        return y
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            mean = jnp.mean(xs, axis=axes)
+            n = math.prod(x.shape[:-1])
+            if self.axis_name is not None:
+                mean = lax.pmean(mean, self.axis_name)
+                n = n * lax.psum(1, self.axis_name)
+            var = jnp.mean(jnp.square(xs - mean), axis=axes)
+            if self.axis_name is not None:
+                var = lax.pmean(var, self.axis_name)
+            if isinstance(n, int) and n < 2:
+                raise ValueError(f"BatchNorm in training needs more than one value per channel, "
+                                 f"got input of shape {x.shape}; use a larger batch or image")
+            # Named for remat (`sttn_jax.models.REMAT_POLICY`): its backward pass keeps these two
+            # numbers per channel and recomputes the normalisation from the saved input.
+            mean, var = checkpoint_name(mean, BN_STATS), checkpoint_name(var, BN_STATS)
+            if not self.is_initializing():
+                m = self.momentum
+                unbiased = var * (n / (n - 1))
+                # Keep each statistic's own dtype (float32, or float64 in parity checks).
+                ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
+                ra_var.value = ((1 - m) * ra_var.value + m * unbiased).astype(ra_var.value.dtype)
+                tracked.value = tracked.value + 1
+        else:
+            mean, var = ra_mean.value.astype(sdt), ra_var.value.astype(sdt)
+        inv = lax.rsqrt(var + self.epsilon) * scale.astype(sdt)
+        return ((xs - mean) * inv + bias.astype(sdt)).astype(self.dtype)
 
 
 class PReLU(nn.Module):

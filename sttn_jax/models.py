@@ -197,8 +197,8 @@ def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: s
     inference_dtype: None or "float" (an alias), or "int8" (resnet18_ter, eval only: the 16 block
     convolutions in integers, on `sttn_jax.quantize.int8_variables(variables)`). remat (the STTN
     ResNet-18s): the stem and every block under jax.checkpoint with REMAT_POLICY, for training:
-    the same values and gradients, about a quarter of the activation memory for the backward pass.
-    """
+    the same function (identical values in float64; float32 may round differently), about a
+    quarter of the activation memory for the backward pass."""
     check_arch(arch)
     if inference_dtype not in (None, "float", "int8"):
         raise ValueError(f"unknown inference_dtype {inference_dtype!r}; choose None (float) or 'int8'")
