@@ -21,8 +21,17 @@ $(VENV)/.sttn-demo: pyproject.toml constraints.txt
 	$(PIP) -e .
 	@touch $@
 
+# jax-triton (the version the GPU check runs with) and JAX's CUDA plugin matching the installed
+# jaxlib, apart from the test environment in $(VENV)/cuda-lowering: a test lowers the Triton backend
+# for CUDA through them, no GPU needed (tests/cuda_lowering.py). Linux x86_64 only.
+LOWERING_PACKAGES = "jax-cuda13-plugin==$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')" \
+	jax-triton==0.3.1
+
 $(VENV)/.sttn-test: $(VENV)/.sttn-demo
 	$(PIP) -e ".[torch,dev]"
+	@if [ "$$(uname -sm)" = "Linux x86_64" ]; then \
+	  $(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/cuda-lowering \
+	    $(LOWERING_PACKAGES); fi
 	@touch $@
 
 install-gpu: $(VENV)/.sttn-demo

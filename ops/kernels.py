@@ -19,13 +19,18 @@ LAUNCH_CONFIG = {
     2: {"BLOCK_SIZE": 2048, "num_warps": 8},  # bfloat16, float16: 8 elements per thread
 }
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# The kernel's non-constexpr parameters in order ({} is the element type): x, n_div_16, y, keep.
+ARG_TYPES = ("*{}", "i32", "*{}", "*i1")
 
 
 @triton.jit
-def ternary_forward_kernel(x_ptr, y_ptr, keep_ptr, n_div_16, BLOCK_SIZE: tl.constexpr,
+def ternary_forward_kernel(x_ptr, n_div_16, y_ptr, keep_ptr, BLOCK_SIZE: tl.constexpr,
                            N_REM_16: tl.constexpr):
     """y = -1 / 0 / +1 for x < -0.5 / -0.5 <= x < 0.5 / x >= 0.5 (NaN stays NaN);
     keep = (-1 <= x <= 1), the mask the backward pass multiplies the gradient by.
+
+    The parameters come in jax-triton's order: the inputs (arrays, then scalars) as passed to
+    `triton_call`, then one pointer per output; `ARG_TYPES` and every launcher follow it.
 
     The size comes as n = 16 * n_div_16 + N_REM_16: jax-triton declares no divisibility for scalar
     arguments, and a bound of unknown divisibility makes every masked access scalar. Written this
@@ -74,7 +79,7 @@ def ternary_forward_torch(x):
     y = torch.empty_like(flat)
     keep = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
     scalars, meta, grid = launch_args(flat.numel(), flat.element_size())
-    ternary_forward_kernel[grid](flat, y, keep, *scalars, **meta)
+    ternary_forward_kernel[grid](flat, *scalars, y, keep, **meta)  # jax-triton's order
     return y.reshape(x.shape), keep.reshape(x.shape)
 
 
@@ -94,8 +99,8 @@ def compile_ptx(dtype: str, capability: int = 90, n: int = 1 << 20) -> str:
     target = GPUTarget("cuda", capability, 32)
     backend = CUDABackend(target)
     element = TRITON_TYPES[dtype]
-    arg_types = [f"*{element}", f"*{element}", "*i1", "i32"]
-    alignments = [16, 16, 16, 0]
+    arg_types = [t.format(element) for t in ARG_TYPES]
+    alignments = [0 if t.startswith("i") else 16 for t in ARG_TYPES]
     specialization = [
         native_specialize_impl(backend, types.SimpleNamespace(data_ptr=lambda a=a: a,
                                                               dtype=t.removeprefix("*")),

@@ -1,6 +1,9 @@
 """The two STTN operators against the original semantics (docs/original.md), exactly."""
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -12,7 +15,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 import ops
 from ops import binary_pair, ternary
-from tests.conftest import requires_gpu
+from tests.conftest import REPO, requires_gpu
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,6 +194,40 @@ def test_triton_kernel_compiles_for_real_gpus_with_128_bit_accesses(dtype, capab
     # a size that is not a multiple of 16 still compiles, with scalar accesses
     odd = kernels.global_access_widths(kernels.compile_ptx(dtype, capability, n=1001))
     assert odd["ld"] and not any(".v" in op for op in odd["ld"])
+
+
+# jax-triton and JAX's CUDA plugin, installed apart by `make install-test` (see the Makefile)
+CUDA_LOWERING = Path(sys.prefix) / "cuda-lowering"
+
+
+def test_jax_triton_lowers_the_kernel_and_the_model_for_real_gpus():
+    """The Triton backend through jax-triton's own lowering for sm_80 and sm_90, no GPU needed
+    (tests/cuda_lowering.py): the kernel takes the arguments in the order jax-triton passes them,
+    in every dtype; the PTX jax-triton compiles is the one checked above, byte for byte, so that
+    check holds for what runs; the model's gradient calls the kernel once per ternary activation
+    (16), and once more per activation under remat, which recomputes them."""
+    pytest.importorskip("triton")
+    if not (CUDA_LOWERING / "jax_triton").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CUDA_LOWERING} lacks jax-triton: run make install-test")
+        pytest.skip(f"needs jax-triton and JAX's CUDA plugin in {CUDA_LOWERING} (make install-test)")
+    from ops import kernels
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CUDA_LOWERING), str(REPO)]),
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "tests/cuda_lowering.py", "80", "90"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-5000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    n = 8 * 56 * 56 * 64  # the activation's size in tests/cuda_lowering.py
+    for capability in (80, 90):
+        for dtype in EXPECTED_ACCESSES:
+            assert result["calls"][f"{capability}/activation/{dtype}"] == 1
+            ptx = result["ptx"][f"{capability}/{dtype}"]
+            assert ptx == kernels.compile_ptx(dtype, capability, n), (capability, dtype)
+    for dtype in ("float32", "bfloat16"):
+        assert result["calls"][f"model/{dtype}/remat=False"] == 16
+        assert result["calls"][f"model/{dtype}/remat=True"] == 32
 
 
 @requires_gpu

@@ -1,0 +1,86 @@
+"""Lowers the Triton backend for an NVIDIA GPU on a machine without one, through the real jax-triton.
+
+`python tests/cuda_lowering.py CAPABILITY...` exports (`jax.export`, platform "cuda") the ternary
+activation's gradient in each kernel dtype and the STTN ResNet-18's training gradient with and
+without remat, with backend "triton". jax-triton's lowering rule then compiles the kernel to PTX
+exactly as it would at a launch on a GPU of that compute capability: its own argument order, type
+mapping and specialization. Nothing runs; no GPU or CUDA driver is needed, only jax-triton and
+JAX's CUDA plugin importable (its Triton bindings; without the CUDA PJRT runtime JAX stays on the
+CPU). `make install-test` puts the two in `.venv/cuda-lowering`, apart from the test environment,
+and tests/test_ops.py runs this script with that directory on its path.
+
+Prints one JSON object: {"calls": {case: number of kernel calls}, "ptx": {"CAP/DTYPE": PTX}}.
+"""
+import glob
+import json
+import os
+import sys
+import tempfile
+
+DUMP = tempfile.mkdtemp(prefix="jax-triton-dump-")
+os.environ["JAX_TRITON_DUMP_DIR"] = DUMP  # read when jax_triton is imported: PTX lands here
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax_triton import triton_lib  # noqa: E402
+
+from ops import ternary  # noqa: E402
+from sttn_jax import models  # noqa: E402
+
+# The kernel call is a custom call without export's compatibility guarantee: allowed here, where
+# the exported module is only inspected.
+CHECKS = [jax.export.DisabledSafetyCheck.custom_call("triton_kernel_call")]
+CALL = "stablehlo.custom_call @triton_kernel_call"
+
+
+def export_for_cuda(fn, *specs) -> int:
+    """Number of Triton kernel calls in `fn` lowered for CUDA."""
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=CHECKS)(*specs)
+    return exported.mlir_module().count(CALL)
+
+
+def activation_grad(x):
+    return jax.grad(lambda x: ternary.ternary_activation(x, "triton").astype(jnp.float32).sum())(x)
+
+
+def model_grad_fn(module):
+    def loss(params, batch_stats, images):
+        logits, _ = module.apply({"params": params, "batch_stats": batch_stats}, images,
+                                 train=True, mutable=["batch_stats"])
+        return logits.astype(jnp.float32).sum()
+    return jax.grad(loss)
+
+
+def new_ptx(seen: set) -> str:
+    """The PTX jax-triton compiled since the last call (one kernel expected)."""
+    paths = set(glob.glob(os.path.join(DUMP, "*", "*.ptx"))) - seen
+    assert len(paths) == 1, sorted(paths)
+    seen |= paths
+    with open(paths.pop()) as f:
+        return f.read()
+
+
+def main(capabilities):
+    # No GPU here: jax-triton would ask the driver for the compute capability; the backend check
+    # would refuse backend "triton".
+    ternary.triton_unavailable_reason = lambda: None
+    calls, ptx, seen = {}, {}, set()
+    for capability in capabilities:
+        triton_lib.triton_kernel_call_lib.get_compute_capability = lambda device: capability
+        jax.clear_caches()  # else JAX reuses its lowering for the previous capability
+        for dtype in ("float32", "bfloat16", "float16"):
+            spec = jax.ShapeDtypeStruct((8, 56, 56, 64), dtype)
+            calls[f"{capability}/activation/{dtype}"] = export_for_cuda(activation_grad, spec)
+            ptx[f"{capability}/{dtype}"] = new_ptx(seen)
+    for dtype in ("float32", "bfloat16"):
+        for remat in (False, True):
+            module = models.create(models.BWX2, 10, jnp.dtype(dtype), "triton", remat=remat)
+            shapes = jax.eval_shape(lambda: models.init_variables(module, jax.random.PRNGKey(0), 32))
+            images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+            calls[f"model/{dtype}/remat={remat}"] = export_for_cuda(
+                model_grad_fn(module), shapes["params"], shapes["batch_stats"], images)
+    print(json.dumps({"calls": calls, "ptx": ptx}))
+
+
+if __name__ == "__main__":
+    main([int(c) for c in sys.argv[1:]] or [90])
