@@ -49,12 +49,20 @@ def _triton_call(flat):
     )
 
 
+def _varying_like(out, x):
+    """`out` typed as varying over the shard_map axes that `x` varies over. jax-triton's outputs
+    carry no such axes, and inside shard_map a custom_vjp's backward pass must return a cotangent
+    typed like its input: without this, every gradient through the kernel fails there."""
+    varying = lambda a: jax.typeof(a).mat.varying  # noqa: E731  (jax 0.10 and 0.11)
+    return jax.lax.pcast(out, tuple(sorted(varying(x) - varying(out))), to="varying")
+
+
 @jax.custom_batching.custom_vmap
 def _forward_triton(x):
     if x.size == 0:
         return _forward_xla(x)
     y, keep = _triton_call(x.reshape(-1))
-    return y.reshape(x.shape), keep.reshape(x.shape)
+    return _varying_like(y.reshape(x.shape), x), _varying_like(keep.reshape(x.shape), x)
 
 
 @_forward_triton.def_vmap

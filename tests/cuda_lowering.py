@@ -1,8 +1,9 @@
 """Lowers the Triton backend for an NVIDIA GPU on a machine without one, through the real jax-triton.
 
 `python tests/cuda_lowering.py CAPABILITY...` exports (`jax.export`, platform "cuda") the ternary
-activation's gradient in each kernel dtype and the STTN ResNet-18's training gradient with and
-without remat, with backend "triton". jax-triton's lowering rule then compiles the kernel to PTX
+activation's gradient in each kernel dtype, and the training step (`training.make_train_step`:
+shard_map over a mesh, the STTN ResNet-18's gradient, Adam) and evaluation step of
+`resnet18_bwx2`, with backend "triton". jax-triton's lowering rule then compiles the kernel to PTX
 exactly as it would at a launch on a GPU of that compute capability: its own argument order, type
 mapping and specialization. Nothing runs; no GPU or CUDA driver is needed, only jax-triton and
 JAX's CUDA plugin importable (its Triton bindings; without the CUDA PJRT runtime JAX stays on the
@@ -24,8 +25,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax_triton import triton_lib  # noqa: E402
 
+from configs import default  # noqa: E402
 from ops import ternary  # noqa: E402
-from sttn_jax import models  # noqa: E402
+from sttn_jax import training  # noqa: E402
 
 # The kernel call is a custom call without export's compatibility guarantee: allowed here, where
 # the exported module is only inspected. (jax-triton 0.3 names it triton_kernel_call, 0.4
@@ -37,7 +39,8 @@ CALL = "stablehlo.custom_call @triton_kernel_call"
 
 def export_for_cuda(fn, *specs) -> int:
     """Number of Triton kernel calls in `fn` lowered for CUDA."""
-    exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=CHECKS)(*specs)
+    fn = fn if hasattr(fn, "trace") else jax.jit(fn)
+    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=CHECKS)(*specs)
     return exported.mlir_module().count(CALL)
 
 
@@ -45,12 +48,20 @@ def activation_grad(x):
     return jax.grad(lambda x: ternary.ternary_activation(x, "triton").astype(jnp.float32).sum())(x)
 
 
-def model_grad_fn(module):
-    def loss(params, batch_stats, images):
-        logits, _ = module.apply({"params": params, "batch_stats": batch_stats}, images,
-                                 train=True, mutable=["batch_stats"])
-        return logits.astype(jnp.float32).sum()
-    return jax.grad(loss)
+def steps(dtype: str, remat: str) -> tuple[int, int]:
+    """Kernel calls in the training step and the evaluation step of `resnet18_bwx2` in `dtype`,
+    on a mesh of one device (a GPU's, once this runs there), 32x32 images."""
+    c = default.get_config()
+    c.num_classes, c.image_size, c.dtype, c.act_backend, c.remat = 10, 32, dtype, "triton", remat
+    mesh = training.make_mesh(jax.devices()[:1])
+    tx = training.create_optimizer(c, training.learning_rate_fn(c, 10))
+    state = training.abstract_train_state(c, mesh, tx)
+    batch = {"image": jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((4,), jnp.int32)}
+    train = export_for_cuda(training.make_train_step(c, mesh, tx).jitted, state, batch, None)
+    batch["mask"] = jax.ShapeDtypeStruct((4,), jnp.float32)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return train, export_for_cuda(training.make_eval_step(c, mesh), variables, batch)
 
 
 def new_ptx(seen: set) -> str:
@@ -74,13 +85,8 @@ def main(capabilities):
             spec = jax.ShapeDtypeStruct((8, 56, 56, 64), dtype)
             calls[f"{capability}/activation/{dtype}"] = export_for_cuda(activation_grad, spec)
             ptx[f"{capability}/{dtype}"] = new_ptx(seen)
-    for dtype in ("float32", "bfloat16"):
-        for remat in (False, True):
-            module = models.create(models.BWX2, 10, jnp.dtype(dtype), "triton", remat=remat)
-            shapes = jax.eval_shape(lambda: models.init_variables(module, jax.random.PRNGKey(0), 32))
-            images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-            calls[f"model/{dtype}/remat={remat}"] = export_for_cuda(
-                model_grad_fn(module), shapes["params"], shapes["batch_stats"], images)
+    for dtype, remat in (("float32", "off"), ("bfloat16", "on")):
+        calls[f"train/{dtype}/remat={remat}"], calls[f"eval/{dtype}"] = steps(dtype, remat)
     print(json.dumps({"calls": calls, "ptx": ptx}))
 
 

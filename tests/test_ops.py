@@ -204,8 +204,9 @@ def test_jax_triton_lowers_the_kernel_and_the_model_for_real_gpus():
     """The Triton backend through jax-triton's own lowering for sm_80 and sm_90, no GPU needed
     (tests/cuda_lowering.py): the kernel takes the arguments in the order jax-triton passes them,
     in every dtype; the PTX jax-triton compiles is the one checked above, byte for byte, so that
-    check holds for what runs; the model's gradient calls the kernel once per ternary activation
-    (16), and once more per activation under remat, which recomputes them."""
+    check holds for what runs; the training step (its gradient inside shard_map) and the
+    evaluation step lower, calling the kernel once per ternary activation (16), and once more
+    per activation under remat, which recomputes them."""
     pytest.importorskip("triton")
     if not (CUDA_LOWERING / "jax_triton").is_dir():
         if os.environ.get("CI"):
@@ -225,9 +226,9 @@ def test_jax_triton_lowers_the_kernel_and_the_model_for_real_gpus():
             assert result["calls"][f"{capability}/activation/{dtype}"] == 1
             ptx = result["ptx"][f"{capability}/{dtype}"]
             assert ptx == kernels.compile_ptx(dtype, capability, n), (capability, dtype)
-    for dtype in ("float32", "bfloat16"):
-        assert result["calls"][f"model/{dtype}/remat=False"] == 16
-        assert result["calls"][f"model/{dtype}/remat=True"] == 32
+    assert result["calls"]["train/float32/remat=off"] == 16
+    assert result["calls"]["train/bfloat16/remat=on"] == 32
+    assert result["calls"]["eval/float32"] == result["calls"]["eval/bfloat16"] == 16
 
 
 @requires_gpu
