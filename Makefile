@@ -31,7 +31,7 @@ $(VENV)/.sttn-test: $(VENV)/.sttn-demo
 	$(PIP) -e ".[torch,dev]"
 	@if [ "$$(uname -sm)" = "Linux x86_64" ]; then \
 	  $(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/cuda-lowering \
-	    $(LOWERING_PACKAGES); fi
+	    $(LOWERING_PACKAGES) || echo "warning: no $(VENV)/cuda-lowering: the CUDA lowering test will skip (fail under CI)"; fi
 	@touch $@
 
 install-gpu: $(VENV)/.sttn-demo
