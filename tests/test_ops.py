@@ -200,6 +200,15 @@ def test_triton_kernel_compiles_for_real_gpus_with_128_bit_accesses(dtype, capab
 CUDA_LOWERING = Path(sys.prefix) / "cuda-lowering"
 
 
+def ptx_code(ptx: str) -> str:
+    """PTX without its debug information (sections, `.file`, `.loc`), which names the source
+    file's path and lines: Triton's on-disk cache may hold the same kernel compiled from another
+    checkout."""
+    code = ptx.split("\t.section\t.debug")[0]
+    return "\n".join(line for line in code.splitlines()
+                     if not line.lstrip().startswith((".file", ".loc")))
+
+
 def test_jax_triton_lowers_the_kernel_and_the_model_for_real_gpus():
     """The Triton backend through jax-triton's own lowering for sm_80 and sm_90, no GPU needed
     (tests/cuda_lowering.py): the kernel takes the arguments in the order jax-triton passes them,
@@ -229,7 +238,8 @@ def test_jax_triton_lowers_the_kernel_and_the_model_for_real_gpus():
         for dtype in EXPECTED_ACCESSES:
             assert result["calls"][f"{capability}/activation/{dtype}"] == 1
             ptx = result["ptx"][f"{capability}/{dtype}"]
-            assert ptx == kernels.compile_ptx(dtype, capability, n), (capability, dtype)
+            assert ptx_code(ptx) == ptx_code(kernels.compile_ptx(dtype, capability, n)), \
+                (capability, dtype)
     assert result["calls"]["train/float32/remat=off"] == 16
     assert result["calls"]["train/bfloat16/remat=on"] == 32
     assert result["calls"]["eval/float32"] == result["calls"]["eval/bfloat16"] == 16
