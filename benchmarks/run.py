@@ -103,6 +103,7 @@ def parse_args(argv=None):
             setattr(args, key, base[key])
     args.act_shape = base["act_shape"]
     args.calls_per_sample = base["calls_per_sample"]
+    args.remat = "off" if args.no_remat else "auto"  # config.remat of the training steps
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown or not only:
@@ -194,7 +195,7 @@ class Bench:
         config.dtype, config.act_backend = CONFIG_DTYPE[dtype], backend
         config.batch_size, config.image_size = a.batch, a.image_size
         config.teacher_bn_train_mode = True
-        config.remat = "off" if a.no_remat else "auto"
+        config.remat = a.remat
         tx = training.create_optimizer(config, training.learning_rate_fn(config, 1000))
         state = training.create_train_state(config, self.mesh, tx,
                                             variables=self.student_variables())
@@ -307,7 +308,7 @@ def run(args, save=lambda result: None) -> dict:
         **{key: None for key in RESULT_KEYS},
         "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
         "warmup": args.warmup, "backend": args.backend,
-        "remat": "off" if args.no_remat else "auto",
+        "remat": args.remat,
         "backend_resolved": resolved_backends(args.backend),
         "act_shape": list(args.act_shape), "calls_per_sample": args.calls_per_sample,
         "smoke": args.smoke, "only": args.only, "models": {"student": STUDENT, "teacher": TEACHER,

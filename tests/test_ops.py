@@ -15,7 +15,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 import ops
 from ops import binary_pair, ternary
-from tests.conftest import REPO, requires_gpu
+from tests.conftest import requires_gpu
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,8 +212,8 @@ def ptx_code(ptx: str) -> str:
 def test_jax_triton_lowers_the_kernel_and_the_model_for_real_gpus():
     """The Triton backend through jax-triton's own lowering for sm_80 and sm_90, no GPU needed
     (tests/cuda_lowering.py): the kernel takes the arguments in the order jax-triton passes them,
-    in every dtype; the PTX jax-triton compiles is the one checked above, byte for byte, so that
-    check holds for what runs; the training step (its gradient inside shard_map) and the
+    in every dtype; the PTX jax-triton compiles is the one checked above, instruction for
+    instruction, so that check holds for what runs; the training step (its gradient inside shard_map) and the
     evaluation step lower, calling the kernel once per ternary activation (16), and once more
     per activation under remat, which recomputes them."""
     pytest.importorskip("triton")
