@@ -1,4 +1,5 @@
-"""`train.py` in a subprocess, for the tests that kill, preempt or distribute it."""
+"""`train.py` (or another tool-like script) in a subprocess, for the tests that kill, preempt or
+distribute it."""
 import os
 import subprocess
 import sys
@@ -10,10 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class TrainProcess:
-    """`python train.py ARGS` in a subprocess, its log lines collected as they come."""
+    """`python SCRIPT ARGS` in a subprocess (train.py by default), its log lines collected as
+    they come."""
 
-    def __init__(self, args, env=None):
-        self.proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, text=True,
+    def __init__(self, args, env=None, script="train.py"):
+        self.proc = subprocess.Popen([sys.executable, script, *args], cwd=REPO, text=True,
                                      env=env or dict(os.environ), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         self.lines = []
@@ -43,5 +45,5 @@ class TrainProcess:
 
     def finish(self, timeout=300) -> int:
         rc = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=10)
+        self._reader.join(timeout=60)  # every line read before a test looks at them
         return rc
