@@ -11,8 +11,8 @@ Random variables are drawn with numpy on the model's shapes (`jax.eval_shape`), 
 `models.init_variables`, which compiles for ~17 s on the 2-core test machine. Their BatchNorm
 running statistics are set to those of a random batch, so that every block convolution matters to
 the logits (at the init statistics the blocks move the logits by ~1e-9). The "trained" model is
-that model after 3 Adam steps on random images, in process (the smoke training run of
-test_merge_eval.py is too slow for this file).
+that model after 3 Adam steps on random images, in process (the smoke training run that the
+evaluation tests share, `smoke_workdir` in conftest.py, is too slow for this file).
 """
 import functools
 import math
