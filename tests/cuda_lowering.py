@@ -10,10 +10,12 @@ JAX's CUDA plugin importable (its Triton bindings; without the CUDA PJRT runtime
 CPU). `make install-test` puts the two in `.venv/cuda-lowering`, apart from the test environment,
 and tests/test_ops.py runs this script with that directory on its path.
 
-Prints one JSON object: {"calls": {case: number of kernel calls}, "ptx": {"CAP/DTYPE": PTX}}.
+Prints one JSON object: {"calls": {case: number of kernel calls}, "ptx": {"CAP/DTYPE": PTX},
+"activation_size": the number of elements the activation's PTX was compiled for}.
 """
 import glob
 import json
+import math
 import os
 import sys
 import tempfile
@@ -35,6 +37,7 @@ from sttn_jax import training  # noqa: E402
 CHECKS = [jax.export.DisabledSafetyCheck.custom_call(name)
           for name in ("triton_kernel_call", "triton_kernel_call_ffi")]
 CALL = "stablehlo.custom_call @triton_kernel_call"
+ACTIVATION_SHAPE = (8, 56, 56, 64)  # a ResNet-18 stage-1 activation at batch 8
 
 
 def export_for_cuda(fn, *specs) -> int:
@@ -82,12 +85,12 @@ def main(capabilities):
         triton_lib.triton_kernel_call_lib.get_compute_capability = lambda device: capability
         jax.clear_caches()  # else JAX reuses its lowering for the previous capability
         for dtype in ("float32", "bfloat16", "float16"):
-            spec = jax.ShapeDtypeStruct((8, 56, 56, 64), dtype)
+            spec = jax.ShapeDtypeStruct(ACTIVATION_SHAPE, dtype)
             calls[f"{capability}/activation/{dtype}"] = export_for_cuda(activation_grad, spec)
             ptx[f"{capability}/{dtype}"] = new_ptx(seen)
     for dtype, remat in (("float32", "off"), ("bfloat16", "on")):
         calls[f"train/{dtype}/remat={remat}"], calls[f"eval/{dtype}"] = steps(dtype, remat)
-    print(json.dumps({"calls": calls, "ptx": ptx}))
+    print(json.dumps({"calls": calls, "ptx": ptx, "activation_size": math.prod(ACTIVATION_SHAPE)}))
 
 
 if __name__ == "__main__":

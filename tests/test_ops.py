@@ -213,9 +213,9 @@ def test_jax_triton_lowers_the_kernel_and_the_model_for_real_gpus():
     """The Triton backend through jax-triton's own lowering for sm_80 and sm_90, no GPU needed
     (tests/cuda_lowering.py): the kernel takes the arguments in the order jax-triton passes them,
     in every dtype; the PTX jax-triton compiles is the one checked above, instruction for
-    instruction, so that check holds for what runs; the training step (its gradient inside shard_map) and the
-    evaluation step lower, calling the kernel once per ternary activation (16), and once more
-    per activation under remat, which recomputes them."""
+    instruction, so that check holds for what runs; the training step (its gradient inside
+    shard_map) and the evaluation step lower, calling the kernel once per ternary activation
+    (16), and once more per activation under remat, which recomputes them."""
     pytest.importorskip("triton")
     if (CUDA_LOWERING / "jax_triton").is_dir():
         path = [str(CUDA_LOWERING)]
@@ -233,7 +233,7 @@ def test_jax_triton_lowers_the_kernel_and_the_model_for_real_gpus():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-5000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    n = 8 * 56 * 56 * 64  # the activation's size in tests/cuda_lowering.py
+    n = result["activation_size"]
     for capability in (80, 90):
         for dtype in EXPECTED_ACCESSES:
             assert result["calls"][f"{capability}/activation/{dtype}"] == 1
