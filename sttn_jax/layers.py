@@ -41,6 +41,22 @@ def conv2d(x, kernel, stride: int, padding: int, **kwargs):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
 
 
+def int8_conv2d_as_dot(x, kernel, stride: int, padding: int):
+    """`conv2d(x, kernel, ..., preferred_element_type=int32)` as one int8 matrix product over the
+    k*k shifted windows of the padded input: the same integer sums. For inputs smaller than the
+    kernel, which XLA's GPU backend rewrites into a convolution that cuDNN has no int8 kernel for
+    (seen compiling for sm_90: "Can't lower one or more integer convolutions"); such maps are at
+    most 2x2, so the k*k copies cost nothing."""
+    k = kernel.shape[0]
+    _, h, w, c = x.shape
+    oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    windows = [xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+               for i in range(k) for j in range(k)]  # HWIO order of the kernel's rows
+    patches = jnp.concatenate(windows, axis=-1)  # (n, oh, ow, k * k * c)
+    return jnp.dot(patches, kernel.reshape(k * k * c, -1), preferred_element_type=jnp.int32)
+
+
 class BatchNorm(nn.Module):
     """nn.BatchNorm2d semantics: training normalises with the biased batch variance and puts the
     unbiased one (n / (n - 1)) into the running average; momentum 0.1 weighs the new batch.
@@ -158,8 +174,11 @@ class Int8TernaryConv(_BlockConv):
         codes = self.param("codes", nn.initializers.zeros, shape, jnp.int8)
         scale = self.param("scale", nn.initializers.zeros, (self.features,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        acc = conv2d(x, codes.astype(jnp.int8), self.stride, self.padding,
-                     preferred_element_type=jnp.int32)
+        codes = codes.astype(jnp.int8)
+        if min(x.shape[1:3]) < self.kernel_size:
+            acc = int8_conv2d_as_dot(x, codes, self.stride, self.padding)
+        else:
+            acc = conv2d(x, codes, self.stride, self.padding, preferred_element_type=jnp.int32)
         # int32 -> float32 right after the convolution (exact: |acc| <= 2 * 9 * 512 < 2 ** 24): the
         # form of integer convolution XLA's GPU backend supports (it refuses a bare int32 result)
         y = acc.astype(jnp.float32).astype(self.dtype)

@@ -250,31 +250,51 @@ def _shapes(float_model):
 # the integer convolution
 
 
-def _convolutions(jaxpr):
-    """Every conv_general_dilated equation of a (closed) jaxpr, nested ones included."""
+def _products(jaxpr):
+    """Every convolution and matrix product equation of a (closed) jaxpr, nested ones included."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
             yield eqn
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    yield from _convolutions(inner)
+                    yield from _products(inner)
 
 
 def test_block_convolutions_are_int8_times_int8_into_int32():
+    """At 32x32 the maps of stages 3 and 4 are 2x2 and 1x1, smaller than the kernel: those 7
+    convolutions are int8 matrix products over the shifted windows (`layers.int8_conv2d_as_dot`),
+    the other 9 int8 convolutions; all int8 x int8 -> int32."""
     variables, x = _shapes(float_model=False)
     module = models.create(TER, NUM_CLASSES, inference_dtype="int8")
     fn = lambda v, x: module.apply(v, x, train=False)  # noqa: E731
-    convs = list(_convolutions(jax.make_jaxpr(fn)(variables, x).jaxpr))
-    kinds = [(tuple(str(v.aval.dtype) for v in e.invars), str(e.outvars[0].aval.dtype))
-             for e in convs]
-    assert kinds.count((("int8", "int8"), "int32")) == 16
-    assert kinds.count((("float32", "float32"), "float32")) == 1  # the stem
+    products = list(_products(jax.make_jaxpr(fn)(variables, x).jaxpr))
+    kinds = [(e.primitive.name, tuple(str(v.aval.dtype) for v in e.invars),
+              str(e.outvars[0].aval.dtype)) for e in products]
+    assert kinds.count(("conv_general_dilated", ("int8", "int8"), "int32")) == 9
+    assert kinds.count(("dot_general", ("int8", "int8"), "int32")) == 7
+    assert kinds.count(("conv_general_dilated", ("float32", "float32"), "float32")) == 1  # stem
+    assert len(kinds) == 9 + 7 + 1 + 1  # and the classifier
     hlo = jax.jit(fn).lower(variables, x).as_text()
     s8_to_s32 = re.compile(r"\(tensor<[0-9x]+xi8>, tensor<[0-9x]+xi8>\) -> tensor<[0-9x]+xi32>")
-    integer = [ln for ln in hlo.splitlines() if "convolution" in ln and s8_to_s32.search(ln)]
+    integer = [ln for ln in hlo.splitlines()
+               if ("convolution" in ln or "dot_general" in ln) and s8_to_s32.search(ln)]
     assert len(integer) == 16, hlo[:2000]
+
+
+@pytest.mark.parametrize("size, stride", [(1, 1), (2, 1), (2, 2), (3, 1), (4, 2), (7, 1), (7, 2)])
+def test_int8_convolution_as_a_matrix_product_gives_the_same_sums(size, stride):
+    """`layers.int8_conv2d_as_dot` equals the int8 convolution exactly (padding 1, 3x3 kernel):
+    the same windows, the kernel's rows in the same order, for maps smaller and larger than it."""
+    rng = np.random.default_rng(size * 10 + stride)
+    x = jnp.asarray(rng.integers(-1, 2, size=(3, size, size + 1, 6)), jnp.int8)
+    kernel = jnp.asarray(rng.integers(-2, 3, size=(3, 3, 6, 5)), jnp.int8)
+    want = layers.conv2d(x, kernel, stride, 1, preferred_element_type=jnp.int32)
+    got = layers.int8_conv2d_as_dot(x, kernel, stride, 1)
+    assert got.dtype == jnp.int32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(np.asarray(want)).max() > 0
 
 
 def test_int8_layer_rounds_once():
