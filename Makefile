@@ -1,6 +1,7 @@
 # make demo  - the whole workflow on the embedded data set (installs what it needs into .venv first)
 # make test  - the test suite (installs the test dependencies into .venv first)
 # make install-gpu - CUDA JAX with a matching jax-triton and triton (Linux x86_64, CUDA GPU)
+# make gpu-plan - XLA's memory plan of the training and inference steps for an H100, without a GPU
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,8 +10,9 @@ PYTEST_ARGS ?=
 # the tests in parallel processes, one per core up to 4 (XDIST= runs them in this process)
 XDIST ?= -n auto --maxprocesses 4 --dist worksteal
 DEMO_ARGS ?=
+PLAN_ARGS ?=
 
-.PHONY: install install-test install-gpu test demo clean
+.PHONY: install install-test install-gpu test demo gpu-plan clean
 
 install: $(VENV)/.sttn-demo
 install-test: $(VENV)/.sttn-test
@@ -21,10 +23,12 @@ $(VENV)/.sttn-demo: pyproject.toml constraints.txt
 	$(PIP) -e .
 	@touch $@
 
-# jax-triton (the version the GPU check runs with) and JAX's CUDA plugin matching the installed
-# jaxlib, apart from the test environment in $(VENV)/cuda-lowering: a test lowers the Triton backend
-# for CUDA through them, no GPU needed (tests/cuda_lowering.py). Linux x86_64 only.
-LOWERING_PACKAGES = "jax-cuda13-plugin==$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')" \
+# jax-triton (the version the GPU check runs with), JAX's CUDA plugin and its PJRT plugin (the GPU
+# compiler) matching the installed jaxlib, apart from the test environment in $(VENV)/cuda-lowering:
+# tests lower and compile the Triton backend and the model for CUDA through them, no GPU needed
+# (tests/cuda_lowering.py, benchmarks/gpu_plan.py). Linux x86_64 only.
+JAXLIB_VERSION = $$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')
+LOWERING_PACKAGES = "jax-cuda13-plugin==$(JAXLIB_VERSION)" "jax-cuda13-pjrt==$(JAXLIB_VERSION)" \
 	jax-triton==0.3.1
 
 $(VENV)/.sttn-test: $(VENV)/.sttn-demo
@@ -39,6 +43,10 @@ install-gpu: $(VENV)/.sttn-demo
 
 test: $(VENV)/.sttn-test
 	$(PY) -m pytest -q --durations=12 $(XDIST) $(PYTEST_ARGS)
+
+# XLA's memory plan of the benchmark's steps for an H100, compiled here without a GPU
+gpu-plan: $(VENV)/.sttn-test
+	PYTHONPATH=$(VENV)/cuda-lowering JAX_PLATFORMS=cpu $(PY) benchmarks/gpu_plan.py $(PLAN_ARGS)
 
 demo: $(VENV)/.sttn-demo
 	$(PY) -m sttn_jax.demo --workdir runs/demo $(DEMO_ARGS)

@@ -156,6 +156,17 @@ def peak_bytes(device):
 
 
 # -- measurements -----------------------------------------------------------------------------
+def train_config(dtype: str, backend: str, batch: int, image_size: int, remat: str):
+    """The measured training step's config: STUDENT distilled from a train-mode TEACHER."""
+    config = default_config.get_config()
+    config.arch, config.teacher_arch, config.num_classes = STUDENT, TEACHER, NUM_CLASSES
+    config.dtype, config.act_backend = CONFIG_DTYPE[dtype], backend
+    config.batch_size, config.image_size = batch, image_size
+    config.teacher_bn_train_mode = True
+    config.remat = remat
+    return config
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -190,12 +201,7 @@ class Bench:
     def train(self, dtype: str, backend: str, name: str) -> float:
         """Images/s of the full training step."""
         a = self.args
-        config = default_config.get_config()
-        config.arch, config.teacher_arch, config.num_classes = STUDENT, TEACHER, NUM_CLASSES
-        config.dtype, config.act_backend = CONFIG_DTYPE[dtype], backend
-        config.batch_size, config.image_size = a.batch, a.image_size
-        config.teacher_bn_train_mode = True
-        config.remat = a.remat
+        config = train_config(dtype, backend, a.batch, a.image_size, a.remat)
         tx = training.create_optimizer(config, training.learning_rate_fn(config, 1000))
         state = training.create_train_state(config, self.mesh, tx,
                                             variables=self.student_variables())

@@ -222,7 +222,10 @@ def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
 
     step = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
                                  out_specs=(P(), P())), donate_argnums=(0,))
-    bound = jax.device_put(teacher_variables, replicated(mesh))
+    leaves = jax.tree_util.tree_leaves(teacher_variables)
+    # abstract variables (ShapeDtypeStructs: compiling for a machine not attached) stay abstract
+    abstract = leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    bound = teacher_variables if abstract else jax.device_put(teacher_variables, replicated(mesh))
 
     def train_step(state, batch):
         return step(state, batch, bound)

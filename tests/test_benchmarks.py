@@ -1,5 +1,7 @@
-"""benchmarks/run.py in its smoke size: every key written, bad options refused."""
+"""benchmarks/run.py in its smoke size: every key written, bad options refused; and
+benchmarks/gpu_plan.py, which compiles for an H100 without one."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +73,33 @@ def test_benchmark_input_section_measures_every_pipeline_per_core(tmp_path):
     assert result["train_fp32_img_s"] is None  # only the section asked for
     assert "input_img_s_per_core" in proc.stdout
 
+
+
+def test_gpu_plan_compiles_training_and_int8_inference_for_an_h100_without_one(tmp_path):
+    """benchmarks/gpu_plan.py --smoke: XLA's GPU compiler (JAX's CUDA PJRT plugin, installed
+    apart by `make install-test`) compiles for an H100 described by benchmarks/h100_target.txtpb,
+    no GPU attached. The training step with backend "triton" keeps its 32 kernel calls (16 and 16
+    recomputed under remat) through XLA's GPU pipeline; int8 inference at 32x32 compiles, with its
+    larger convolutions as cuDNN int8 convolutions (before layers.int8_conv2d_as_dot, the 2x2 and
+    1x1 maps failed there: "Can't lower one or more integer convolutions")."""
+    plugin = Path(sys.prefix) / "cuda-lowering"
+    if not (plugin / "jax_plugins" / "xla_cuda13").is_dir() or not (plugin / "jax_triton").is_dir():
+        message = f"needs JAX's CUDA PJRT plugin and jax-triton in {plugin} (make install-test)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    out = tmp_path / "plan.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), str(ROOT)]),
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_plan.py"), "--smoke",
+                           "--output", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "NVIDIA H100 80GB HBM3" and result["batch"] == 8
+    train = result["train"]["fp32/triton/remat=on"]
+    assert train["kernel_calls"] == 32
+    assert 0 < train["arguments_gib"] < train["planned_peak_gib"] < 2
+    int8 = result["eval"]["int8"]
+    assert int8["cudnn_int8_convs"] == 9 and int8["kernel_calls"] == 0
+    assert "not a measurement" in proc.stdout

@@ -1,0 +1,168 @@
+"""XLA's plan for an NVIDIA H100, made on a machine without a GPU: the training and inference steps
+of benchmarks/run.py compiled for sm_90 (deviceless, from benchmarks/h100_target.txtpb), and the
+device memory each compiled step needs by XLA's own buffer assignment.
+
+    make gpu-plan                                    # installs what it needs, then the full size
+    python benchmarks/gpu_plan.py --smoke            # batch 8, 32x32 (the test)
+
+Needs JAX's CUDA PJRT plugin (jax-cuda13-pjrt: the GPU compiler; no CUDA driver or GPU is used),
+JAX's CUDA plugin and jax-triton importable; `make gpu-plan` puts them beside the test
+environment and runs this with JAX_PLATFORMS=cpu. Nothing runs on a GPU: the numbers are a plan,
+not a measurement.
+
+planned_peak_gib = arguments + outputs - donated (aliased) buffers + XLA's temporary buffers of
+the one compiled step: what it holds at its peak, the state, batch and teacher included. A real
+GPU adds what a plan does not see: the CUDA context, cuDNN's workspace for the algorithms chosen
+by autotuning (here none runs, so XLA takes cuDNN's default algorithms), and the allocator's
+rounding. Also counted from the compiled program: the Triton kernel's calls (backend "triton")
+and the int8 convolutions that run in cuDNN on int8 operands (inference int8).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import run as bench  # benchmarks/run.py: the measured steps' configuration
+from ops import ternary
+from sttn_jax import merging, models, quantize, training
+
+TARGET = Path(__file__).resolve().parent / "h100_target.txtpb"
+TRAIN_CASES = [(dtype, backend, remat) for dtype in ("fp32", "bf16")
+               for backend in ("xla", "triton") for remat in ("on", "off")]
+# --smoke: the Triton kernel inside XLA's GPU pipeline (remat on, as on a GPU) and int8 inference
+SMOKE_TRAIN_CASES, SMOKE_EVAL_MODES = [("fp32", "triton", "on")], ["int8"]
+KERNEL_CALL = re.compile(r'custom_call_target="triton_kernel_call')
+GIB = 2 ** 30
+
+
+def h100():
+    """A compile-only H100 (`jax.experimental.topologies`, JAX's CUDA PJRT plugin)."""
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc("h100", "cuda", target_config=TARGET.read_text(),
+                                        topology="1x1x1").devices[0]
+
+
+def allow_triton(capability: int = 90) -> None:
+    """Lets backend "triton" lower without a GPU: jax-triton would ask the driver for the compute
+    capability, and the backend check would refuse it."""
+    from jax_triton import triton_lib
+
+    ternary.triton_unavailable_reason = lambda: None
+    triton_lib.triton_kernel_call_lib.get_compute_capability = lambda device: capability
+
+
+def abstract(tree, sharding):
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree)
+
+
+def summary(compiled) -> dict:
+    m = compiled.memory_analysis()
+    text = compiled.as_text()
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+    return {"planned_peak_gib": peak / GIB, "arguments_gib": m.argument_size_in_bytes / GIB,
+            "temp_gib": m.temp_size_in_bytes / GIB, "kernel_calls": len(KERNEL_CALL.findall(text)),
+            "cudnn_convs": text.count('custom_call_target="__cudnn$conv'),
+            "cudnn_int8_convs": sum(1 for line in text.splitlines()
+                                    if "__cudnn$conv" in line and _int8_operands(line, text))}
+
+
+def _int8_operands(line: str, text: str) -> bool:
+    """Whether the cuDNN convolution on `line` reads two int8 (s8) operands."""
+    names = re.search(r"custom-call\((%[\w.-]+), (%[\w.-]+)\)", line)
+    if not names:
+        return False
+    return all(re.search(rf"{re.escape(n)} = s8\[", text) for n in names.groups())
+
+
+def plan_train(device, dtype: str, backend: str, remat: str, batch: int, image_size: int) -> dict:
+    """The training step of benchmarks/run.py (student, train-mode teacher, Adam) for `device`."""
+    config = bench.train_config(dtype, backend, batch, image_size, remat)
+    mesh = training.make_mesh([device])
+    tx = training.create_optimizer(config, training.learning_rate_fn(config, 1000))
+    state = training.abstract_train_state(config, mesh, tx)
+    teacher_module = models.create(bench.TEACHER, bench.NUM_CLASSES)
+    teacher = abstract(jax.eval_shape(lambda: models.init_variables(
+        teacher_module, jax.random.PRNGKey(1), image_size)), training.replicated(mesh))
+    step = training.make_train_step(config, mesh, tx, teacher)
+    data = NamedSharding(mesh, P(training.DATA_AXIS))
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32, sharding=data)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)
+    compiled = step.jitted.lower(state, {"image": images, "label": labels}, teacher).compile()
+    return summary(compiled)
+
+
+def plan_eval(device, mode: str, batch: int, image_size: int) -> dict:
+    """resnet18_ter inference (fp32, bf16 or int8) as benchmarks/run.py times it, for `device`."""
+    dtype, inference_dtype = bench.EVAL_MODES[mode]
+    module = models.create(bench.EVAL_ARCH, bench.NUM_CLASSES, dtype, "xla",
+                           inference_dtype=inference_dtype)
+    student = jax.eval_shape(lambda: models.init_variables(
+        models.create(bench.STUDENT, bench.NUM_CLASSES), jax.random.PRNGKey(0), image_size))
+    student = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), student)
+    variables = merging.merge_variables(student)
+    if inference_dtype == "int8":
+        variables = quantize.int8_variables(jax.device_get(variables))
+    placed = jax.sharding.SingleDeviceSharding(device)
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32, sharding=placed)
+    fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
+    return summary(fn.lower(abstract(jax.device_get(variables), placed), images).compile())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true",
+                   help="batch 8, 32x32; training fp32/triton/remat=on, inference int8 (the test)")
+    p.add_argument("--batch", type=int, help="global batch (256)")
+    p.add_argument("--image-size", type=int, help="square image side (224)")
+    p.add_argument("--output", help="JSON path (default: print only)")
+    args = p.parse_args(argv)
+    args.batch = args.batch or (8 if args.smoke else 256)
+    args.image_size = args.image_size or (32 if args.smoke else 224)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = h100()
+    allow_triton()
+    result = {"device": device.device_kind, "target": TARGET.name, "batch": args.batch,
+              "image_size": args.image_size, "jax_version": jax.__version__, "train": {},
+              "eval": {}}
+    for dtype, backend, remat in SMOKE_TRAIN_CASES if args.smoke else TRAIN_CASES:
+        name = f"{dtype}/{backend}/remat={remat}"
+        print(f"... train {name}", file=sys.stderr, flush=True)
+        result["train"][name] = plan_train(device, dtype, backend, remat, args.batch,
+                                           args.image_size)
+    for mode in SMOKE_EVAL_MODES if args.smoke else bench.EVAL_MODES:
+        print(f"... eval {mode}", file=sys.stderr, flush=True)
+        result["eval"][mode] = plan_eval(device, mode, args.batch, args.image_size)
+    lines = [f"XLA's plan for one {device.device_kind}, batch {args.batch}, "
+             f"{args.image_size}x{args.image_size} (compiled without a GPU; not a measurement)",
+             f"{'step':<32}{'planned peak GiB':>17}{'temp GiB':>10}{'kernel calls':>14}"
+             f"{'int8 convs':>12}"]
+    for kind in ("train", "eval"):
+        for name, r in result[kind].items():
+            lines.append(f"{kind + ' ' + name:<32}{r['planned_peak_gib']:>17.2f}"
+                         f"{r['temp_gib']:>10.2f}{r['kernel_calls']:>14}"
+                         f"{r['cudnn_int8_convs']:>12}")
+    print("\n".join(lines))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
