@@ -175,7 +175,7 @@ class Int8TernaryConv(_BlockConv):
         scale = self.param("scale", nn.initializers.zeros, (self.features,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         codes = codes.astype(jnp.int8)
-        if min(x.shape[1:3]) < self.kernel_size:
+        if min(x.shape[1:3]) < self.kernel_size:  # no int8 GPU kernel as a convolution: a product
             acc = int8_conv2d_as_dot(x, codes, self.stride, self.padding)
         else:
             acc = conv2d(x, codes, self.stride, self.padding, preferred_element_type=jnp.int32)

@@ -74,7 +74,6 @@ def test_benchmark_input_section_measures_every_pipeline_per_core(tmp_path):
     assert "input_img_s_per_core" in proc.stdout
 
 
-
 def test_gpu_plan_compiles_training_and_int8_inference_for_an_h100_without_one(tmp_path):
     """benchmarks/gpu_plan.py --smoke: XLA's GPU compiler (JAX's CUDA PJRT plugin, installed
     apart by `make install-test`) compiles for an H100 described by benchmarks/h100_target.txtpb,
