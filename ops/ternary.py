@@ -90,6 +90,18 @@ def triton_unavailable_reason() -> str | None:
     return None
 
 
+def assume_cuda_gpu(capability: int) -> None:
+    """For lowering and compiling ahead of time on a machine without a GPU (tests/cuda_lowering.py,
+    benchmarks/gpu_plan.py): backend "triton" passes the check above, and jax-triton compiles the
+    kernel for compute `capability` (e.g. 90) instead of asking the CUDA driver. For the rest of
+    the process; call jax.clear_caches() before lowering again for another capability."""
+    global triton_unavailable_reason
+    from jax_triton import triton_lib
+
+    triton_unavailable_reason = lambda: None  # noqa: E731
+    triton_lib.triton_kernel_call_lib.get_compute_capability = lambda device: capability
+
+
 def resolve_backend(backend: str, dtype) -> str:
     """The backend that will actually run for `backend` and `dtype`: "triton" or "xla"."""
     if backend not in BACKENDS:
