@@ -1,6 +1,7 @@
-"""What the command-line tools share: absl flags for multi-host start-up, one logging path (absl
-logging: --verbosity, and a log file in the workdir), and the expected errors as one line on
-stderr with exit status 2. Flags are spelled with underscores and listed by each tool's --help."""
+"""What the command-line tools share: absl flags for multi-host start-up, XLA's persistent
+compilation cache, one logging path (absl logging: --verbosity, and a log file in the workdir), and
+the expected errors as one line on stderr with exit status 2. Flags are spelled with underscores and
+listed by each tool's --help."""
 import contextlib
 import json
 import logging as std_logging
@@ -44,6 +45,28 @@ def start(argv, distributed: bool = True) -> None:
     setup_logging()
     if distributed:
         init_distributed()
+    enable_compilation_cache(FLAGS.compilation_cache_dir)
+
+
+def enable_compilation_cache(setting: str) -> str | None:
+    """Points JAX's persistent compilation cache at `setting` (see --compilation_cache_dir) unless
+    JAX already has one (JAX_COMPILATION_CACHE_DIR); returns the directory in use, or None.
+    "auto" stays off on a CPU: JAX's cache key for CPU executables does not name the host's
+    instruction set, so a cache shared between machines could hand one code it cannot run."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    if setting == "auto":
+        if jax.default_backend() == "cpu":
+            return None
+        setting = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "sttn-jax", "xla")
+    if setting in ("", "none"):
+        return None
+    path = os.path.expanduser(setting)
+    jax.config.update("jax_compilation_cache_dir", path)
+    logging.info("XLA compilation cache: %s", path)
+    return path
 
 
 def init_distributed() -> None:
@@ -131,8 +154,21 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
+def define_compilation_cache_flag() -> None:
+    """--compilation_cache_dir, which every tool has (read by `enable_compilation_cache`)."""
+    if "compilation_cache_dir" in FLAGS:
+        return
+    flags.DEFINE_string(
+        "compilation_cache_dir", "auto", "XLA's persistent compilation cache: a restarted or "
+        "repeated run loads its compiled steps instead of compiling them again. 'auto': "
+        "$XDG_CACHE_HOME/sttn-jax/xla (~/.cache/...) on a GPU or TPU, none on a CPU; a directory: "
+        "that one, on any backend; '' or 'none': no cache. JAX_COMPILATION_CACHE_DIR, if set, wins.")
+
+
 def run(main, argv=None, legacy_flags: dict | None = None) -> None:
-    """app.run(main), accepting the old spellings of renamed flags ({"--old": "--new"})."""
+    """app.run(main), accepting the old spellings of renamed flags ({"--old": "--new"}); defines
+    the flags every tool has (here, so that they count as the tool's own and its --help lists them)."""
+    define_compilation_cache_flag()
     argv = list(sys.argv if argv is None else argv)
     for old, new in (legacy_flags or {}).items():
         argv = [new + a[len(old):] if a == old or a.startswith(old + "=") else a for a in argv]

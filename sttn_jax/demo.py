@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from sttn_jax import cli
@@ -95,9 +95,7 @@ def main(argv=None):
     flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes everything.")
 
     def _main(args):
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
-        cli.setup_logging()
+        cli.start(args, distributed=False)
         with cli.one_line_errors():
             run(flags.FLAGS.config, flags.FLAGS.workdir)
 

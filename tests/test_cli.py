@@ -9,13 +9,13 @@ from tests.conftest import run_cli
 
 TOOLS = {
     "train.py": {"config", "workdir", "take_over_lock", "coordinator_address", "num_processes",
-                 "process_id", "distributed"},
+                 "process_id", "distributed", "compilation_cache_dir"},
     "eval.py": {"config", "checkpoint", "arch", "split", "step", "output", "coordinator_address",
-                "num_processes", "process_id", "distributed"},
+                "num_processes", "process_id", "distributed", "compilation_cache_dir"},
     "merge.py": {"checkpoint", "out", "torch_out", "packed", "step", "batch", "image_size",
-                 "seed", "plot"},
+                 "seed", "plot", "compilation_cache_dir"},
     "sttn_jax.interop": {"arch", "checkpoint", "batch", "image_size", "seed", "inputs",
-                         "reference_logits", "output"},
+                         "reference_logits", "output", "compilation_cache_dir"},
 }
 
 
@@ -49,6 +49,33 @@ def test_every_tool_lists_every_flag_in_its_help_with_underscores():
         listed = set(re.findall(r"^\s+--(?:\[no\])?([a-z_]+):", r.stdout, re.M))
         assert wanted <= listed, (tool, wanted - listed)
         assert not any("-" in name for name in listed), (tool, listed)
+
+
+def test_compilation_cache_setting(monkeypatch, tmp_path):
+    """--compilation_cache_dir: "auto" is off on a CPU and ~/.cache/sttn-jax/xla elsewhere, a
+    directory is used on any backend, "" and "none" are off, and a cache JAX already has (from
+    JAX_COMPILATION_CACHE_DIR, as in these tests) is left alone."""
+    import jax
+
+    given = jax.config.jax_compilation_cache_dir
+    assert given  # tests/conftest.py sets one for the session
+    assert cli.enable_compilation_cache(str(tmp_path / "other")) == given
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        for off in ("", "none"):
+            assert cli.enable_compilation_cache(off) is None
+        assert cli.enable_compilation_cache("auto") is None  # this machine's backend is the CPU
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        auto = str(tmp_path / ".cache" / "sttn-jax" / "xla")
+        assert cli.enable_compilation_cache("auto") == auto == jax.config.jax_compilation_cache_dir
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert cli.enable_compilation_cache("~/xla") == str(tmp_path / "xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", given)
 
 
 def test_a_lost_peer_is_one_line_without_status_word_or_source_location(monkeypatch, capsys):

@@ -65,13 +65,18 @@ def test_eval_refuses_bad_batch_and_split(smoke_workdir, smoke_data_dir):
         evaluation.evaluate_checkpoint(smoke_config(smoke_data_dir, num_classes=10), smoke_workdir)
 
 
-def test_eval_takes_a_workdir_alone_from_any_directory(smoke_workdir, smoke_data_dir, tmp_path):
+def test_eval_takes_a_workdir_alone_from_any_directory(smoke_workdir, smoke_data_dir, tmp_path,
+                                                      monkeypatch):
     """No --config: the workdir's own config.json (its data, image size, batches); overrides
-    still apply."""
-    out = tmp_path / "r.json"
+    still apply. Also: --compilation_cache_dir puts the compiled evaluation step there (without
+    JAX_COMPILATION_CACHE_DIR, which these tests otherwise set)."""
+    out, cache = tmp_path / "r.json", tmp_path / "xla"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
     r = run_cli(str(REPO / "eval.py"), "--checkpoint", smoke_workdir, "--output", out,
-                "--config.progress_bar=False", cwd=tmp_path)
+                "--config.progress_bar=False", f"--compilation_cache_dir={cache}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"XLA compilation cache: {cache}" in r.stderr
+    assert [p for p in cache.iterdir() if p.name.startswith("jit_step_fn-")], sorted(cache.iterdir())
     result = json.loads(out.read_text())
     trained = json.loads((smoke_workdir / "final_metrics.json").read_text())["eval"]
     assert (result["top1"], result["num_examples"], result["image_size"]) == (trained["top1"], 8, 32)

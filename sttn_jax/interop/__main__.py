@@ -90,6 +90,7 @@ def main(argv):
         raise app.UsageError(f"usage: python -m sttn_jax.interop {{{','.join(COMMANDS)}}} ... "
                              "(see --help)")
     cli.setup_logging()
+    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
     with cli.one_line_errors():
         try:
             code = parity() if command == "parity" else convert(command, *args)
