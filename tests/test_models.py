@@ -71,6 +71,17 @@ def test_block_structure_names_mirror_the_original(variables32):
     assert len(ops.latent_kernel_paths(p)) == 32  # the 32 block convolutions
 
 
+def test_initialisation_is_the_same_with_64_bit_types(variables32, x64):
+    """init_variables gives the same float32 values bit for bit whether or not JAX has 64-bit
+    types on (float64 runs cast them afterwards), so both modes can share one compiled init."""
+    v = models.init_variables(models.create(models.TERNARY), jax.random.PRNGKey(0), 32)
+    want = variables32[models.TERNARY]
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(want)):
+        assert a.dtype == b.dtype and a.dtype != jnp.float64
+        np.testing.assert_array_equal(a, b)
+
+
 def test_initialisation_follows_the_original(variables32):
     p = variables32["resnet18_bwx2"]["params"]
     k = np.asarray(p["features_11"]["conv2"]["kernel_1"])
