@@ -24,6 +24,7 @@ flags.DEFINE_string("split", None, "TFDS split (default: config.eval_split).")
 flags.DEFINE_integer("step", None, "Workdir only: evaluate the checkpoint of this step.")
 flags.DEFINE_string("output", None, "Write the metrics as JSON to this file.")
 cli.define_distributed_flags()
+cli.define_compilation_cache_flag()
 flags.mark_flags_as_required(["checkpoint"])
 FLAGS = flags.FLAGS
 

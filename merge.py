@@ -31,6 +31,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the check images.")
 flags.DEFINE_bool("plot", True, "Write merge_report.png.")
 flags.DEFINE_alias("torch-out", "torch_out")
 flags.DEFINE_alias("image-size", "image_size")
+cli.define_compilation_cache_flag()
 flags.mark_flags_as_required(["checkpoint", "out"])
 FLAGS = flags.FLAGS
 

@@ -18,6 +18,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and Tensor
 flags.DEFINE_bool("take_over_lock", False, "Take over the workdir's lock when it was left by a "
                   "run on another host that cannot be checked from here (that run must be over).")
 cli.define_distributed_flags()
+cli.define_compilation_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 

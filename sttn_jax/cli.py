@@ -155,7 +155,8 @@ def _parse_flags(argv):
 
 
 def define_compilation_cache_flag() -> None:
-    """--compilation_cache_dir, which every tool has (read by `enable_compilation_cache`)."""
+    """--compilation_cache_dir, which every tool defines (read by `start`; defined once even when
+    a tool's module is loaded twice in one process)."""
     if "compilation_cache_dir" in FLAGS:
         return
     flags.DEFINE_string(
@@ -166,9 +167,7 @@ def define_compilation_cache_flag() -> None:
 
 
 def run(main, argv=None, legacy_flags: dict | None = None) -> None:
-    """app.run(main), accepting the old spellings of renamed flags ({"--old": "--new"}); defines
-    the flags every tool has (here, so that they count as the tool's own and its --help lists them)."""
-    define_compilation_cache_flag()
+    """app.run(main), accepting the old spellings of renamed flags ({"--old": "--new"})."""
     argv = list(sys.argv if argv is None else argv)
     for old, new in (legacy_flags or {}).items():
         argv = [new + a[len(old):] if a == old or a.startswith(old + "=") else a for a in argv]

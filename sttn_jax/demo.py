@@ -93,6 +93,7 @@ def main(argv=None):
     config_flags.DEFINE_config_file("config", str(cli.DEFAULT_CONFIG.with_name("demo.py")),
                                     "Demo config file.", lock_config=True)
     flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes everything.")
+    cli.define_compilation_cache_flag()
 
     def _main(args):
         cli.start(args, distributed=False)

@@ -7,6 +7,7 @@ import time
 from sttn_jax import cli
 
 cli.define_distributed_flags()
+cli.define_compilation_cache_flag()
 
 
 def main(argv):

@@ -33,6 +33,7 @@ flags.DEFINE_string("inputs", None, "parity: images (.npy, NCHW as the original 
 flags.DEFINE_string("reference_logits", None, "parity: logits (.npy) of --inputs to compare "
                     "against instead of running PyTorch.")
 flags.DEFINE_string("output", None, "parity: also write the results as JSON to this file.")
+cli.define_compilation_cache_flag()
 flags.DEFINE_alias("image-size", "image_size")
 flags.DEFINE_alias("reference-logits", "reference_logits")
 FLAGS = flags.FLAGS
