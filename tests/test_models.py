@@ -1,5 +1,6 @@
 """The Flax models: structure, parameter counts, PyTorch-semantics layers, gradients, dtypes."""
 import functools
+import logging
 import math
 import re
 
@@ -71,10 +72,14 @@ def test_block_structure_names_mirror_the_original(variables32):
     assert len(ops.latent_kernel_paths(p)) == 32  # the 32 block convolutions
 
 
-def test_initialisation_is_the_same_with_64_bit_types(variables32, x64):
+def test_initialisation_is_the_same_with_64_bit_types(variables32, x64, caplog):
     """init_variables gives the same float32 values bit for bit whether or not JAX has 64-bit
-    types on (float64 runs cast them afterwards), so both modes can share one compiled init."""
-    v = models.init_variables(models.create(models.TERNARY), jax.random.PRNGKey(0), 32)
+    types on (float64 runs cast them afterwards), and the same program: with 64-bit types on it
+    is loaded from XLA's persistent cache (tests/conftest.py sets one), where variables32 put it."""
+    with caplog.at_level(logging.DEBUG, logger="jax._src.compiler"):
+        v = models.init_variables(models.create(models.TERNARY), jax.random.PRNGKey(0), 32)
+    lines = [r.getMessage() for r in caplog.records if "'jit__lambda'" in r.getMessage()]
+    assert lines and all(line.startswith("Persistent compilation cache hit") for line in lines), lines
     want = variables32[models.TERNARY]
     assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(want)
     for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(want)):
