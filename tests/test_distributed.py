@@ -31,7 +31,8 @@ def free_port() -> int:
 
 
 def launch_two(workdir: Path, data_dir: str) -> list[TrainProcess]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_ENABLE_X64="1")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_ENABLE_X64="1",
+               JAX_LOG_COMPILES="1")  # for the check that saving compiles nothing
     args = ["--config", "configs/smoke.py", "--workdir", str(workdir),
             f"--config.data_dir={data_dir}", "--config.progress_bar=False",
             f"--coordinator_address=localhost:{free_port()}", "--num_processes=2",
@@ -152,6 +153,11 @@ def test_two_processes_preempted_killed_and_damaged_train_like_one_process_with_
     for p in procs:
         assert any("at step 1" in ln and "resumed from" in ln for ln in p.lines), p.log()
         assert any("global batch 8 over 8 devices" in ln for ln in p.lines), p.log()
+        # checkpoints are written from a host copy by process 0: no replica-parallel writing,
+        # which compiles a slice program per array shape in every process
+        compiled = [ln for ln in p.lines if "Finished XLA compilation of" in ln]
+        assert any("jit(step_fn)" in ln for ln in compiled), p.log()
+        assert not [ln for ln in compiled if "jit(slice)" in ln], p.log()
 
     two = json.loads((workdir / "final_metrics.json").read_text())
     assert two["step"] == one["step"] == STEPS
