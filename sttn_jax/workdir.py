@@ -3,11 +3,16 @@
 The lock, `WORKDIR/.lock`, is flock'ed for the run and names its host and pid. The kernel drops a
 flock when its process dies, however it dies: on one host a live holder always refuses a second run
 and a dead one never blocks the next. Flocks may not carry across hosts (shared filesystems): a
-lock file written on another host is refused unless --take_over_lock."""
+lock file written on another host is refused unless --take_over_lock.
+
+With several processes, process 0 takes the lock and every process then reads the lock file back:
+they must share the workdir (process 0 writes the checkpoints, all of them read them to resume),
+and a workdir on each host's own disk is refused at the start, not at the first resume."""
 import contextlib
 import fcntl
 import json
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -21,6 +26,7 @@ from sttn_jax.checkpoints import DISK_FULL
 from sttn_jax.errors import ConfigError, WorkdirLockedError
 
 LOCK_FILE = ".lock"
+SHARED_CHECK_ROUNDS = 10  # one a second: a network filesystem may show a new file a little late
 
 
 def _holder(path: Path) -> dict:
@@ -30,8 +36,9 @@ def _holder(path: Path) -> dict:
         return {}
 
 
-def _acquire(path: Path, take_over: bool) -> int:
-    """The locked file descriptor of `path`, or WorkdirLockedError naming the holder."""
+def _acquire(path: Path, take_over: bool) -> tuple[int, int]:
+    """(the locked file descriptor of `path`, the run's random id written in it), or
+    WorkdirLockedError naming the holder."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -52,31 +59,52 @@ def _acquire(path: Path, take_over: bool) -> int:
     if held.get("pid"):
         logging.warning("taking over the lock of workdir %s from pid %s on host %s (no longer "
                         "running)", path.parent, held["pid"], held.get("host"))
+    run = secrets.randbelow(2**31 - 1) + 1
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"host": me, "pid": os.getpid(), "since": time.time()}).encode(), 0)
-    return fd
+    os.pwrite(fd, json.dumps({"host": me, "pid": os.getpid(), "since": time.time(),
+                              "run": run}).encode(), 0)
+    os.fsync(fd)  # the other processes read it next, perhaps from other hosts
+    return fd, run
 
 
 @contextlib.contextmanager
 def lock(workdir: Path, take_over: bool = False):
     """Holds the workdir's lock for the `with` block (process 0 for all; all stop if it cannot)."""
-    path, fd, error = Path(workdir) / LOCK_FILE, None, None
+    path, fd, run, error = Path(workdir) / LOCK_FILE, None, 0, None
     if jax.process_index() == 0:
         try:
-            fd = _acquire(path, take_over)
+            fd, run = _acquire(path, take_over)
         except WorkdirLockedError as e:
             error = e
-    if jax.process_count() > 1:
-        if multihost_utils.broadcast_one_to_all(np.int32(error is not None)) and error is None:
-            error = WorkdirLockedError(f"workdir {workdir} is locked (process 0 says by whom)")
-    if error is not None:
-        raise error
     try:
+        if jax.process_count() > 1:
+            if multihost_utils.broadcast_one_to_all(np.int32(error is not None)) and error is None:
+                error = WorkdirLockedError(f"workdir {workdir} is locked (process 0 says by whom)")
+            if error is None:
+                _check_shared(path, int(multihost_utils.broadcast_one_to_all(np.int32(run))))
+        if error is not None:
+            raise error
         yield
     finally:
         if fd is not None:
             path.unlink(missing_ok=True)  # a clean end leaves no lock behind
             os.close(fd)  # releases the flock
+
+
+def _check_shared(path: Path, run: int) -> None:
+    """Every process sees the lock file of run `run` that process 0 wrote, or all stop with a
+    ConfigError naming those that do not (all processes decide together, round by round)."""
+    for _ in range(SHARED_CHECK_ROUNDS):
+        mine = np.int32(_holder(path).get("run") == run)
+        seen = np.ravel(multihost_utils.process_allgather(mine))
+        if seen.all():
+            return
+        time.sleep(1.0)
+    blind = ", ".join(str(i) for i in np.flatnonzero(seen == 0))
+    raise ConfigError(f"workdir {path.parent} is not one directory shared by every process: "
+                      f"process(es) {blind} do not see the lock file that process 0 wrote there; "
+                      "give every process the same --workdir on a filesystem that all hosts "
+                      "share (process 0 writes the checkpoints, every process reads them)")
 
 
 def check_writable(workdir: Path) -> None:

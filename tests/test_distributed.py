@@ -9,13 +9,14 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 
 from sttn_jax import checkpoints, train_loop, training
-from tests.conftest import REPO, assert_float64_runs_agree, smoke_config
+from tests.conftest import REPO, assert_float64_runs_agree, assert_one_error_line, smoke_config
 from tests.train_process import TrainProcess
 
 STEPS = 3  # one epoch
@@ -199,3 +200,27 @@ def test_a_process_lost_outside_a_collective_aborts_the_others_naming_it():
     assert re.search(r"stopped sending heartbeats\):\s+1\n", "".join(procs[0].lines)), \
         procs[0].log(n=200)
     assert noticed < HEARTBEAT + 15, f"process 0 stopped {noticed:.1f} s after process 1's SIGKILL"
+
+
+def test_processes_that_do_not_share_the_workdir_are_refused_in_one_line(tmp_path):
+    """Two processes with different --workdirs, as with a workdir on each host's own disk (process
+    0 writes the checkpoints; the others could not resume from them): both stop before training,
+    with one line naming the process that does not see process 0's lock file and the fix."""
+    args = ["--config", "configs/smoke.py", "--config.progress_bar=False",
+            f"--coordinator_address=localhost:{free_port()}", "--num_processes=2",
+            f"--heartbeat_timeout_seconds={HEARTBEAT}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [TrainProcess(args + [f"--process_id={i}", "--workdir", str(tmp_path / f"host{i}")],
+                          env=env) for i in range(2)]
+    try:
+        codes = [p.finish(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.proc.kill()
+    for p, code in zip(procs, codes):
+        line = assert_one_error_line(SimpleNamespace(returncode=code, stderr="".join(p.lines)))
+        assert "is not one directory shared by every process: process(es) 1 do not see" in line
+        assert "same --workdir on a filesystem that all hosts share" in line
+    for i in range(2):
+        assert sorted(f.name for f in (tmp_path / f"host{i}").iterdir()) == [], i
