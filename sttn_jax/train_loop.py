@@ -106,11 +106,14 @@ def _train(config, workdir: Path, mesh, teacher) -> dict:
                 progress.update(step)
                 writer.step(step)
                 if step % config.log_every_steps == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - timer[0]
+                    # timed once this step's metrics are back: the steps since the last log
+                    # line have run, not just been dispatched
                     last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
                     last_train.update(learning_rate=float(learning_rate(step - 1)),
-                                      images_per_sec=(step - timer[1]) * config.batch_size / elapsed)
-                    timer = (time.perf_counter(), step)
+                                      images_per_sec=(step - timer[1]) * config.batch_size
+                                      / (now - timer[0]))
+                    timer = (now, step)
                     writer.write_scalars(step, "train", last_train)
                     progress.show(last_train)
                     logging.info("step %d/%d epoch %d: %s", step, total_steps, epoch,
