@@ -7,9 +7,12 @@ does not read back is moved aside and the next older one used. (Earlier versions
 step in `WORKDIR/best`; it still loads.)"""
 import contextlib
 import errno
+import logging as std_logging
 import os
 import re
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -101,6 +104,45 @@ def wait(mngr: ocp.CheckpointManager) -> None:
         mngr.wait_until_finished()
 
 
+def quiet_orphaned_reads() -> None:
+    """Called before a restore. When one fails, the reads Orbax still has in flight fail later,
+    each printing a traceback long after the error was raised (hundreds for three reads of
+    truncated files, at random): TensorStore's callbacks into Orbax's closed event loop, Orbax's
+    read coroutines finalised with their error, asyncio's "exception was never retrieved" for its
+    tasks. From the first call on, this process drops exactly those reports."""
+    if not getattr(sys.unraisablehook, "drops_orbax_orphans", False):
+        previous = sys.unraisablehook
+
+        def hook(report):
+            if not _orbax_orphan(report):
+                previous(report)
+
+        hook.drops_orbax_orphans = True
+        sys.unraisablehook = hook
+    asyncio_logger = std_logging.getLogger("asyncio")
+    if _not_an_orbax_orphan not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_not_an_orbax_orphan)
+
+
+def _a_failed_read(exc: BaseException | None) -> bool:
+    """An error raised in Orbax's code, or TensorStore's own (its message starts with a status)."""
+    return exc is not None and (re.match(r"[A-Z]+(_[A-Z]+)*: ", str(exc)) is not None or any(
+        f"{os.sep}orbax{os.sep}" in frame.filename
+        for frame in traceback.extract_tb(exc.__traceback__)))
+
+
+def _orbax_orphan(report) -> bool:
+    if report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed":
+        frames = traceback.extract_tb(report.exc_traceback)
+        return bool(frames) and frames[0].name == "call_soon_threadsafe"
+    return hasattr(report.object, "cr_code") and _a_failed_read(report.exc_value)  # a coroutine
+
+
+def _not_an_orbax_orphan(record: std_logging.LogRecord) -> bool:
+    return not ("exception was never retrieved" in record.getMessage() and record.exc_info
+                and _a_failed_read(record.exc_info[1]))
+
+
 def _os_error_code(e: Exception) -> int | None:
     """The errno of a failed write: an OSError's own, or the one tensorstore (under Orbax) puts in
     the text of its ValueError ("... [os_error_code='28']"); None when the disk is not the cause."""
@@ -113,6 +155,7 @@ def _os_error_code(e: Exception) -> int | None:
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
     """(state, meta) of `step` (default: the newest), into the shardings of `abstract_state`."""
+    quiet_orphaned_reads()
     step = mngr.latest_step() if step is None else step
     restored = mngr.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
@@ -160,6 +203,7 @@ def _newest_readable_step(mngr: ocp.CheckpointManager) -> int | None:
 
 def _host_tree(state_dir: Path, keys=None) -> dict:
     """A step's state item (or its top-level `keys`) as numpy arrays, read by this process alone."""
+    quiet_orphaned_reads()
     handler = ocp.PyTreeCheckpointHandler()
     try:
         tree = getattr(handler.metadata(state_dir), "tree", None)

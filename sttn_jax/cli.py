@@ -8,7 +8,6 @@ import logging as std_logging
 import os
 import re
 import sys
-import traceback
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -115,17 +114,6 @@ def setup_logging() -> None:
     for name in QUIET_LOGGERS:
         std_logging.getLogger(name).setLevel(std_logging.WARNING)
     logging.get_absl_handler().addFilter(_own_lines_at_info)
-    previous = sys.unraisablehook
-
-    def drop_stale_reads(report):
-        """The reads a failed Orbax restore still had in flight later call into its closed event
-        loop: an "Event loop is closed" traceback each (124 for one truncated file), not shown."""
-        frames = traceback.extract_tb(report.exc_traceback)
-        if not (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"
-                and frames and frames[0].name == "call_soon_threadsafe"):
-            previous(report)
-
-    sys.unraisablehook = drop_stale_reads
 
 
 @contextlib.contextmanager

@@ -105,6 +105,7 @@ def _load_model_dir(path: Path, arch) -> LoadedModel:
                               f"naming one of {', '.join(models.ARCHS)}); rewrite the model "
                               "checkpoint (convert or merge it again)") from None
     _check(path, found, arch)
+    checkpoints.quiet_orphaned_reads()
     try:
         with ocp.StandardCheckpointer() as ckptr:
             tree = ckptr.restore(path / MODEL_ITEM)

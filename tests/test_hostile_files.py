@@ -12,6 +12,7 @@ import concurrent.futures
 import faulthandler
 import functools
 import re
+import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -332,3 +333,40 @@ def test_random_damage_to_a_packed_file(good, merged10, hang_guard):
         load_or_refuse(good["packed"], expected, outcomes)
     print("damaged packed file:", outcomes)
     assert outcomes["refused"] > 0
+
+
+LIBRARY_USER = """
+import sys, time
+from sttn_jax import checkpoints, model_io, training
+from sttn_jax.errors import EXPECTED
+from tests.conftest import smoke_config
+
+model, workdir = sys.argv[1:]
+config = smoke_config("unused")
+abstract = training.abstract_train_state(config, training.make_mesh(), training.create_optimizer(
+    config, training.learning_rate_fn(config, 3)))
+for read in (lambda: model_io.load(model), lambda: checkpoints.read_variables(workdir, 3),
+             lambda: checkpoints.restore_newest_good(checkpoints.manager(workdir, 2), abstract)):
+    try:
+        read()
+    except EXPECTED as e:
+        print(type(e).__name__, flush=True)
+time.sleep(3)  # the reads still in flight end meanwhile
+"""
+
+
+def test_a_failed_restore_in_a_library_users_process_prints_nothing_later(
+        hostile, smoke_workdir, tmp_path):
+    """A damaged model and a damaged training checkpoint, read through the library in a process
+    of its own (no CLI): each read is refused, and the reads Orbax still had in flight print
+    nothing when they fail later (before: hundreds of tracebacks, at random, of three kinds)."""
+    workdir = tmp_path / "checkpoints"
+    (workdir / "3").parent.mkdir()
+    shutil.copytree(smoke_workdir / "checkpoints" / "3", workdir / "3")
+    biggest = max(model_dir_files(workdir / "3" / "state"), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100_000])  # the reads fail mid-flight
+    r = run_cli("-c", LIBRARY_USER, hostile["damaged_orbax_model"], workdir, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["CheckpointError", "CheckpointError", "ConfigError"], r.stdout
+    for report in ("Traceback", "Exception ignored", "exception was never retrieved"):
+        assert report not in r.stderr, r.stderr[-3000:]
