@@ -13,8 +13,8 @@
 # 2026-12-02 and again on 2026-12-03: in a Python 3.12 virtual environment holding only those
 # packages, at jax 0.11.2 and triton 3.6.0, without torch, and the two wheels, the whole script
 # runs with BENCH_ARGS=--smoke and fails only on the missing GPU: no Triton backend, and the GPU
-# test that lowers through JAX's CUDA plugin, which that environment lacks.) This script installs every wheel in .whl (no dependencies)
-# into a private directory and nothing else, then:
+# test that lowers through JAX's CUDA plugin, which that environment lacks.) This script installs
+# every wheel in .whl (no dependencies) into a private directory and nothing else, then:
 #   1. the GPU-only tests: pytest -q tests/test_ops.py -k gpu   (tests.log)
 #   2. python benchmarks/run.py --compare-backends              (bench.json, bench.log)
 #   3. if 150 s are left: python benchmarks/run.py --only train --no-remat, the training step

@@ -361,7 +361,6 @@ def test_a_failed_restore_in_a_library_users_process_prints_nothing_later(
     of its own (no CLI): each read is refused, and the reads Orbax still had in flight print
     nothing when they fail later (before: hundreds of tracebacks, at random, of three kinds)."""
     workdir = tmp_path / "checkpoints"
-    (workdir / "3").parent.mkdir()
     shutil.copytree(smoke_workdir / "checkpoints" / "3", workdir / "3")
     biggest = max(model_dir_files(workdir / "3" / "state"), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[:100_000])  # the reads fail mid-flight
