@@ -59,6 +59,7 @@ cat "$OUT/env.txt"
 shopt -s nullglob
 wheels=(.whl/*.whl)
 site=$(mktemp -d /tmp/sttn_site.XXXXXX)
+trap 'rm -rf "$site"' EXIT
 if (( ${#wheels[@]} == 0 )); then
   log "no wheels in .whl/ (carry .whl): jax-triton and ml_collections will be missing"
   status=1

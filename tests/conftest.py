@@ -1,8 +1,9 @@
 """Test setup and shared fixtures: 8 simulated CPU devices (for shard_map tests), TensorFlow kept
 quiet, one persistent XLA compilation cache for the session (the tests build the same networks
 many times, also in the CLI subprocesses and pytest-xdist workers they start, which inherit these
-variables), the smoke data and training runs (built once even with several workers), and
-original-format PyTorch checkpoints."""
+variables; removed when the session ends), the smoke data and training runs (built once even with
+several workers), and original-format PyTorch checkpoints."""
+import atexit
 import fcntl
 import json
 import os
@@ -14,7 +15,9 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="sttn-jax-test-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # this process starts the session: it owns it
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sttn-jax-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 

@@ -13,14 +13,17 @@ and tests/test_ops.py runs this script with that directory on its path.
 Prints one JSON object: {"calls": {case: number of kernel calls}, "ptx": {"CAP/DTYPE": PTX},
 "activation_size": the number of elements the activation's PTX was compiled for}.
 """
+import atexit
 import glob
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 
 DUMP = tempfile.mkdtemp(prefix="jax-triton-dump-")
+atexit.register(shutil.rmtree, DUMP, ignore_errors=True)
 os.environ["JAX_TRITON_DUMP_DIR"] = DUMP  # read when jax_triton is imported: PTX lands here
 
 import jax  # noqa: E402

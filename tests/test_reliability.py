@@ -1,6 +1,7 @@
 """Runs survive SIGKILL (also mid-save), preemption and damaged checkpoints, and end exactly like
 an uninterrupted run."""
 import logging
+import os
 import random
 import signal
 import time
@@ -46,12 +47,12 @@ def temporary_checkpoints(checkpoint_dir):
     return found
 
 
-def kill_during_a_save(args, checkpoint_dir, timeout=300):
+def kill_during_a_save(args, env, checkpoint_dir, timeout=300):
     """Starts train.py and SIGKILLs it the moment it writes a checkpoint (a temporary directory
     that an earlier killed run did not leave). Returns (the run, whether the kill landed mid-save:
     that directory is still there afterwards)."""
     stale = set(temporary_checkpoints(checkpoint_dir))
-    run = TrainProcess(args)
+    run = TrainProcess(args, env)
     deadline = time.monotonic() + timeout
     while not set(temporary_checkpoints(checkpoint_dir)) - stale:
         assert run.proc.poll() is None, f"exited before a save:\n{run.log()}"
@@ -69,8 +70,12 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     middle of a checkpoint save, SIGKILL in the first step after a restart, and SIGTERM (which
     saves first, losing no step), each followed by the same command: the final parameters, BatchNorm statistics and Adam moments
     equal those of one uninterrupted run bit for bit. The moments are random from a fixed seed;
-    what happened is printed (pytest -s) and named in every failure message."""
+    what happened is printed (pytest -s) and named in every failure message. The killed runs
+    leave nothing in the temporary directory either."""
     rng = random.Random(2026)
+    temporary = tmp_path / "tmp"  # every run's TMPDIR
+    temporary.mkdir()
+    env = dict(os.environ, TMPDIR=str(temporary))
     reference, reference_dir = uninterrupted_smoke_run
     workdir = tmp_path / "killed"
     checkpoint_dir = workdir / "checkpoints"
@@ -83,7 +88,7 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     # 1. Two starts at once on one workdir (a scheduler restarting a job whose old process still
     # runs): one is refused in one line naming the holder, the other trains; SIGKILL it at a
     # random moment after its first step (mid-step, mid-eval, mid-save, ...).
-    runs = [TrainProcess(args), TrainProcess(args)]
+    runs = [TrainProcess(args, env), TrainProcess(args, env)]
     deadline = time.monotonic() + 300
     while all(r.proc.poll() is None for r in runs):
         assert time.monotonic() < deadline, "neither start was refused"
@@ -104,7 +109,7 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     # lock the killed run left is taken over.
     for attempt in range(3):
         before = checkpoints.manager(checkpoint_dir, 2, read_only=True).latest_step()
-        run, landed = kill_during_a_save(args, checkpoint_dir)
+        run, landed = kill_during_a_save(args, env, checkpoint_dir)
         assert any("taking over the lock" in line for line in run.lines), run.log()
         history.append(f"SIGKILL during a save (landed: {landed}) after step {before}")
         if landed:
@@ -114,7 +119,7 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     assert checkpoints.manager(checkpoint_dir, 2, read_only=True).latest_step() == before, history
 
     # 3. SIGKILL at a random moment of the first step after a restart (its compile and run).
-    run = TrainProcess(args)
+    run = TrainProcess(args, env)
     run.wait_for_line("training resnet18_bwx2 on")
     delay = rng.uniform(0.0, 3.0)
     time.sleep(delay)
@@ -126,7 +131,7 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     resumed_from = checkpoints.manager(checkpoint_dir, 2, read_only=True).latest_step() or 0
     assert resumed_from <= total - 2, history
     term_after = rng.randint(resumed_from + 1, total - 1)
-    run = TrainProcess(args)
+    run = TrainProcess(args, env)
     run.wait_for_line(f"step {term_after}/{total}")
     assert run.signal(signal.SIGTERM) == 143, run.log()
     saved = [ln for ln in run.lines if "SIGTERM at step" in ln]
@@ -137,7 +142,7 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     history.append(f"SIGTERM after step {term_after}, saved step {step}")
 
     # 5. The same command once more runs to the end.
-    run = TrainProcess(args)
+    run = TrainProcess(args, env)
     assert run.finish() == 0, run.log()
     assert any(f"at step {step}" in ln and "resumed from" in ln for ln in run.lines), run.log()
     assert not temporary_checkpoints(checkpoint_dir), "leftover unfinished saves were not cleaned up"
@@ -150,5 +155,7 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     for (path, want), got in zip(leaves, jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(got, want, err_msg=f"{jax.tree_util.keystr(path)}; {history}")
     assert meta["best_top1"] == expected_meta["best_top1"] == reference["best_top1"]
+    left = sorted(p.name for p in temporary.iterdir())
+    assert not left, f"left in TMPDIR: {left}; {history}"
     print("interruptions:", "; ".join(history))
 
