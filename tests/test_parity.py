@@ -34,6 +34,30 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Seeds what the tests draw from torch's global generator (the default init that
+    init_like_original and randomize_affine leave: biases, the teacher's convolutions): the same
+    inputs in every run, restored afterwards."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
+def assert_adam_step_close(ours, ref, grad, key):
+    """Parameters after one Adam step (lr 0.005, eps 1e-8) agree to TOL of their largest
+    magnitude, except where the gradient is within 100 eps of 0: there the step is
+    ~lr * g / (|g| + eps), which multiplies rounding in g (1e-16..1e-15: summation order, and in
+    the trainer test the two frameworks' teacher logits) by up to lr / eps = 5e5. Measured on
+    fc.weight (about 400 of its 512,000 entries are such): up to 5e-11 there, under 2e-14
+    elsewhere, and once 1.4e-10, which broke TOL. Those entries are compared at 1e-9 absolute,
+    2e-7 of a step; a wrong gradient or rate moves them by a sizeable part of a step."""
+    near = np.abs(grad) < 100 * 1e-8
+    scale = float(np.max(np.abs(ref)))
+    np.testing.assert_allclose(ours[~near], ref[~near], rtol=0, atol=TOL * scale, err_msg=key)
+    np.testing.assert_allclose(ours[near], ref[near], rtol=0, atol=1e-9, err_msg=key)
+
+
 def ternary_modules(model):
     return [m for m in model.modules() if isinstance(m, reference._classes().TernaryActivation)]
 
@@ -303,8 +327,10 @@ def test_training_step_matches_reference_float64(x64):
         ours = after_j[key].numpy()
         if key.endswith("num_batches_tracked"):
             assert after_j[key].dtype == torch.int64 and int(ours) == int(ref) == 8, key
-        else:
-            assert rel_err(ours, ref.numpy()) <= TOL, key  # parameters after Adam, and statistics
+        elif key in grads_t:
+            assert_adam_step_close(ours, ref.numpy(), grads_t[key].numpy(), key)
+        else:  # BatchNorm statistics
+            assert rel_err(ours, ref.numpy()) <= TOL, key
     # the step moved every parameter that has a gradient (so the comparison above is not vacuous)
     before = {k: v.double() for k, v in model.state_dict().items()}
     unmoved = [k for k in worst if torch.equal(before[k], after_t[k])]
@@ -357,8 +383,8 @@ def test_trainer_step_with_teacher_matches_reference_float64(x64):
     with torch.no_grad():
         teacher_logits = teacher_t.train()(images)
     binop = reference.BinOp(m64)
-    loss_t, _ = reference.reference_train_step(m64, reference.make_optimizer(m64), binop, images,
-                                               teacher_logits)
+    loss_t, grads_t = reference.reference_train_step(m64, reference.make_optimizer(m64), binop,
+                                                     images, teacher_logits)
     after_t = {k: v.detach().clone() for k, v in m64.state_dict().items()}
 
     c = default.get_config()
@@ -382,6 +408,9 @@ def test_trainer_step_with_teacher_matches_reference_float64(x64):
             # zero gradient up to rounding (a BatchNorm follows); Adam moves them by ~lr*noise/eps
             assert np.max(np.abs(ours - ref.numpy())) <= 1e-9, key
         else:
-            assert rel_err(ours, ref.numpy()) <= TOL, key
+            if key in grads_t:
+                assert_adam_step_close(ours, ref.numpy(), grads_t[key].numpy(), key)
+            else:  # BatchNorm statistics
+                assert rel_err(ours, ref.numpy()) <= TOL, key
             moved += not np.array_equal(ours, model.state_dict()[key].double().numpy())
     assert moved > 150
