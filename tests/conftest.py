@@ -2,8 +2,10 @@
 quiet, one persistent XLA compilation cache for the session (the tests build the same networks
 many times, also in the CLI subprocesses and pytest-xdist workers they start, which inherit these
 variables; removed when the session ends), the smoke data and training runs (built once even with
-several workers), and original-format PyTorch checkpoints."""
+several workers), original-format PyTorch checkpoints, and torch's global generator seeded for each
+test."""
 import atexit
+import contextlib
 import fcntl
 import json
 import os
@@ -41,6 +43,28 @@ def has_cuda_gpu() -> bool:
 
 
 requires_gpu = pytest.mark.skipif(not has_cuda_gpu(), reason="needs a CUDA GPU")
+
+
+@contextlib.contextmanager
+def seeded_torch(seed=0):
+    """torch's global generator seeded inside the block and restored after it: what a test draws
+    from it (the default init of layers the tests do not set, such as biases) is the same in
+    every run, so a failure reproduces."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test that runs where torch is imported runs under seeded_torch()."""
+    if "torch" not in sys.modules:
+        yield
+        return
+    with seeded_torch():
+        yield
 
 
 @pytest.fixture
@@ -215,7 +239,8 @@ def bwx2_reference_model(seed=0):
     from sttn_jax.interop import reference
 
     g = torch.Generator().manual_seed(seed)
-    model = reference.init_like_original(reference.build("resnet18_bwx2"), g)
+    with seeded_torch(seed):
+        model = reference.init_like_original(reference.build("resnet18_bwx2"), g)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -253,8 +278,9 @@ def ter_pth(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from sttn_jax.interop import reference
 
-    model = reference.init_like_original(reference.build("resnet18_ter"),
-                                         torch.Generator().manual_seed(1))
+    with seeded_torch(1):
+        model = reference.init_like_original(reference.build("resnet18_ter"),
+                                             torch.Generator().manual_seed(1))
     return save_original(model, tmp_path_factory.mktemp("pth") / "ter.pth.tar", "resnet18_ter")
 
 

@@ -34,16 +34,6 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.fixture(autouse=True)
-def seeded_torch():
-    """Seeds what the tests draw from torch's global generator (the default init that
-    init_like_original and randomize_affine leave: biases, the teacher's convolutions): the same
-    inputs in every run, restored afterwards."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-
-
 def assert_adam_step_close(ours, ref, grad, key):
     """Parameters after one Adam step (lr 0.005, eps 1e-8) agree to TOL of their largest
     magnitude, except where the gradient is within 100 eps of 0: there the step is
