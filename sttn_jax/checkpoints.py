@@ -23,6 +23,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from sttn_jax import processes
 from sttn_jax.errors import CheckpointError, CheckpointWriteError, ConfigError
 
 STATE, META = "state", "meta"
@@ -195,6 +196,7 @@ def _newest_readable_step(mngr: ocp.CheckpointManager) -> int | None:
             break
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike
             _move_aside(mngr, step, e)
+    processes.wait_for_all("checkpoint found")  # reading them all may take process 0 a while
     found = int(multihost_utils.broadcast_one_to_all(np.int32(found)))
     if found == none_readable:
         raise _none_readable(mngr, steps if jax.process_index() == 0 else "see process 0")

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import ops
-from sttn_jax import models
+from sttn_jax import models, processes
 from sttn_jax.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -227,8 +227,10 @@ def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
     abstract = leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     bound = teacher_variables if abstract else jax.device_put(teacher_variables, replicated(mesh))
 
+    run = processes.first_call_together(step, "train step")
+
     def train_step(state, batch):
-        return step(state, batch, bound)
+        return run(state, batch, bound)
 
     train_step.jitted, train_step.teacher_variables = step, bound  # for ahead-of-time compiling
     return train_step
@@ -249,7 +251,9 @@ def make_eval_step(config, mesh: Mesh, module=None) -> Callable:
                 "count": jnp.sum(mask)}
         return jax.lax.psum(sums, DATA_AXIS)
 
-    return jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P()))
+    return processes.first_call_together(
+        jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P())),
+        "eval step")
 
 
 def evaluate(eval_step: Callable, mesh: Mesh, variables, batches, progress=None) -> dict:

@@ -23,6 +23,7 @@ STEPS = 3  # one epoch
 OVERRIDES = dict(arch="resnet18_ter", dtype="float64", data_shards=2, num_train_steps=STEPS,
                  checkpoint_every_steps=1)
 HEARTBEAT = 10  # s, not the default 30: a shorter wait if the kill is noticed by heartbeats
+LATE = 45  # s a process is held before its first step: more than XLA's 30 s for Gloo to meet
 
 
 def free_port() -> int:
@@ -31,13 +32,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(workdir: Path, data_dir: str) -> list[TrainProcess]:
+def launch_two(workdir: Path, data_dir: str, heartbeat=HEARTBEAT) -> list[TrainProcess]:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_ENABLE_X64="1",
                JAX_LOG_COMPILES="1")  # for the check that saving compiles nothing
     args = ["--config", "configs/smoke.py", "--workdir", str(workdir),
             f"--config.data_dir={data_dir}", "--config.progress_bar=False",
             f"--coordinator_address=localhost:{free_port()}", "--num_processes=2",
-            f"--heartbeat_timeout_seconds={HEARTBEAT}"]
+            f"--heartbeat_timeout_seconds={heartbeat}"]
     args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     return [TrainProcess(args + [f"--process_id={i}"], env=env) for i in range(2)]
 
@@ -77,7 +78,10 @@ def test_two_processes_preempted_killed_and_damaged_train_like_one_process_with_
        breaks a collective under way (what happens here, mostly), else when the runtime aborts
        it (test_a_process_lost_outside_a_collective_aborts_the_others_naming_it).
     3. Step 2, the newest checkpoint, is damaged: process 0 moves it aside, both resume from
-       step 1 and finish.
+       step 1 and finish, though process 1 is held (SIGSTOP) for LATE s before its first step:
+       process 0 loads that step from the compilation cache (only process 0 writes it) and waits
+       (processes.first_call_together; the first run of the step's collectives would give it
+       30 s).
     Same global batches (data_shards=2: the stream does not depend on the process count), same
     synchronised BatchNorm and gradient means, so the same parameters as one process with 8
     devices, in float64 up to summation order (Gloo's all-reduce vs one process's).
@@ -145,8 +149,17 @@ def test_two_processes_preempted_killed_and_damaged_train_like_one_process_with_
 
     started = time.monotonic()
     damage(checkpoint_dir / "2")
-    procs = launch_two(workdir, smoke_data_dir)
-    codes = [p.finish(timeout=600) for p in procs]
+    procs = launch_two(workdir, smoke_data_dir, heartbeat=2 * LATE)  # a held process is alive
+    try:
+        procs[1].wait_for_line("training resnet18_ter on")
+        procs[1].proc.send_signal(signal.SIGSTOP)
+        time.sleep(LATE)
+        procs[1].proc.send_signal(signal.SIGCONT)
+        codes = [p.finish(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.proc.kill()
     times["3: resumed from the older checkpoint"] = time.monotonic() - started
     assert codes == [0, 0], "\n".join(p.log() for p in procs)
     assert any("checkpoints/2 is unreadable" in ln for ln in procs[0].lines), procs[0].log()
@@ -157,7 +170,8 @@ def test_two_processes_preempted_killed_and_damaged_train_like_one_process_with_
         # checkpoints are written from a host copy by process 0: no replica-parallel writing,
         # which compiles a slice program per array shape in every process
         compiled = [ln for ln in p.lines if "Finished XLA compilation of" in ln]
-        assert any("jit(step_fn)" in ln for ln in compiled), p.log()
+        # the train and the eval step, each compiled once (first_call_together compiles ahead)
+        assert sum("jit(step_fn)" in ln for ln in compiled) == 2, "".join(compiled)
         assert not [ln for ln in compiled if "jit(slice)" in ln], p.log()
 
     two = json.loads((workdir / "final_metrics.json").read_text())

@@ -15,6 +15,7 @@ import re
 
 import jax
 
+from sttn_jax import processes
 from sttn_jax.data import digits, fabricate, transforms
 from sttn_jax.data.tf_import import tfds
 from sttn_jax.errors import ConfigError, DatasetNotPreparedError
@@ -131,10 +132,7 @@ def prepare(config) -> None:
         return
     if jax.process_index() == 0:
         ensure(config.data_dir)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("sttn_jax:data_prepared")
+    processes.wait_for_all("data prepared")
 
 
 def check(config, split_keys=("train_split", "eval_split")) -> None:
