@@ -91,7 +91,7 @@ class _LostPeer(app.ExceptionHandler):
         import jax
 
         return (isinstance(exc, jax.errors.JaxRuntimeError) and jax.process_count() > 1
-                and re.search(r"Gloo \S+ failed", str(exc)) is not None)
+                and re.search(r"Gloo [\w -]+? failed", str(exc)) is not None)
 
     def handle(self, exc) -> None:
         detail = re.sub(r"\[\S+:\d+\] ", "", str(exc).strip().splitlines()[0])

@@ -78,6 +78,20 @@ def test_compilation_cache_setting(monkeypatch, tmp_path):
         jax.config.update("jax_compilation_cache_dir", given)
 
 
+def test_a_lost_peer_is_recognised_in_a_collective_and_in_its_setup(monkeypatch):
+    """Gloo's errors when a peer is gone: in a collective under way, and while the processes meet
+    for a program's first collectives (here, what a process saw of a peer held 45 s away)."""
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    lost = ["UNKNOWN: Gloo all-reduce failed: [external/gloo/pair.cc:589] Connection closed",
+            "UNKNOWN: Gloo context initialization failed: [external/gloo/gloo/transport/tcp/"
+            "pair.h:311] Connect timeout [none]"]
+    assert all(cli._LostPeer().wants(jax.errors.JaxRuntimeError(m)) for m in lost)
+    assert not cli._LostPeer().wants(jax.errors.JaxRuntimeError("INTERNAL: out of memory"))
+    assert not cli._LostPeer().wants(RuntimeError(lost[0]))
+
+
 def test_a_lost_peer_is_one_line_without_status_word_or_source_location(monkeypatch, capsys):
     exits = []
     monkeypatch.setattr(cli.os, "_exit", exits.append)
