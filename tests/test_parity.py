@@ -394,13 +394,10 @@ def test_trainer_step_with_teacher_matches_reference_float64(x64):
         ours = after_j[key].numpy()
         if key.endswith("num_batches_tracked"):
             assert int(ours) == int(ref) == 8, key
-        elif ".conv" in key and key.endswith(".bias"):
-            # zero gradient up to rounding (a BatchNorm follows); Adam moves them by ~lr*noise/eps
-            assert np.max(np.abs(ours - ref.numpy())) <= 1e-9, key
-        else:
-            if key in grads_t:
-                assert_adam_step_close(ours, ref.numpy(), grads_t[key].numpy(), key)
-            else:  # BatchNorm statistics
-                assert rel_err(ours, ref.numpy()) <= TOL, key
-            moved += not np.array_equal(ours, model.state_dict()[key].double().numpy())
-    assert moved > 150
+            continue
+        if key in grads_t:  # block-conv biases too: their gradient is rounding, all of it near 0
+            assert_adam_step_close(ours, ref.numpy(), grads_t[key].numpy(), key)
+        else:  # BatchNorm statistics
+            assert rel_err(ours, ref.numpy()) <= TOL, key
+        moved += not np.array_equal(ours, model.state_dict()[key].double().numpy())
+    assert moved > 180  # 216 here, the 32 block-conv biases among them
