@@ -5,23 +5,29 @@
     python benchmarks/run.py --only act,copy      # a subset of train, eval, act, copy, input
     python benchmarks/run.py --only input         # the host input pipeline, images/s per CPU core
     python benchmarks/run.py --compare-backends   # also the training step with act_backend triton vs xla
-    python benchmarks/run.py --only train --no-remat  # the training step storing every residual
+    python benchmarks/run.py --only train --remat on  # the training step recomputing in backward
 
 Measurements (synthetic data already on the device, `jax.block_until_ready` after each sample,
 median of --steps samples after --warmup untimed ones, each program compiled before timing):
 - train: one `sttn_jax.training.make_train_step` step (resnet18_bwx2 student, train-mode ResNet-50
   teacher from random weights, distillation loss, Adam), float32 and bfloat16 compute, images/s;
   the peak device memory of each step where the backend reports it (GPU; None on CPU); with
-  config.remat "auto" (recomputation on a GPU, not on the CPU) unless --no-remat.
+  --remat (default: the config's, "off").
 - eval: resnet18_ter inference (`module.apply(..., train=False)`; the student's random variables
   merged by `sttn_jax.merging`), float32, bfloat16 and int8 (`inference_dtype="int8"`: int8
   activations and kernels, int32 sums), images/s.
+- stem: the 7x7 stem convolution's forward and kernel gradient (what a training step runs of it)
+  on the batch, float32 and bfloat16, milliseconds: with the images' 3 channels, as the models
+  run it, and zero-padded to 4 and 8 channels (the same sums; whether cuDNN has faster kernels
+  for them: on an H200 it did not, docs/gpu.md).
 - act: `ops.ternary_activation` forward as training runs it (reads x, writes y and the boolean mask
   saved for the backward) and backward (reads the mask and the incoming gradient, writes the
   gradient), GB/s counting exactly those bytes, on a 256x56x56x64 tensor (the first stage's size).
 - copy: `x * s` with a runtime scalar s (cannot be folded away): the bandwidth the activation is
   measured against, counting bytes read + written. Each act and copy sample times 10 back-to-back
-  calls (2 with --smoke), so that one sync per call does not dominate a sub-millisecond kernel.
+  calls (2 with --smoke), so that one sync per call does not dominate a sub-millisecond kernel;
+  each train and eval sample times 5 back-to-back steps (1 with --smoke), as a training loop
+  dispatches them: the host prepares the next step while the device runs this one.
 
 - input (only with --only input; it needs TensorFlow, which the GPU machine lacks): the training
   and eval input pipelines and PIL's, images/s per CPU core (`benchmarks/input_bench.py`).
@@ -57,20 +63,21 @@ import numpy as np  # noqa: E402
 import ops  # noqa: E402
 from configs import default as default_config  # noqa: E402
 from ops import ternary as ternary_mod  # noqa: E402
-from sttn_jax import merging, models, quantize, training  # noqa: E402
+from sttn_jax import layers, merging, models, quantize, training  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SECTIONS = ("train", "eval", "act", "copy", "input")
-DEFAULT_SECTIONS = SECTIONS[:4]
+SECTIONS = ("train", "eval", "stem", "act", "copy", "input")
+DEFAULT_SECTIONS = SECTIONS[:5]
+STEM_CHANNELS = (3, 4, 8)
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 EVAL_MODES = {"fp32": (jnp.float32, None), "bf16": (jnp.bfloat16, None), "int8": (jnp.float32, "int8")}
 CONFIG_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 STUDENT, TEACHER, EVAL_ARCH = "resnet18_bwx2", "resnet50", "resnet18_ter"
 NUM_CLASSES = 1000
 FULL = {"batch": 256, "image_size": 224, "steps": 20, "warmup": 5, "act_shape": (256, 56, 56, 64),
-        "calls_per_sample": 10}
+        "calls_per_sample": 10, "steps_per_sample": 5}
 SMOKE = {"batch": 8, "image_size": 32, "steps": 2, "warmup": 1, "act_shape": (8, 16, 16, 8),
-         "calls_per_sample": 2}
+         "calls_per_sample": 2, "steps_per_sample": 1}
 RESULT_KEYS = ("train_fp32_img_s", "train_bf16_img_s", "eval_fp32_img_s", "eval_bf16_img_s",
                "eval_int8_img_s", "act_fwd_gbps_fp32", "act_fwd_gbps_bf16", "act_bwd_gbps_fp32",
                "act_bwd_gbps_bf16", "copy_gbps_fp32", "copy_gbps_bf16", "train_fp32_peak_gib",
@@ -93,8 +100,9 @@ def parse_args(argv=None):
                    help=f"comma-separated subset of {','.join(SECTIONS)} (all but input)")
     p.add_argument("--compare-backends", action="store_true",
                    help="also time the training step with act_backend triton and xla (fp32 and bf16)")
-    p.add_argument("--no-remat", action="store_true",
-                   help="train with config.remat='off': every residual stored, nothing recomputed")
+    p.add_argument("--remat", choices=("on", "off", "auto"),
+                   default=default_config.get_config().remat,
+                   help="config.remat of the training steps (default: the config's)")
     p.add_argument("--output", help="JSON path (default benchmarks/results/<date>_<device>.json)")
     args = p.parse_args(argv)
     base = SMOKE if args.smoke else FULL
@@ -103,7 +111,7 @@ def parse_args(argv=None):
             setattr(args, key, base[key])
     args.act_shape = base["act_shape"]
     args.calls_per_sample = base["calls_per_sample"]
-    args.remat = "off" if args.no_remat else "auto"  # config.remat of the training steps
+    args.steps_per_sample = base["steps_per_sample"]
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown or not only:
@@ -198,8 +206,9 @@ class Bench:
             self._ternary = merging.merge_variables(self.student_variables())
         return self._ternary
 
-    def train(self, dtype: str, backend: str, name: str) -> float:
-        """Images/s of the full training step."""
+    def train_program(self, dtype: str, backend: str):
+        """(call, compiled, compile seconds, planned temp bytes) of the full training step; each
+        `call()` runs one step on the same batch, the state carried along."""
         a = self.args
         config = train_config(dtype, backend, a.batch, a.image_size, a.remat)
         tx = training.create_optimizer(config, training.learning_rate_fn(config, 1000))
@@ -216,16 +225,23 @@ class Bench:
             holder["state"], metrics = step(holder["state"], batch, teacher)
             return holder["state"], metrics
 
-        seconds = median_seconds(call, a.steps, a.warmup)
+        call.remat = training.use_remat(config)
+        return call, step, compile_s, temp
+
+    def train(self, dtype: str, backend: str, name: str) -> float:
+        """Images/s of the full training step."""
+        a = self.args
+        call, _, compile_s, temp = self.train_program(dtype, backend)
+        seconds = median_seconds(call, a.steps, a.warmup, a.steps_per_sample)
         loss = float(call()[1]["loss"])
         self.details[name] = {"median_ms": seconds * 1e3, "compile_s": compile_s,
                               "compiled_temp_gib": None if temp is None else temp / GIB,
                               "final_loss": loss, "act_backend": backend,
-                              "remat": training.use_remat(config)}
+                              "remat": call.remat}
         return a.batch / seconds
 
-    def inference(self, mode: str, name: str) -> float:
-        """Images/s of resnet18_ter inference (mode: fp32, bf16 or int8)."""
+    def inference_program(self, mode: str):
+        """(call, compiled, compile seconds) of resnet18_ter inference (mode: fp32, bf16, int8)."""
         a = self.args
         dtype, inference_dtype = EVAL_MODES[mode]
         module = models.create(EVAL_ARCH, NUM_CLASSES, dtype, a.backend,
@@ -237,9 +253,39 @@ class Bench:
         images = jax.device_put(self.images, self.device)
         fn, compile_s, _ = compile_timed(jax.jit(lambda v, x: module.apply(v, x, train=False)),
                                          variables, images)
-        seconds = median_seconds(lambda: fn(variables, images), a.steps, a.warmup)
+        return (lambda: fn(variables, images)), fn, compile_s
+
+    def inference(self, mode: str, name: str) -> float:
+        """Images/s of resnet18_ter inference (mode: fp32, bf16 or int8)."""
+        a = self.args
+        call, _, compile_s = self.inference_program(mode)
+        seconds = median_seconds(call, a.steps, a.warmup, a.steps_per_sample)
         self.details[name] = {"median_ms": seconds * 1e3, "compile_s": compile_s}
         return a.batch / seconds
+
+    def stem(self, dtype: str) -> dict:
+        """{input channels: ms} of the stem convolution's forward and kernel gradient."""
+        a = self.args
+        x = jax.device_put(jnp.asarray(self.images, DTYPES[dtype]), self.device)
+        kernel = jax.device_put(jnp.asarray(np.random.default_rng(4).normal(
+            size=(7, 7, 3, 64)) * 0.05, DTYPES[dtype]), self.device)
+
+        def forward_and_kernel_grad(x, kernel, channels):
+            extra = channels - x.shape[-1]  # zero input channels: the same convolution
+            x = jnp.pad(x, ((0, 0),) * 3 + ((0, extra),))
+            kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra), (0, 0)))
+            y, vjp = jax.vjp(lambda k: layers.conv2d(x, k, 2, 3), kernel)
+            return y, vjp(y)[0]
+
+        out = {}
+        for channels in STEM_CHANNELS:
+            fn, compile_s, _ = compile_timed(
+                jax.jit(forward_and_kernel_grad, static_argnums=2), x, kernel, channels)
+            seconds = median_seconds(lambda: fn(x, kernel), a.steps, a.warmup, a.calls_per_sample)
+            out[str(channels)] = seconds * 1e3
+            self.details[f"stem_{dtype}_{channels}ch"] = {"median_ms": seconds * 1e3,
+                                                          "compile_s": compile_s}
+        return out
 
     def _tensor(self, dtype: str):
         x = np.random.default_rng(3).normal(size=self.args.act_shape).astype(np.float32)
@@ -317,6 +363,7 @@ def run(args, save=lambda result: None) -> dict:
         "remat": args.remat,
         "backend_resolved": resolved_backends(args.backend),
         "act_shape": list(args.act_shape), "calls_per_sample": args.calls_per_sample,
+        "steps_per_sample": args.steps_per_sample,
         "smoke": args.smoke, "only": args.only, "models": {"student": STUDENT, "teacher": TEACHER,
                                                            "eval": EVAL_ARCH},
         "jax_version": jax.__version__, "versions": versions(),
@@ -360,6 +407,10 @@ def run(args, save=lambda result: None) -> dict:
         for mode in EVAL_MODES:
             measure(f"eval_{mode}", lambda m=mode: bench.inference(m, f"eval_{m}"),
                     f"eval_{mode}_img_s")
+    if "stem" in args.only:
+        result["stem_ms"] = {}
+        for dtype in DTYPES:
+            measure(f"stem_{dtype}", lambda d=dtype: result["stem_ms"].setdefault(d, bench.stem(d)))
     if "act" in args.only:
         for dtype in DTYPES:
             measure(f"act_{dtype}", lambda d=dtype: bench.activation(d),
@@ -436,6 +487,9 @@ def table(result: dict) -> str:
             lines.append(f"{key:<26}{fmt(result[key]):>12}  img/s per core")
     for mode in EVAL_MODES:
         row(f"eval {EVAL_ARCH} {mode}", f"eval_{mode}_img_s", "img/s", f"eval_{mode}")
+    for dtype, times in (result.get("stem_ms") or {}).items():
+        lines.append(f"{'stem conv ' + dtype + ' fwd+dW':<26}" + ", ".join(
+            f"{c} channels {ms:.3f} ms" for c, ms in times.items()))
     for dtype in DTYPES:
         copy = result.get(f"copy_gbps_{dtype}")
         for way in ("fwd", "bwd"):

@@ -102,3 +102,40 @@ def test_gpu_plan_compiles_training_and_int8_inference_for_an_h100_without_one(t
     int8 = result["eval"]["int8"]
     assert int8["cudnn_int8_convs"] == 9 and int8["kernel_calls"] == 0
     assert "not a measurement" in proc.stdout
+
+
+def test_profile_steps_attributes_kernel_time(tmp_path):
+    """benchmarks/profile_steps.py: op names (also a fusion's, from inside its computation) and the
+    part of the step they belong to; in smoke size it traces inference and sums its kernels."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import profile_steps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    hlo = """%fused_computation.3 (param_0: f32[4]) -> f32[4] {
+  %a = f32[4]{0} add(%param_0, %param_0), metadata={op_name="jit(f)/transpose(jvp(Net))/bn1/add"}
+}
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %conv.1 = f32[4]{0} custom-call(%p), metadata={op_name="jit(f)/ResNet50/conv1/conv"}
+  ROOT %loop_fusion.2 = f32[4]{0} fusion(%conv.1), kind=kLoop, calls=%fused_computation.3
+}"""
+    names = profile_steps.op_names(hlo)
+    assert names["conv.1"] == "jit(f)/ResNet50/conv1/conv"
+    assert names["loop_fusion.2"] == "jit(f)/transpose(jvp(Net))/bn1/add"
+    assert [profile_steps.part_of_step(names[k]) for k in ("conv.1", "loop_fusion.2")] == [
+        "teacher", "student backward"]
+    assert profile_steps.part_of_step("jit(f)/jvp(Net)/conv") == "student forward"
+    assert (profile_steps.category("ternary_forward_kernel", "triton_kernel_call.3")
+            == "triton activation")
+    assert profile_steps.category("sm90_xmma_fprop", "cudnn-conv.1") == "convolution"
+
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_steps.py"), "--smoke",
+                           "--only", "eval_fp32", "--output", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads(out.read_text())["programs"]["eval_fp32"]
+    assert r["kernels_per_step"] > 0 and r["top"]
+    assert abs(sum(r["by_category_ms"].values()) - r["device_ms_per_step"]) < 1e-6
+    assert abs(sum(r["by_part_ms"].values()) - r["device_ms_per_step"]) < 1e-6
+    assert "== eval_fp32" in proc.stdout

@@ -1,0 +1,188 @@
+"""Where the device time of the benchmarked steps goes: a per-kernel breakdown from JAX's profiler.
+
+    python benchmarks/profile_steps.py                       # train fp32/bf16, eval fp32/bf16
+    python benchmarks/profile_steps.py --only train_bf16 --remat on
+    python benchmarks/profile_steps.py --smoke               # tiny sizes (CPU tests)
+
+Each program is the one `benchmarks/run.py` times (same sizes, models and options). After warm-up
+it traces --trace-steps calls with `jax.profiler.trace`, reads the trace back with
+`jax.profiler.ProfileData` and sums the kernels' device time per step: by category (convolution,
+matrix product, the Triton activation, other fusions, copies), by part of the step (the teacher,
+the student's forward and backward, the rest, told apart by the op names JAX records in the
+compiled HLO), and the top kernels. Device time well under the wall time means the GPU waits
+(launch gaps, host work). Writes JSON (--output) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402  (benchmarks/run.py: the measured programs)
+
+import jax  # noqa: E402
+
+PROGRAMS = ("train_fp32", "train_bf16", "eval_fp32", "eval_bf16", "eval_int8")
+DEFAULT_PROGRAMS = PROGRAMS[:4]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default=",".join(DEFAULT_PROGRAMS),
+                   help=f"comma-separated subset of {','.join(PROGRAMS)}")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, as run.py --smoke")
+    p.add_argument("--remat", choices=("on", "off", "auto"), help="as run.py --remat")
+    p.add_argument("--backend", default="auto", choices=bench.ternary_mod.BACKENDS)
+    p.add_argument("--trace-steps", type=int, default=5, help="calls traced per program (5)")
+    p.add_argument("--top", type=int, default=15, help="kernels listed per program (15)")
+    p.add_argument("--output", default="profile.json")
+    args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if not only or set(only) - set(PROGRAMS):
+        p.error(f"--only takes a comma-separated subset of {','.join(PROGRAMS)}, got {args.only!r}")
+    args.only = only
+    run_argv = ["--backend", args.backend] + (["--smoke"] if args.smoke else []) \
+        + (["--remat", args.remat] if args.remat else [])
+    args.bench = bench.parse_args(run_argv)
+    return args
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+    """{instruction name: op_name metadata} of a compiled module's HLO text. A fusion without
+    metadata of its own takes the first op_name inside the computation it calls."""
+    own, calls, first_in = {}, {}, {}
+    computation = None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and " = " not in line:
+            computation = head.group(1)
+            continue
+        inst = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        if not inst:
+            continue
+        name = re.search(r'op_name="([^"]*)"', line)
+        if name:
+            own.setdefault(inst.group(1), name.group(1))
+            first_in.setdefault(computation, name.group(1))
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        if called:
+            calls[inst.group(1)] = called.group(1)
+    for inst, computation in calls.items():
+        if inst not in own and computation in first_in:
+            own[inst] = first_in[computation]
+    return own
+
+
+def part_of_step(op_name: str) -> str:
+    """Which part of the step an op belongs to, from its name: the teacher (module ResNet50), the
+    student's backward pass (transposed), its forward pass (differentiated), or the rest (the
+    optimizer and the metrics in a training step; the whole network in inference)."""
+    if "/ResNet50/" in op_name:
+        return "teacher"
+    if "transpose(" in op_name:
+        return "student backward"
+    if "jvp(" in op_name:
+        return "student forward"
+    return "other" if op_name else "unattributed"
+
+
+def category(kernel: str, hlo_op: str) -> str:
+    k, h = kernel.lower(), hlo_op.lower()
+    if "ternary_forward_kernel" in k:
+        return "triton activation"
+    if "conv" in h or "cudnn" in k or "conv" in k or "xmma" in k or "implicit" in k:
+        return "convolution"
+    if "gemm" in k or "cublas" in k or "dot" in h or "gemm" in h:
+        return "matrix product"
+    if "memcpy" in k or "memset" in k or h.startswith(("copy", "transpose")):
+        return "copy / transpose / memset"
+    return "other fusions"
+
+
+def kernel_events(xplane_path: str):
+    """(kernel name, hlo_op, duration ns) of every device kernel in the trace; on a CPU (smoke),
+    the XLA thunks the host ran instead."""
+    data = jax.profiler.ProfileData.from_file(xplane_path)
+    devices = [p for p in data.planes if p.name.startswith("/device:")]
+    for plane in devices or [p for p in data.planes if p.name.startswith("/host:CPU")]:
+        for line in plane.lines:
+            if devices and not line.name.lower().startswith("stream"):
+                continue  # derived lines (XLA Modules, XLA Ops, ...) repeat the kernels' time
+            for event in line.events:
+                stats = dict(event.stats)
+                if not devices and "hlo_op" not in stats:
+                    continue
+                yield event.name, str(stats.get("hlo_op", "")), float(event.duration_ns)
+
+
+def profile(call, compiled, steps: int, top: int) -> dict:
+    for _ in range(3):
+        jax.block_until_ready(call())
+    names = op_names(compiled.as_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(steps):
+                jax.block_until_ready(call())
+        (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        events = list(kernel_events(path))
+    by_cat, by_part, by_op = (collections.Counter() for _ in range(3))
+    kernel_of, launches = {}, collections.Counter()
+    for kernel, hlo_op, ns in events:
+        ms = ns / 1e6 / steps
+        op = names.get(hlo_op, "")
+        by_cat[category(kernel, hlo_op)] += ms
+        by_part[part_of_step(op)] += ms
+        key = hlo_op or kernel
+        by_op[key] += ms
+        launches[key] += 1
+        kernel_of.setdefault(key, (kernel[:90], op[-140:]))
+    return {
+        "device_ms_per_step": sum(by_cat.values()),
+        "kernels_per_step": len(events) / steps,
+        "by_category_ms": dict(by_cat.most_common()),
+        "by_part_ms": dict(by_part.most_common()),
+        "top": [{"hlo_op": k, "ms": ms, "launches_per_step": launches[k] / steps,
+                 "kernel": kernel_of[k][0], "op_name": kernel_of[k][1]}
+                for k, ms in by_op.most_common(top)],
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    b = bench.Bench(args.bench)
+    a = args.bench
+    result = {"device": jax.devices()[0].device_kind, "batch": a.batch, "image_size": a.image_size,
+              "remat": a.remat, "backend": args.backend, "jax_version": jax.__version__,
+              "programs": {}}
+    lines = []
+    for name in args.only:
+        kind, dtype = name.split("_")
+        if kind == "train":
+            call, compiled, compile_s, _ = b.train_program(dtype, args.backend)
+        else:
+            call, compiled, compile_s = b.inference_program(dtype)
+        wall = bench.median_seconds(call, max(a.steps // 2, 1), a.warmup)
+        r = profile(call, compiled, args.trace_steps, args.top)
+        r.update(wall_ms_per_step=wall * 1e3, compile_s=compile_s, img_s=a.batch / wall)
+        result["programs"][name] = r
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        lines.append(f"== {name}: {r['wall_ms_per_step']:.2f} ms wall, {r['device_ms_per_step']:.2f} "
+                     f"ms in {r['kernels_per_step']:.0f} kernels per step ({r['img_s']:,.0f} img/s)")
+        lines.append("   " + ", ".join(f"{k} {v:.2f}" for k, v in r["by_category_ms"].items()))
+        lines.append("   " + ", ".join(f"{k} {v:.2f}" for k, v in r["by_part_ms"].items()))
+        for t in r["top"]:
+            lines.append(f"   {t['ms']:7.3f} ms x{t['launches_per_step']:<4g} {t['hlo_op'][:28]:<28} "
+                         f"{t['kernel'][:40]:<40} {t['op_name'][-70:]}")
+        print("\n".join(lines[-3 - len(r["top"]):]), flush=True)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
