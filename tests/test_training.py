@@ -153,11 +153,12 @@ def test_config_checks_name_the_fix():
             training.check_config(bad, 8)
 
 
-def test_remat_auto_is_on_except_on_the_cpu():
+def test_remat_is_off_by_default_and_auto_is_on_except_on_the_cpu():
     from configs import default
 
     c = default.get_config()
-    assert c.remat == "auto"
+    assert c.remat == "off" and not training.use_remat(c)
+    c.remat = "auto"
     assert training.use_remat(c) == (jax.default_backend() != "cpu")
     for value, want in (("on", True), ("off", False)):
         c.remat = value
