@@ -172,13 +172,14 @@ def main(argv=None) -> int:
         r.update(wall_ms_per_step=wall * 1e3, compile_s=compile_s, img_s=a.batch / wall)
         result["programs"][name] = r
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-        lines.append(f"== {name}: {r['wall_ms_per_step']:.2f} ms wall, {r['device_ms_per_step']:.2f} "
-                     f"ms in {r['kernels_per_step']:.0f} kernels per step ({r['img_s']:,.0f} img/s)")
+        lines.append(f"== {name}: {r['wall_ms_per_step']:.2f} ms wall, "
+                     f"{r['device_ms_per_step']:.2f} ms in {r['kernels_per_step']:.0f} kernels "
+                     f"per step ({r['img_s']:,.0f} img/s)")
         lines.append("   " + ", ".join(f"{k} {v:.2f}" for k, v in r["by_category_ms"].items()))
         lines.append("   " + ", ".join(f"{k} {v:.2f}" for k, v in r["by_part_ms"].items()))
         for t in r["top"]:
-            lines.append(f"   {t['ms']:7.3f} ms x{t['launches_per_step']:<4g} {t['hlo_op'][:28]:<28} "
-                         f"{t['kernel'][:40]:<40} {t['op_name'][-70:]}")
+            lines.append(f"   {t['ms']:7.3f} ms x{t['launches_per_step']:<4g} "
+                         f"{t['hlo_op'][:28]:<28} {t['kernel'][:40]:<40} {t['op_name'][-70:]}")
         print("\n".join(lines[-3 - len(r["top"]):]), flush=True)
     print(f"wrote {args.output}")
     return 0
