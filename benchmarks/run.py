@@ -18,8 +18,9 @@ median of --steps samples after --warmup untimed ones, each program compiled bef
   activations and kernels, int32 sums), images/s.
 - stem: the 7x7 stem convolution's forward and kernel gradient (what a training step runs of it)
   on the batch, float32 and bfloat16, milliseconds: with the images' 3 channels, as the models
-  run it, and zero-padded to 4 and 8 channels (the same sums; whether cuDNN has faster kernels
-  for them: on an H200 it did not, docs/gpu.md).
+  run it; zero-padded to 4 and 8 channels; and rewritten as a 4x4 stride-1 convolution over 2x2
+  space-to-depth blocks of 12 channels (`stem_conv_space_to_depth`). All compute the same sums;
+  they ask whether cuDNN has faster kernels for the other shapes (padding: not on an H200).
 - act: `ops.ternary_activation` forward as training runs it (reads x, writes y and the boolean mask
   saved for the backward) and backward (reads the mask and the incoming gradient, writes the
   gradient), GB/s counting exactly those bytes, on a 256x56x56x64 tensor (the first stage's size).
@@ -68,7 +69,7 @@ from sttn_jax import layers, merging, models, quantize, training  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SECTIONS = ("train", "eval", "stem", "act", "copy", "input")
 DEFAULT_SECTIONS = SECTIONS[:5]
-STEM_CHANNELS = (3, 4, 8)
+STEM_VARIANTS = ("3", "4", "8", "s2d")  # input channels, or space-to-depth
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 EVAL_MODES = {"fp32": (jnp.float32, None), "bf16": (jnp.bfloat16, None), "int8": (jnp.float32, "int8")}
 CONFIG_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
@@ -264,27 +265,26 @@ class Bench:
         return a.batch / seconds
 
     def stem(self, dtype: str) -> dict:
-        """{input channels: ms} of the stem convolution's forward and kernel gradient."""
+        """{variant: ms} of the stem convolution's forward and kernel gradient (STEM_VARIANTS)."""
         a = self.args
         x = jax.device_put(jnp.asarray(self.images, DTYPES[dtype]), self.device)
         kernel = jax.device_put(jnp.asarray(np.random.default_rng(4).normal(
             size=(7, 7, 3, 64)) * 0.05, DTYPES[dtype]), self.device)
 
-        def forward_and_kernel_grad(x, kernel, channels):
-            extra = channels - x.shape[-1]  # zero input channels: the same convolution
-            x = jnp.pad(x, ((0, 0),) * 3 + ((0, extra),))
-            kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra), (0, 0)))
-            y, vjp = jax.vjp(lambda k: layers.conv2d(x, k, 2, 3), kernel)
+        def forward_and_kernel_grad(x, kernel, variant):
+            conv = stem_conv_space_to_depth if variant == "s2d" else (
+                lambda x, k: stem_conv_padded(x, k, int(variant)))
+            y, vjp = jax.vjp(lambda k: conv(x, k), kernel)
             return y, vjp(y)[0]
 
         out = {}
-        for channels in STEM_CHANNELS:
+        for variant in STEM_VARIANTS:
             fn, compile_s, _ = compile_timed(
-                jax.jit(forward_and_kernel_grad, static_argnums=2), x, kernel, channels)
+                jax.jit(forward_and_kernel_grad, static_argnums=2), x, kernel, variant)
             seconds = median_seconds(lambda: fn(x, kernel), a.steps, a.warmup, a.calls_per_sample)
-            out[str(channels)] = seconds * 1e3
-            self.details[f"stem_{dtype}_{channels}ch"] = {"median_ms": seconds * 1e3,
-                                                          "compile_s": compile_s}
+            out[variant] = seconds * 1e3
+            self.details[f"stem_{dtype}_{variant}"] = {"median_ms": seconds * 1e3,
+                                                       "compile_s": compile_s}
         return out
 
     def _tensor(self, dtype: str):
@@ -324,6 +324,29 @@ class Bench:
         self.details[f"copy_{dtype}"] = {"median_ms": seconds * 1e3, "bytes": nbytes,
                                          "compile_s": compile_s}
         return nbytes / seconds / 1e9
+
+
+def stem_conv_padded(x, kernel, channels: int):
+    """The stem convolution (7x7, stride 2, padding 3) with zero input channels added up to
+    `channels` in image and kernel: the same sums."""
+    extra = channels - x.shape[-1]
+    x = jnp.pad(x, ((0, 0),) * 3 + ((0, extra),))
+    kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra), (0, 0)))
+    return layers.conv2d(x, kernel, 2, 3)
+
+
+def stem_conv_space_to_depth(x, kernel):
+    """The stem convolution (7x7, stride 2, padding 3) as a 4x4 stride-1 convolution without
+    padding over the padded image's 2x2 blocks stacked into 4x the channels, the kernel zero-padded
+    to 8x8 and stacked alike: the same products, summed in another order."""
+    n, h, w, c = x.shape
+    x = jnp.pad(x, ((0, 0), (3, 3 + h % 2), (3, 3 + w % 2), (0, 0)))  # even sides
+    hp, wp = x.shape[1] // 2, x.shape[2] // 2
+    x = x.reshape(n, hp, 2, wp, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, 4 * c)
+    o = kernel.shape[-1]
+    kernel = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+    kernel = kernel.reshape(4, 2, 4, 2, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(4, 4, 4 * c, o)
+    return layers.conv2d(x, kernel, 1, 0)
 
 
 def resolved_backends(backend: str) -> dict:
@@ -489,7 +512,8 @@ def table(result: dict) -> str:
         row(f"eval {EVAL_ARCH} {mode}", f"eval_{mode}_img_s", "img/s", f"eval_{mode}")
     for dtype, times in (result.get("stem_ms") or {}).items():
         lines.append(f"{'stem conv ' + dtype + ' fwd+dW':<26}" + ", ".join(
-            f"{c} channels {ms:.3f} ms" for c, ms in times.items()))
+            f"{'space-to-depth' if v == 's2d' else v + ' channels'} {ms:.3f} ms"
+            for v, ms in times.items()))
     for dtype in DTYPES:
         copy = result.get(f"copy_gbps_{dtype}")
         for way in ("fwd", "bwd"):

@@ -139,3 +139,21 @@ ENTRY %main (p: f32[4]) -> f32[4] {
     assert abs(sum(r["by_category_ms"].values()) - r["device_ms_per_step"]) < 1e-6
     assert abs(sum(r["by_part_ms"].values()) - r["device_ms_per_step"]) < 1e-6
     assert "== eval_fp32" in proc.stdout
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_benchmark_stem_variants_compute_the_stem_convolution(x64, size):
+    """The stem section's rewrites (zero channels; space-to-depth) are the stem's convolution."""
+    import runpy
+
+    m = runpy.run_path(str(ROOT / "benchmarks" / "run.py"), run_name="bench")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, size, size + 2, 3))
+    k = rng.normal(size=(7, 7, 3, 5))
+    from sttn_jax import layers
+
+    want = np.asarray(layers.conv2d(x, k, 2, 3))
+    for got in (m["stem_conv_padded"](x, k, 4), m["stem_conv_padded"](x, k, 8),
+                m["stem_conv_space_to_depth"](x, k)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
