@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the GPU tests and the benchmark on a CUDA GPU (measured target: one H100), in one
-# command under 570 s. On one H200 (2026-12-04, cold caches) it took 218 s without step 3, 242 s
-# with it (docs/gpu.md).
+# command under 570 s. On one H200 (2026-12-04, cold caches) steps 1 and 2 and a training-only run
+# took 242 s (docs/gpu.md).
 #
 # Run from the repository root on the GPU machine, carrying the wheels of what its image lacks in
 # the git-ignored .whl/. Obtain them on a machine with internet access first:
@@ -19,11 +19,13 @@
 #   1. the GPU-only tests: pytest -q tests/test_ops.py -k "gpu and not lowers"   (tests.log; the
 #      test that lowers for a GPU without one runs in CI, and would cost device time here)
 #   2. python benchmarks/run.py --compare-backends              (bench.json, bench.log)
-#   3. if 150 s are left: python benchmarks/run.py --only train --remat on, the training step
+#   3. if 80 s are left: python benchmarks/profile_steps.py, where the device time of the bfloat16
+#      training and inference steps goes (profile.json; the table in the output)
+#   4. if 150 s are left: python benchmarks/run.py --only train --remat on, the training step
 #      recomputing in the backward pass, for remat's saving in memory and its cost in speed
 #      (bench_remat.json, bench_remat.log)
-# Everything lands in $OUT (default ./gpu_check_out), which the device tool brings back: seven
-# files (env.txt also holds the pip log and the backend check; summary.txt names the results file
+# Everything lands in $OUT (default ./gpu_check_out), which the device tool brings back: at most
+# eight files (env.txt also holds the pip log and the backend check; summary.txt names the results file
 # benchmarks/results/ expects). bench.json is rewritten after every measurement, so a run cut short
 # still returns what it measured.
 #
@@ -121,7 +123,17 @@ else
   log "no bench.json written"
   status=1
 fi
-# -- 3. the training step with remat, if there is time (not counted in the exit status) -------
+# -- 3. the profile, if there is time (not counted in the exit status) ------------------------
+t=$(( $(left) - 10 ))
+if (( t >= 70 )); then
+  smoke=$([[ " ${BENCH_ARGS:-} " == *" --smoke "* ]] && echo --smoke)
+  timeout "$t" python benchmarks/profile_steps.py --only train_bf16,eval_bf16 --top 10 $smoke \
+    --output "$OUT/profile.json" 2>&1 | grep -v "DeprecationWarning\|stats = dict"
+  log "profile: exit ${PIPESTATUS[0]}"
+else
+  log "no time left for the profile ($t s)"
+fi
+# -- 4. the training step with remat, if there is time (not counted in the exit status) -------
 t=$(( $(left) - 10 ))
 if (( t >= 150 )); then
   # shellcheck disable=SC2086
