@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                      # batch 256, 224x224, 20 timed steps, backend auto
     python benchmarks/run.py --smoke              # tiny sizes: checks the script runs (CPU tests)
-    python benchmarks/run.py --only act,copy      # a subset of train, eval, act, copy, input
+    python benchmarks/run.py --only act,copy      # a subset of train, eval, stem, act, copy, input
     python benchmarks/run.py --only input         # the host input pipeline, images/s per CPU core
     python benchmarks/run.py --compare-backends   # also the training step with act_backend triton vs xla
     python benchmarks/run.py --only train --remat on  # the training step recomputing in backward
