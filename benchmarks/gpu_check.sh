@@ -25,8 +25,8 @@
 #      recomputing in the backward pass, for remat's saving in memory and its cost in speed
 #      (bench_remat.json, bench_remat.log)
 # Everything lands in $OUT (default ./gpu_check_out), which the device tool brings back: at most
-# eight files (env.txt also holds the pip log and the backend check; summary.txt names the results file
-# benchmarks/results/ expects). bench.json is rewritten after every measurement, so a run cut short
+# eight files (env.txt also holds the pip log and the backend check; summary.txt names the
+# results file benchmarks/results/ expects). bench.json is rewritten after every measurement, so a run cut short
 # still returns what it measured.
 #
 # Environment knobs: BENCH_ARGS (extra run.py options, e.g. "--steps 10 --warmup 2"),
@@ -86,7 +86,7 @@ print("triton unavailable:", ternary.triton_unavailable_reason())
 for dt in ("float32", "bfloat16"):
     print("auto ->", dt, ternary.resolve_backend("auto", dt))
 EOF
-cat "$OUT/backend.tmp" | tee -a "$OUT/env.txt"
+tee -a "$OUT/env.txt" < "$OUT/backend.tmp"
 grep -q "triton unavailable: None" "$OUT/backend.tmp" || { log "Triton backend NOT available (env.txt)"; status=1; }
 rm -f "$OUT/backend.tmp"
 

@@ -135,9 +135,10 @@ ENTRY %main (p: f32[4]) -> f32[4] {
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     r = json.loads(out.read_text())["programs"]["eval_fp32"]
-    assert r["kernels_per_step"] > 0 and r["top"]
-    assert abs(sum(r["by_category_ms"].values()) - r["device_ms_per_step"]) < 1e-6
-    assert abs(sum(r["by_part_ms"].values()) - r["device_ms_per_step"]) < 1e-6
+    assert r["kernels_per_step"] > 0 and r["by_category_ms"].get("convolution", 0) > 0
+    # the compiled module's op names were found: most of the time is attributed to the network
+    assert r["by_part_ms"].get("other", 0) > r["by_part_ms"].get("unattributed", 0)
+    assert any("/STTNResNet18/" in t["op_name"] for t in r["top"])
     assert "== eval_fp32" in proc.stdout
 
 
