@@ -31,9 +31,12 @@ from sttn_jax import layers, merging, models, quantize
 NUM_CLASSES = 10
 TER, BWX2 = "resnet18_ter", "resnet18_bwx2"
 # An activation within rounding of a +-0.5 threshold can land on the other level in either float32
-# model (the README's parity section): up to ~1e-2 of the largest logit, top-1 kept. A wrong scale,
-# padding or stride moves the logits by more than 1e-1 of it.
-ERROR_BOUND = 3e-2
+# model (the README's parity section), and one such flip moves these random models' logits by
+# several percent of the largest: measured over 8 random models x 3 image batches, the largest
+# error was under 1e-4 of it without a flip and 1.4 % to 7.4 % with one, top-1 kept throughout
+# (9.1 % with BatchNorm's earlier two-pass statistics). A wrong scale, padding or stride in one of
+# the models shows in the comparison between them (the slack below).
+ERROR_BOUND = 0.15
 # Both float32 models share the stem, BatchNorm, PReLU and fc, whose rounding dominates their logit
 # errors (measured: int8 and float32 within 0.9x-1.35x of each other over seeds and models), so
 # the int8 model's smaller block-convolution error (tested per layer) shows up in the logits only

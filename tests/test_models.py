@@ -130,7 +130,27 @@ def test_batchnorm_matches_torch_train_and_eval(x64):
     np.testing.assert_allclose(y_eval, yt_eval, rtol=1e-12, atol=1e-12)
 
 
-SHORT_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f64": jnp.float64, "bool": jnp.bool_}
+def test_batchnorm_float32_statistics_do_not_cancel_once_the_running_mean_tracks():
+    """Training statistics come from one pass, shifted by the running mean: in float32, a batch of
+    mean 1000 and std 1 normalises as in float64 once the running mean is near the batch's (with
+    a zero shift, the difference of squares cancels: outputs off by ~0.2)."""
+    rng = np.random.default_rng(0)
+    x = (1000 + rng.normal(0, 1, (64, 8, 8, 4))).astype(np.float32)
+    x64 = x.astype(np.float64)
+    want = (x64 - x64.mean((0, 1, 2))) / np.sqrt(x64.var((0, 1, 2)) + 1e-5)
+    bn = layers.BatchNorm()
+    v = bn.init(jax.random.PRNGKey(0), x, train=False)
+    v["batch_stats"]["mean"] = jnp.full((4,), 999.7, jnp.float32)
+    y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(y), want, rtol=0, atol=1e-4)
+    n = x.size // 4
+    unbiased = x64.var((0, 1, 2)) * n / (n - 1)
+    np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"]), 0.9 + 0.1 * unbiased,
+                               rtol=1e-5)
+
+
+SHORT_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f64": jnp.float64, "bool": jnp.bool_,
+                "i8": jnp.int8}
 
 
 def saved_bytes(capsys, fn, *args) -> dict[str, int]:
