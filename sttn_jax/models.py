@@ -18,7 +18,7 @@ import numpy as np
 from flax import traverse_util
 from jax.ad_checkpoint import checkpoint_name
 
-from ops import ternary_activation
+from ops import max_pool, ternary_activation
 from sttn_jax.errors import CheckpointError, ConfigError
 from sttn_jax.layers import (BN_STATS, CONV_OUT, BatchNorm, BinaryPairConv, Conv, Dense, Dtype,
                              Int8TernaryConv, PReLU)
@@ -42,11 +42,6 @@ MIN_IMAGE_SIZE = 32
 BLOCK_SUM = "block_sum"
 SAVED_FOR_BACKWARD = (CONV_OUT, BLOCK_SUM, BN_STATS)
 REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(*SAVED_FOR_BACKWARD)
-
-
-def max_pool_torch(x, window: int, stride: int, padding: int = 0):
-    """nn.MaxPool2d: padding counts as -inf, floor output size."""
-    return nn.max_pool(x, (window,) * 2, strides=(stride,) * 2, padding=((padding, padding),) * 2)
 
 
 class STTNBasicBlock(nn.Module):
@@ -82,7 +77,7 @@ class STTNBasicBlock(nn.Module):
         out = self._activation(self._bn("bn1")(x, train))
         shortcut = x
         if self.stride == 2:  # halve the map, zeros for the new channels
-            shortcut = jnp.pad(max_pool_torch(x, 2, 2), ((0, 0),) * 3 + ((0, x.shape[-1]),))
+            shortcut = jnp.pad(max_pool(x, 2, 2), ((0, 0),) * 3 + ((0, x.shape[-1]),))
         out = self._bn("bn_add1")(self._conv("conv1", self.stride)(out), train) + shortcut
         mid = PReLU(dtype=self.dtype, name="prelu1")(checkpoint_name(out, BLOCK_SUM))
         out = self._activation(self._bn("bn2")(mid, train))
@@ -106,7 +101,7 @@ class STTNResNet18(nn.Module):
         x = Conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, name="features_0")(x)
         x = BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name="features_1")(x, train)
         x = PReLU(dtype=self.dtype, name="features_2")(x)
-        return max_pool_torch(x, 3, 2, 1)
+        return max_pool(x, 3, 2, 1)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -168,7 +163,7 @@ class ResNet50(nn.Module):
         x = Conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, kernel_init=kaiming_normal_fan_out,
                  name="conv1")(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name="bn1")(x, train))
-        x = max_pool_torch(x, 3, 2, 1)
+        x = max_pool(x, 3, 2, 1)
         for stage, blocks in enumerate(self.stage_sizes):
             for b in range(blocks):  # the first block of a stage projects: 4x the channels
                 stride = 2 if (stage > 0 and b == 0) else 1

@@ -1,4 +1,4 @@
-"""The two STTN operators against the original semantics (docs/original.md), exactly."""
+"""The STTN operators against the original semantics (docs/original.md), exactly."""
 import importlib.util
 import json
 import os
@@ -361,3 +361,52 @@ def test_clamp_touches_exactly_the_latent_kernels():
         np.testing.assert_array_equal(out["features_4"]["conv1"][k], params["features_4"]["conv1"][k])
     np.testing.assert_array_equal(out["features_4"]["bn1"]["scale"], [4.0])
     assert sorted(binary_pair.latent_kernel_paths(params)) == ["features_4/conv1/kernel_1", "features_4/conv1/kernel_2"]
+
+
+POOLS = [(3, 2, 1), (2, 2, 0), (3, 1, 1)]  # the stem's pool, the blocks' shortcut pool, overlap 2
+
+
+@pytest.mark.parametrize("window,stride,padding", POOLS)
+def test_max_pool_matches_torch_with_ties_exactly(x64, window, stride, padding):
+    """Values and gradient of nn.MaxPool2d, which sends each window's gradient to its first
+    maximum: integer inputs put ties in most windows and integer gradients make every sum exact,
+    so any other choice or a lost overlap shows as a whole-number difference."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(window * 10 + stride)
+    x = rng.integers(-2, 3, (2, 9, 8, 3)).astype(np.float64)
+    y, vjp = jax.vjp(lambda a: ops.max_pool(a, window, stride, padding), jnp.asarray(x))
+    g = rng.integers(-8, 9, y.shape).astype(np.float64)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    yt = torch.nn.functional.max_pool2d(xt, window, stride, padding)
+    yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]),
+                                  xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("window,stride,padding", POOLS)
+def test_max_pool_equals_jax_reduce_window_under_jit_and_vmap(dtype, window, stride, padding):
+    """The same values and gradients as differentiating `reduce_window` (JAX's own rule), in the
+    training dtypes, jitted and vmapped over an extra batch axis."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.integers(-3, 4, (2, 2, 7, 10, 4)), dtype)
+    g = jnp.asarray(rng.integers(-4, 5, (2,) + jax.eval_shape(
+        lambda a: ops.max_pool(a, window, stride, padding), x[0]).shape), dtype)
+
+    def grads(pool):
+        f = jax.vmap(lambda a, b: jax.vjp(pool, a)[1](b)[0])
+        return jax.jit(f)(x, g), jax.jit(jax.vmap(pool))(x)
+
+    ours = grads(lambda a: ops.max_pool(a, window, stride, padding))
+    jaxs = grads(lambda a: nn.max_pool(a, (window,) * 2, (stride,) * 2, ((padding,) * 2,) * 2))
+    for a, b in zip(ours, jaxs):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_max_pool_error_names_the_fix():
+    with pytest.raises(ValueError, match="does not fit a 2x2 map; use a larger image"):
+        ops.max_pool(jnp.zeros((1, 2, 2, 1)), 3, 2)
