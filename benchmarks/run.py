@@ -18,9 +18,11 @@ median of --steps samples after --warmup untimed ones, each program compiled bef
   activations and kernels, int32 sums), images/s.
 - stem: the 7x7 stem convolution's forward and kernel gradient (what a training step runs of it)
   on the batch, float32 and bfloat16, milliseconds: with the images' 3 channels, as the models
-  run it; zero-padded to 4 and 8 channels; and rewritten as a 4x4 stride-1 convolution over 2x2
-  space-to-depth blocks of 12 channels (`stem_conv_space_to_depth`). All compute the same sums;
-  they ask whether cuDNN has faster kernels for the other shapes (padding: not on an H200).
+  run it; zero-padded to 4 and 8 channels; rewritten as a 4x4 stride-1 convolution over 2x2
+  space-to-depth blocks of 12 channels (`stem_conv_space_to_depth`); and as one matrix product
+  over the 49 shifted windows (`layers.conv2d_as_dot`, "im2col": 147-long rows for cuBLAS instead
+  of 3-channel convolution kernels). All compute the same sums; they ask whether the GPU has
+  faster kernels for the other shapes (padding: not on an H200).
 - act: `ops.ternary_activation` forward as training runs it (reads x, writes y and the boolean mask
   saved for the backward) and backward (reads the mask and the incoming gradient, writes the
   gradient), GB/s counting exactly those bytes, on a 256x56x56x64 tensor (the first stage's size).
@@ -69,7 +71,8 @@ from sttn_jax import layers, merging, models, quantize, training  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SECTIONS = ("train", "eval", "stem", "act", "copy", "input")
 DEFAULT_SECTIONS = SECTIONS[:5]
-STEM_VARIANTS = ("3", "4", "8", "s2d")  # input channels, or space-to-depth
+# input channels, space-to-depth, or a matrix product over the 49 shifted windows (`stem_conv`)
+STEM_VARIANTS = ("3", "4", "8", "s2d", "im2col")
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 EVAL_MODES = {"fp32": (jnp.float32, None), "bf16": (jnp.bfloat16, None), "int8": (jnp.float32, "int8")}
 CONFIG_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
@@ -272,9 +275,7 @@ class Bench:
             size=(7, 7, 3, 64)) * 0.05, DTYPES[dtype]), self.device)
 
         def forward_and_kernel_grad(x, kernel, variant):
-            conv = stem_conv_space_to_depth if variant == "s2d" else (
-                lambda x, k: stem_conv_padded(x, k, int(variant)))
-            y, vjp = jax.vjp(lambda k: conv(x, k), kernel)
+            y, vjp = jax.vjp(lambda k: stem_conv(variant)(x, k), kernel)
             return y, vjp(y)[0]
 
         out = {}
@@ -324,6 +325,15 @@ class Bench:
         self.details[f"copy_{dtype}"] = {"median_ms": seconds * 1e3, "bytes": nbytes,
                                          "compile_s": compile_s}
         return nbytes / seconds / 1e9
+
+
+def stem_conv(variant: str):
+    """The stem convolution (7x7, stride 2, padding 3) of STEM_VARIANTS: `conv(x, kernel)`."""
+    if variant == "s2d":
+        return stem_conv_space_to_depth
+    if variant == "im2col":
+        return lambda x, kernel: layers.conv2d_as_dot(x, kernel, 2, 3)
+    return lambda x, kernel: stem_conv_padded(x, kernel, int(variant))
 
 
 def stem_conv_padded(x, kernel, channels: int):

@@ -41,12 +41,12 @@ def conv2d(x, kernel, stride: int, padding: int, **kwargs):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
 
 
-def int8_conv2d_as_dot(x, kernel, stride: int, padding: int):
-    """`conv2d(x, kernel, ..., preferred_element_type=int32)` as one int8 matrix product over the
-    k*k shifted windows of the padded input: the same integer sums. For inputs smaller than the
-    kernel, which XLA's GPU backend rewrites into a convolution that cuDNN has no int8 kernel for
-    (seen compiling for sm_90: "Can't lower one or more integer convolutions"); such maps are at
-    most 2x2, so the k*k copies cost nothing."""
+def conv2d_as_dot(x, kernel, stride: int, padding: int, **kwargs):
+    """`conv2d(x, kernel, stride, padding)` as one matrix product over the k*k shifted windows of
+    the padded input (im2col): the same sums. `kwargs` go to `jnp.dot` (`preferred_element_type`).
+    Used for int8 inputs smaller than the kernel, which XLA's GPU backend rewrites into a
+    convolution that cuDNN has no int8 kernel for (seen compiling for sm_90: "Can't lower one or
+    more integer convolutions"); such maps are at most 2x2, so the k*k copies cost nothing."""
     k = kernel.shape[0]
     _, h, w, c = x.shape
     oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
@@ -54,7 +54,7 @@ def int8_conv2d_as_dot(x, kernel, stride: int, padding: int):
     windows = [xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
                for i in range(k) for j in range(k)]  # HWIO order of the kernel's rows
     patches = jnp.concatenate(windows, axis=-1)  # (n, oh, ow, k * k * c)
-    return jnp.dot(patches, kernel.reshape(k * k * c, -1), preferred_element_type=jnp.int32)
+    return jnp.dot(patches, kernel.reshape(k * k * c, -1), **kwargs)
 
 
 class BatchNorm(nn.Module):
@@ -182,7 +182,8 @@ class Int8TernaryConv(_BlockConv):
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         codes = codes.astype(jnp.int8)
         if min(x.shape[1:3]) < self.kernel_size:  # no int8 GPU kernel as a convolution: a product
-            acc = int8_conv2d_as_dot(x, codes, self.stride, self.padding)
+            acc = conv2d_as_dot(x, codes, self.stride, self.padding,
+                                preferred_element_type=jnp.int32)
         else:
             acc = conv2d(x, codes, self.stride, self.padding, preferred_element_type=jnp.int32)
         # int32 -> float32 right after the convolution (exact: |acc| <= 2 * 9 * 512 < 2 ** 24): the

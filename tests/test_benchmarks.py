@@ -79,7 +79,7 @@ def test_gpu_plan_compiles_training_and_int8_inference_for_an_h100_without_one(t
     apart by `make install-test`) compiles for an H100 described by benchmarks/h100_target.txtpb,
     no GPU attached. The training step with backend "triton" keeps its 32 kernel calls (16 and 16
     recomputed under remat) through XLA's GPU pipeline; int8 inference at 32x32 compiles, with its
-    larger convolutions as cuDNN int8 convolutions (before layers.int8_conv2d_as_dot, the 2x2 and
+    larger convolutions as cuDNN int8 convolutions (before layers.conv2d_as_dot, the 2x2 and
     1x1 maps failed there: "Can't lower one or more integer convolutions")."""
     plugin = Path(sys.prefix) / "cuda-lowering"
     if not (plugin / "jax_plugins" / "xla_cuda13").is_dir() or not (plugin / "jax_triton").is_dir():
@@ -144,7 +144,8 @@ ENTRY %main (p: f32[4]) -> f32[4] {
 
 @pytest.mark.parametrize("size", [32, 33])
 def test_benchmark_stem_variants_compute_the_stem_convolution(x64, size):
-    """The stem section's rewrites (zero channels; space-to-depth) are the stem's convolution."""
+    """The stem section's rewrites (zero channels, space-to-depth, im2col) are the stem's
+    convolution."""
     import runpy
 
     m = runpy.run_path(str(ROOT / "benchmarks" / "run.py"), run_name="bench")
@@ -154,7 +155,8 @@ def test_benchmark_stem_variants_compute_the_stem_convolution(x64, size):
     from sttn_jax import layers
 
     want = np.asarray(layers.conv2d(x, k, 2, 3))
-    for got in (m["stem_conv_padded"](x, k, 4), m["stem_conv_padded"](x, k, 8),
-                m["stem_conv_space_to_depth"](x, k)):
+    assert m["STEM_VARIANTS"] == ("3", "4", "8", "s2d", "im2col")
+    for variant in m["STEM_VARIANTS"]:
+        got = m["stem_conv"](variant)(x, k)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
