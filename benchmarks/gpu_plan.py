@@ -14,13 +14,17 @@ planned_peak_gib = arguments + outputs - donated (aliased) buffers + XLA's tempo
 the one compiled step: what it holds at its peak, the state, batch and teacher included. A real
 GPU adds what a plan does not see: the CUDA context, cuDNN's workspace for the algorithms chosen
 by autotuning (here none runs, so XLA takes cuDNN's default algorithms), and the allocator's
-rounding. Also counted from the compiled program: the Triton kernel's calls (backend "triton")
-and the int8 convolutions that run in cuDNN on int8 operands (inference int8).
+rounding. Also counted from the compiled program: the Triton kernel's calls (backend "triton"),
+the int8 convolutions that run in cuDNN on int8 operands (inference int8), the kernels launched
+per step and the bytes they move (`moved_gb`: the operands and results of every kernel of the
+program's entry computation, operands counted in full except for slices; outside the convolutions
+the step is bound by memory bandwidth, so this tracks its fusions' time).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -41,6 +45,10 @@ TRAIN_CASES = [(dtype, backend, remat) for dtype in ("fp32", "bf16")
 SMOKE_TRAIN_CASES, SMOKE_EVAL_MODES = [("fp32", "triton", "on")], ["int8"]
 KERNEL_CALL = re.compile(r'custom_call_target="triton_kernel_call')
 GIB = 2 ** 30
+# `%name = type opcode(operands)` in the entry computation of XLA's optimized HLO text
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)(?:, |$)")
+ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
+NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
 
 
 def h100():
@@ -56,13 +64,42 @@ def abstract(tree, sharding):
         lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree)
 
 
+def _type_bytes(hlo_type: str) -> int:
+    """Bytes of an HLO array or tuple type such as `(f32[64]{0}, bf16[8,56,56,64]{3,2,1,0})`."""
+    bits = {"pred": 8}
+    return sum(math.prod(int(d) for d in dims.split(",") if d)
+               * (bits.get(dt) or int(re.sub(r"\D", "", dt))) // 8
+               for dt, dims in ARRAY.findall(hlo_type))
+
+
+def kernels_and_bytes(text: str) -> tuple[int, int]:
+    """(kernels, bytes moved) of the entry computation of optimized HLO `text`."""
+    entry = text[text.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    sizes, kernels, moved = {}, 0, 0
+    for line in entry.splitlines()[1:]:
+        m = INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, hlo_type, opcode, operands = m.groups()
+        sizes[name] = _type_bytes(hlo_type)
+        if opcode in NOT_KERNELS:
+            continue
+        read = sum(sizes.get(o, 0) for o in re.findall(r"%([\w.-]+)", operands))
+        kernels += 1
+        moved += sizes[name] + (sizes[name] if "slice" in name else read)
+    return kernels, moved
+
+
 def summary(compiled) -> dict:
     m = compiled.memory_analysis()
     text = compiled.as_text()
     peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             + m.temp_size_in_bytes)
+    kernels, moved = kernels_and_bytes(text)
     return {"planned_peak_gib": peak / GIB, "arguments_gib": m.argument_size_in_bytes / GIB,
-            "temp_gib": m.temp_size_in_bytes / GIB, "kernel_calls": len(KERNEL_CALL.findall(text)),
+            "temp_gib": m.temp_size_in_bytes / GIB, "kernels": kernels, "moved_gb": moved / 1e9,
+            "kernel_calls": len(KERNEL_CALL.findall(text)),
             "cudnn_convs": text.count('custom_call_target="__cudnn$conv'),
             "cudnn_int8_convs": sum(1 for line in text.splitlines()
                                     if "__cudnn$conv" in line and _int8_operands(line, text))}
@@ -140,12 +177,13 @@ def main(argv=None) -> int:
         result["eval"][mode] = plan_eval(device, mode, args.batch, args.image_size)
     lines = [f"XLA's plan for one {device.device_kind}, batch {args.batch}, "
              f"{args.image_size}x{args.image_size} (compiled without a GPU; not a measurement)",
-             f"{'step':<32}{'planned peak GiB':>17}{'temp GiB':>10}{'kernel calls':>14}"
-             f"{'int8 convs':>12}"]
+             f"{'step':<32}{'planned peak GiB':>17}{'temp GiB':>10}{'kernels':>9}{'moved GB':>10}"
+             f"{'Triton calls':>14}{'int8 convs':>12}"]
     for kind in ("train", "eval"):
         for name, r in result[kind].items():
             lines.append(f"{kind + ' ' + name:<32}{r['planned_peak_gib']:>17.2f}"
-                         f"{r['temp_gib']:>10.2f}{r['kernel_calls']:>14}"
+                         f"{r['temp_gib']:>10.2f}{r['kernels']:>9}{r['moved_gb']:>10.2f}"
+                         f"{r['kernel_calls']:>14}"
                          f"{r['cudnn_int8_convs']:>12}")
     print("\n".join(lines))
     if args.output:

@@ -99,9 +99,36 @@ def test_gpu_plan_compiles_training_and_int8_inference_for_an_h100_without_one(t
     train = result["train"]["fp32/triton/remat=on"]
     assert train["kernel_calls"] == 32
     assert 0 < train["arguments_gib"] < train["planned_peak_gib"] < 2
+    assert train["kernels"] > 100 and train["moved_gb"] > 0
     int8 = result["eval"]["int8"]
     assert int8["cudnn_int8_convs"] == 9 and int8["kernel_calls"] == 0
     assert "not a measurement" in proc.stdout
+
+
+def test_gpu_plan_counts_each_kernels_operands_and_results():
+    """moved_gb: operands and results of each instruction of the entry computation that launches
+    work (not parameters, tuples, bitcasts), tuples summed, a slice counted by what it reads."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_plan
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    hlo = """%fused_computation (param_0: bf16[80]) -> bf16[80] {
+  ROOT %a = bf16[80]{0} add(%param_0, %param_0)
+}
+ENTRY %main (p: bf16[8,10]) -> (f32[1000], s8[4]) {
+  %p = bf16[8,10]{1,0} parameter(0)
+  %b = bf16[80]{0} bitcast(%p)
+  %loop_fusion = (f32[1000]{0}, s8[4]{0}) fusion(%b, %p), kind=kLoop, calls=%fused_computation
+  %g = f32[1000]{0} get-tuple-element(%loop_fusion), index=0
+  %loop_slice_fusion = f32[10]{0} fusion(%g), kind=kLoop, calls=%fused_computation
+  %custom-call.1 = pred[16]{0} custom-call(%g, %loop_slice_fusion), custom_call_target="x"
+  ROOT %t = (f32[1000]{0}, s8[4]{0}) tuple(%g, %custom-call.1)
+}
+"""
+    reads = 160 + 160, 40, 4000 + 40  # loop_fusion, the slice (its result), custom-call
+    writes = 4000 + 4, 40, 16
+    assert gpu_plan.kernels_and_bytes(hlo) == (3, sum(reads) + sum(writes))
 
 
 def test_profile_steps_attributes_kernel_time(tmp_path):
