@@ -41,8 +41,9 @@ from sttn_jax import merging, models, quantize, training
 TARGET = Path(__file__).resolve().parent / "h100_target.txtpb"
 TRAIN_CASES = [(dtype, backend, remat) for dtype in ("fp32", "bf16")
                for backend in ("xla", "triton") for remat in ("on", "off")]
+EVAL_CASES = [(mode, backend) for mode in bench.EVAL_MODES for backend in ("xla", "triton")]
 # --smoke: the Triton kernel inside XLA's GPU pipeline (remat on, as on a GPU) and int8 inference
-SMOKE_TRAIN_CASES, SMOKE_EVAL_MODES = [("fp32", "triton", "on")], ["int8"]
+SMOKE_TRAIN_CASES, SMOKE_EVAL_CASES = [("fp32", "triton", "on")], [("int8", "xla")]
 KERNEL_CALL = re.compile(r'custom_call_target="triton_kernel_call')
 GIB = 2 ** 30
 # `%name = type opcode(operands)` in the entry computation of XLA's optimized HLO text
@@ -130,10 +131,10 @@ def plan_train(device, dtype: str, backend: str, remat: str, batch: int, image_s
     return summary(compiled)
 
 
-def plan_eval(device, mode: str, batch: int, image_size: int) -> dict:
+def plan_eval(device, mode: str, backend: str, batch: int, image_size: int) -> dict:
     """resnet18_ter inference (fp32, bf16 or int8) as benchmarks/run.py times it, for `device`."""
     dtype, inference_dtype = bench.EVAL_MODES[mode]
-    module = models.create(bench.EVAL_ARCH, bench.NUM_CLASSES, dtype, "xla",
+    module = models.create(bench.EVAL_ARCH, bench.NUM_CLASSES, dtype, backend,
                            inference_dtype=inference_dtype)
     student = jax.eval_shape(lambda: models.init_variables(
         models.create(bench.STUDENT, bench.NUM_CLASSES), jax.random.PRNGKey(0), image_size))
@@ -172,9 +173,10 @@ def main(argv=None) -> int:
         print(f"... train {name}", file=sys.stderr, flush=True)
         result["train"][name] = plan_train(device, dtype, backend, remat, args.batch,
                                            args.image_size)
-    for mode in SMOKE_EVAL_MODES if args.smoke else bench.EVAL_MODES:
-        print(f"... eval {mode}", file=sys.stderr, flush=True)
-        result["eval"][mode] = plan_eval(device, mode, args.batch, args.image_size)
+    for mode, backend in SMOKE_EVAL_CASES if args.smoke else EVAL_CASES:
+        name = f"{mode}/{backend}"
+        print(f"... eval {name}", file=sys.stderr, flush=True)
+        result["eval"][name] = plan_eval(device, mode, backend, args.batch, args.image_size)
     lines = [f"XLA's plan for one {device.device_kind}, batch {args.batch}, "
              f"{args.image_size}x{args.image_size} (compiled without a GPU; not a measurement)",
              f"{'step':<32}{'planned peak GiB':>17}{'temp GiB':>10}{'kernels':>9}{'moved GB':>10}"

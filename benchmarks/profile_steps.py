@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         if kind == "train":
             call, compiled, compile_s, _ = b.train_program(dtype, args.backend)
         else:
-            call, compiled, compile_s = b.inference_program(dtype)
+            call, compiled, compile_s = b.inference_program(dtype, args.backend)
         # as run.py times it (back-to-back steps); this also warms the program up for the trace
         wall = bench.median_seconds(call, max(a.steps // 2, 1), a.warmup, a.steps_per_sample)
         r = profile(call, compiled, args.trace_steps, args.top)

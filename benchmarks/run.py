@@ -23,9 +23,10 @@ median of --steps samples after --warmup untimed ones, each program compiled bef
   over the 49 shifted windows (`layers.conv2d_as_dot`, "im2col": 147-long rows for cuBLAS instead
   of 3-channel convolution kernels). All compute the same sums; they ask whether the GPU has
   faster kernels for the other shapes (padding: not on an H200).
-- act: `ops.ternary_activation` forward as training runs it (reads x, writes y and the boolean mask
-  saved for the backward) and backward (reads the mask and the incoming gradient, writes the
-  gradient), GB/s counting exactly those bytes, on a 256x56x56x64 tensor (the first stage's size).
+- act: `ops.ternary_activation`, the Triton kernel where it runs (else, or with --backend xla,
+  XLA's), forward as training runs it (reads x, writes y and the boolean mask saved for the
+  backward) and backward (reads the mask and the incoming gradient, writes the gradient), GB/s
+  counting exactly those bytes, on a 256x56x56x64 tensor (the first stage's size).
 - copy: `x * s` with a runtime scalar s (cannot be folded away): the bandwidth the activation is
   measured against, counting bytes read + written. Each act and copy sample times 10 back-to-back
   calls (2 with --smoke), so that one sync per call does not dominate a sub-millisecond kernel;
@@ -73,6 +74,7 @@ SECTIONS = ("train", "eval", "stem", "act", "copy", "input")
 DEFAULT_SECTIONS = SECTIONS[:5]
 # input channels, space-to-depth, or a matrix product over the 49 shifted windows (`stem_conv`)
 STEM_VARIANTS = ("3", "4", "8", "s2d", "im2col")
+STEM_LABELS = {"s2d": "space-to-depth", "im2col": "im2col"}
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 EVAL_MODES = {"fp32": (jnp.float32, None), "bf16": (jnp.bfloat16, None), "int8": (jnp.float32, "int8")}
 CONFIG_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
@@ -103,7 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (all but input)")
     p.add_argument("--compare-backends", action="store_true",
-                   help="also time the training step with act_backend triton and xla (fp32 and bf16)")
+                   help="also time the training step and inference with act_backend triton and "
+                        "xla (fp32 and bf16)")
     p.add_argument("--remat", choices=("on", "off", "auto"),
                    default=default_config.get_config().remat,
                    help="config.remat of the training steps (default: the config's)")
@@ -244,11 +247,10 @@ class Bench:
                               "remat": call.remat}
         return a.batch / seconds
 
-    def inference_program(self, mode: str):
+    def inference_program(self, mode: str, backend: str):
         """(call, compiled, compile seconds) of resnet18_ter inference (mode: fp32, bf16, int8)."""
-        a = self.args
         dtype, inference_dtype = EVAL_MODES[mode]
-        module = models.create(EVAL_ARCH, NUM_CLASSES, dtype, a.backend,
+        module = models.create(EVAL_ARCH, NUM_CLASSES, dtype, backend,
                                inference_dtype=inference_dtype)
         variables = self.ternary_variables()
         if inference_dtype == "int8":
@@ -259,10 +261,10 @@ class Bench:
                                          variables, images)
         return (lambda: fn(variables, images)), fn, compile_s
 
-    def inference(self, mode: str, name: str) -> float:
+    def inference(self, mode: str, backend: str, name: str) -> float:
         """Images/s of resnet18_ter inference (mode: fp32, bf16 or int8)."""
         a = self.args
-        call, _, compile_s = self.inference_program(mode)
+        call, _, compile_s = self.inference_program(mode, backend)
         seconds = median_seconds(call, a.steps, a.warmup, a.steps_per_sample)
         self.details[name] = {"median_ms": seconds * 1e3, "compile_s": compile_s}
         return a.batch / seconds
@@ -293,9 +295,11 @@ class Bench:
         return jax.device_put(jnp.asarray(x, DTYPES[dtype]), self.device)
 
     def activation(self, dtype: str) -> tuple[float, float]:
-        """GB/s of the ternary activation's training forward and its backward."""
+        """GB/s of the ternary activation's training forward and its backward: the Triton kernel
+        where it can run (what the bandwidth target is about) unless --backend xla."""
         a = self.args
-        backend = a.backend
+        xla = a.backend == "xla" or ternary_mod.triton_unavailable_reason()
+        backend = "xla" if xla else "triton"
         x = self._tensor(dtype)
         fwd, fwd_compile, _ = compile_timed(
             jax.jit(lambda x: jax.vjp(lambda t: ops.ternary_activation(t, backend), x)), x)
@@ -433,13 +437,13 @@ def run(args, save=lambda result: None) -> dict:
         for dtype in ("bf16", "fp32"):
             measure(f"train_{dtype}", lambda d=dtype: train(d), f"train_{dtype}_img_s",
                     f"train_{dtype}_peak_gib")
-    if args.compare_backends:  # right after the main training runs: the "within 3 %" target
-        result["compare_backends"] = {}
-        compare_backends(bench, result, measure, result["compare_backends"])
     if "eval" in args.only:
         for mode in EVAL_MODES:
-            measure(f"eval_{mode}", lambda m=mode: bench.inference(m, f"eval_{m}"),
+            measure(f"eval_{mode}", lambda m=mode: bench.inference(m, args.backend, f"eval_{m}"),
                     f"eval_{mode}_img_s")
+    if args.compare_backends:  # right after the main runs: the "within 3 %" target, and "auto"
+        result["compare_backends"] = {}
+        compare_backends(bench, result, measure, result["compare_backends"])
     if "stem" in args.only:
         result["stem_ms"] = {}
         for dtype in DTYPES:
@@ -467,23 +471,31 @@ def run(args, save=lambda result: None) -> dict:
 
 
 def compare_backends(bench, result, measure, out: dict) -> None:
-    """Fills `out` with the training step's images/s with the Triton and the XLA activation, per
-    dtype. A main-run measurement whose backend resolved to the same one is reused."""
+    """Fills `out` with the images/s of the training step (and of inference, when the eval section
+    ran) with the Triton and with the XLA activation, per dtype. A main-run measurement whose
+    backend resolved to the same one is reused."""
     reason = ternary_mod.triton_unavailable_reason()
     out["triton_unavailable"] = reason
-    for dtype in DTYPES:
-        row = out[f"train_{dtype}_img_s"] = {"triton": None, "xla": None, "triton_over_xla": None}
-        for backend in ("triton", "xla"):
-            if backend == "triton" and reason:
-                continue
-            main = result.get(f"train_{dtype}_img_s")
-            if main is not None and result["backend_resolved"][dtype] == backend:
-                row[backend] = main
-                continue
-            name = f"train_{dtype}_{backend}"
-            row[backend] = measure(name, lambda d=dtype, b=backend, n=name: bench.train(d, b, n))
-        if row["triton"] and row["xla"]:
-            row["triton_over_xla"] = row["triton"] / row["xla"]
+    kinds = ["train"] + (["eval"] if "eval" in bench.args.only else [])
+    for kind in kinds:
+        for dtype in DTYPES:
+            key = f"{kind}_{dtype}_img_s"
+            row = out[key] = {"triton": None, "xla": None, "triton_over_xla": None}
+            for backend in ("triton", "xla"):
+                if backend == "triton" and reason:
+                    continue
+                main = result.get(key)
+                if main is not None and result["backend_resolved"][dtype] == backend:
+                    row[backend] = main
+                    continue
+                name = f"{kind}_{dtype}_{backend}"
+                if kind == "train":
+                    run = lambda d=dtype, b=backend, n=name: bench.train(d, b, n)  # noqa: E731
+                else:
+                    run = lambda d=dtype, b=backend, n=name: bench.inference(d, b, n)  # noqa: E731
+                row[backend] = measure(name, run)
+            if row["triton"] and row["xla"]:
+                row["triton_over_xla"] = row["triton"] / row["xla"]
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -522,7 +534,7 @@ def table(result: dict) -> str:
         row(f"eval {EVAL_ARCH} {mode}", f"eval_{mode}_img_s", "img/s", f"eval_{mode}")
     for dtype, times in (result.get("stem_ms") or {}).items():
         lines.append(f"{'stem conv ' + dtype + ' fwd+dW':<26}" + ", ".join(
-            f"{'space-to-depth' if v == 's2d' else v + ' channels'} {ms:.3f} ms"
+            f"{STEM_LABELS.get(v, v + ' channels')} {ms:.3f} ms"
             for v, ms in times.items()))
     for dtype in DTYPES:
         copy = result.get(f"copy_gbps_{dtype}")
@@ -534,11 +546,12 @@ def table(result: dict) -> str:
         row(f"copy {dtype}", f"copy_gbps_{dtype}", "GB/s", f"copy_{dtype}")
     cmp = result.get("compare_backends")
     if cmp:
-        for dtype in DTYPES:
-            r = cmp[f"train_{dtype}_img_s"]
+        for key, r in cmp.items():
+            if not key.endswith("_img_s"):
+                continue
             ratio = r["triton_over_xla"]
-            lines.append(f"{'train ' + dtype + ' triton/xla':<26}{fmt(r['triton']):>12} / "
-                         f"{fmt(r['xla'])} img/s"
+            label = key.removesuffix("_img_s").replace("_", " ") + " triton/xla"
+            lines.append(f"{label:<26}{fmt(r['triton']):>12} / {fmt(r['xla'])} img/s"
                          + (f"  triton {100 * (ratio - 1):+.1f}%" if ratio else ""))
         if cmp["triton_unavailable"]:
             lines.append(f"triton unavailable: {cmp['triton_unavailable']}")

@@ -12,7 +12,7 @@ def get_config():
     c.arch = "resnet18_bwx2"
     c.num_classes = 1000
     c.dtype = "float32"  # computation dtype: float32 | bfloat16 (params/optimizer stay float32)
-    c.act_backend = "auto"  # ternary activation: auto (Triton on CUDA GPUs) | triton | xla
+    c.act_backend = "auto"  # ternary activation: auto (= xla, faster in the models) | triton | xla
     c.remat = "off"  # on: recompute BatchNorm, activations and PReLU in the backward pass instead
     # of storing them (less memory, ~9 % slower on an H200) | off | auto (on, except on the CPU,
     # whose XLA compiler undoes it)

@@ -38,11 +38,15 @@ def test_benchmark_smoke_writes_every_key(tmp_path):
     assert (result["batch"], result["image_size"], result["steps"]) == (8, 32, 2)
     assert np.isfinite(result["details"]["train_bf16"]["final_loss"])
     cmp = result["compare_backends"]
-    assert cmp["train_fp32_img_s"]["xla"] > 0 and cmp["train_bf16_img_s"]["xla"] > 0
-    if cmp["triton_unavailable"]:
-        assert cmp["train_fp32_img_s"]["triton"] is None
+    for key in ("train_fp32_img_s", "train_bf16_img_s", "eval_fp32_img_s", "eval_bf16_img_s"):
+        assert cmp[key]["xla"] > 0, key
+        if cmp["triton_unavailable"]:
+            assert cmp[key]["triton"] is None, key
+    assert result["details"]["act_fwd_fp32"]["backend"] == (
+        "xla" if cmp["triton_unavailable"] else "triton")
     # the table
     assert "train step bf16" in proc.stdout and "copy fp32" in proc.stdout and str(out) in proc.stdout
+    assert "eval bf16 triton/xla" in proc.stdout
 
 
 def test_benchmark_imports_no_tensorflow_and_rejects_bad_options():
@@ -100,7 +104,7 @@ def test_gpu_plan_compiles_training_and_int8_inference_for_an_h100_without_one(t
     assert train["kernel_calls"] == 32
     assert 0 < train["arguments_gib"] < train["planned_peak_gib"] < 2
     assert train["kernels"] > 100 and train["moved_gb"] > 0
-    int8 = result["eval"]["int8"]
+    int8 = result["eval"]["int8/xla"]
     assert int8["cudnn_int8_convs"] == 9 and int8["kernel_calls"] == 0
     assert "not a measurement" in proc.stdout
 
