@@ -5,7 +5,7 @@ project's layout fixes it. Install sttn-jax into its own environment.
 """
 from ops.binary_pair import (LATENT_KERNEL_NAMES, binary_pairs, clamp_latent_kernels,
                              fold_binary_pair, latent_kernel_paths, pair_alpha)
-from ops.max_pool import max_pool
+from ops.pooling import max_pool
 from ops.ternary import ternary_activation
 
 __all__ = ["ternary_activation", "max_pool", "fold_binary_pair", "clamp_latent_kernels",

@@ -411,3 +411,5 @@ def test_max_pool_equals_jax_reduce_window_under_jit_and_vmap(dtype, window, str
 def test_max_pool_error_names_the_fix():
     with pytest.raises(ValueError, match="does not fit a 2x2 map; use a larger image"):
         ops.max_pool(jnp.zeros((1, 2, 2, 1)), 3, 2)
+    with pytest.raises(ValueError, match="windows up to 11x11"):
+        ops.max_pool(jnp.zeros((1, 16, 16, 1)), 12, 1)

@@ -44,27 +44,31 @@ def _window_values(x, window: int, stride: int, padding: int, oh: int, ow: int):
             for i in range(window) for j in range(window)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, window: int, stride: int, padding: int = 0):
     """nn.MaxPool2d(window, stride, padding) on an NHWC map: padding counts as -inf, floor output
     size; the gradient goes to each window's first maximum."""
     _geometry(x, window, stride, padding)
+    if window * window > 127:
+        raise ValueError(f"max_pool: windows up to 11x11 (positions kept as int8), got {window}")
+    return _max_pool(x, window, stride, padding, x.shape[1], x.shape[2])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _max_pool(x, window, stride, padding, h, w):
     return _pool(x, window, stride, padding)
 
 
-def _max_pool_fwd(x, window, stride, padding):
+def _max_pool_fwd(x, window, stride, padding, h, w):
     oh, ow = _geometry(x, window, stride, padding)
     y = _pool(x, window, stride, padding)
     views = _window_values(x, window, stride, padding, oh, ow)
     chosen = jnp.zeros(y.shape, jnp.int8)  # the first position holding the maximum
     for k in reversed(range(len(views))):
         chosen = jnp.where(views[k] == y, jnp.int8(k), chosen)
-    return y, (chosen, x.shape)
+    return y, chosen
 
 
-def _max_pool_bwd(window, stride, padding, residuals, g):
-    chosen, shape = residuals
-    _, h, w, _ = shape
+def _max_pool_bwd(window, stride, padding, h, w, chosen, g):
     oh, ow = chosen.shape[1:3]
     zero = jnp.zeros((), g.dtype)
     dx = None
@@ -80,4 +84,4 @@ def _max_pool_bwd(window, stride, padding, residuals, g):
     return (dx[:, padding:padding + h, padding:padding + w, :],)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
