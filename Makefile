@@ -1,7 +1,8 @@
 # make demo  - the whole workflow on the embedded data set (installs what it needs into .venv first)
 # make test  - the test suite (installs the test dependencies into .venv first)
 # make install-gpu - CUDA JAX with a matching jax-triton and triton (Linux x86_64, CUDA GPU)
-# make gpu-plan - XLA's memory plan of the training and inference steps for an H100, without a GPU
+# make gpu-plan - XLA's plan of the training and inference steps for an H100 (memory, kernels, bytes
+#                moved), without a GPU
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
