@@ -4,7 +4,7 @@
     python benchmarks/run.py --smoke              # tiny sizes: checks the script runs (CPU tests)
     python benchmarks/run.py --only act,copy      # a subset of train, eval, stem, act, copy, input
     python benchmarks/run.py --only input         # the host input pipeline, images/s per CPU core
-    python benchmarks/run.py --compare-backends   # also the training step with act_backend triton vs xla
+    python benchmarks/run.py --compare-backends   # also training and inference, triton vs xla
     python benchmarks/run.py --only train --remat on  # the training step recomputing in backward
 
 Measurements (synthetic data already on the device, `jax.block_until_ready` after each sample,

@@ -18,13 +18,23 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _geometry(x, window: int, stride: int, padding: int):
+def output_size(x, window: int, stride: int, padding: int) -> tuple[int, int]:
+    """(height, width) of a window's outputs over NHWC `x` (PyTorch's floor size)."""
     _, h, w, _ = x.shape
-    oh, ow = (h + 2 * padding - window) // stride + 1, (w + 2 * padding - window) // stride + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"max_pool: a {window}x{window} window (padding {padding}) does not fit a "
-                         f"{h}x{w} map; use a larger image")
-    return oh, ow
+    return (h + 2 * padding - window) // stride + 1, (w + 2 * padding - window) // stride + 1
+
+
+def window_views(x, window: int, stride: int, padding: int, pad_value=0):
+    """The window*window strided views of NHWC `x` padded with `pad_value`, in the window's
+    row-major order: view i * window + j holds, for every output, its window's element (i, j).
+    What a convolution or a pooling combines, as separate arrays."""
+    n, _, _, c = x.shape
+    oh, ow = output_size(x, window, stride, padding)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                 constant_values=pad_value)
+    last_h, last_w = stride * (oh - 1) + 1, stride * (ow - 1) + 1
+    return [lax.slice(xp, (0, i, j, 0), (n, i + last_h, j + last_w, c), (1, stride, stride, 1))
+            for i in range(window) for j in range(window)]
 
 
 def _pool(x, window: int, stride: int, padding: int):
@@ -33,21 +43,12 @@ def _pool(x, window: int, stride: int, padding: int):
                              ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
 
-def _window_values(x, window: int, stride: int, padding: int, oh: int, ow: int):
-    """The k*k strided views of the padded input, in the window's row-major order: view number
-    i * window + j holds, for every output, its window's element (i, j)."""
-    n, _, _, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-                 constant_values=-jnp.inf)
-    last_h, last_w = stride * (oh - 1) + 1, stride * (ow - 1) + 1
-    return [lax.slice(xp, (0, i, j, 0), (n, i + last_h, j + last_w, c), (1, stride, stride, 1))
-            for i in range(window) for j in range(window)]
-
-
 def max_pool(x, window: int, stride: int, padding: int = 0):
     """nn.MaxPool2d(window, stride, padding) on an NHWC map: padding counts as -inf, floor output
     size; the gradient goes to each window's first maximum."""
-    _geometry(x, window, stride, padding)
+    if min(output_size(x, window, stride, padding)) < 1:
+        raise ValueError(f"max_pool: a {window}x{window} window (padding {padding}) does not fit a "
+                         f"{x.shape[1]}x{x.shape[2]} map; use a larger image")
     if window * window > 127:
         raise ValueError(f"max_pool: windows up to 11x11 (positions kept as int8), got {window}")
     return _max_pool(x, window, stride, padding, x.shape[1], x.shape[2])
@@ -59,9 +60,8 @@ def _max_pool(x, window, stride, padding, h, w):
 
 
 def _max_pool_fwd(x, window, stride, padding, h, w):
-    oh, ow = _geometry(x, window, stride, padding)
     y = _pool(x, window, stride, padding)
-    views = _window_values(x, window, stride, padding, oh, ow)
+    views = window_views(x, window, stride, padding, -jnp.inf)
     chosen = jnp.zeros(y.shape, jnp.int8)  # the first position holding the maximum
     for k in reversed(range(len(views))):
         chosen = jnp.where(views[k] == y, jnp.int8(k), chosen)

@@ -16,6 +16,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from ops import fold_binary_pair
+from ops.pooling import window_views
 
 Dtype = Any
 # Names of values that training with remat keeps for the backward pass (`models.REMAT_POLICY`).
@@ -47,13 +48,9 @@ def conv2d_as_dot(x, kernel, stride: int, padding: int, **kwargs):
     Used for int8 inputs smaller than the kernel, which XLA's GPU backend rewrites into a
     convolution that cuDNN has no int8 kernel for (seen compiling for sm_90: "Can't lower one or
     more integer convolutions"); such maps are at most 2x2, so the k*k copies cost nothing."""
-    k = kernel.shape[0]
-    _, h, w, c = x.shape
-    oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    windows = [xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
-               for i in range(k) for j in range(k)]  # HWIO order of the kernel's rows
-    patches = jnp.concatenate(windows, axis=-1)  # (n, oh, ow, k * k * c)
+    k, c = kernel.shape[0], x.shape[-1]
+    # the windows in HWIO order of the kernel's rows: (n, oh, ow, k * k * c)
+    patches = jnp.concatenate(window_views(x, k, stride, padding), axis=-1)
     return jnp.dot(patches, kernel.reshape(k * k * c, -1), **kwargs)
 
 
