@@ -18,7 +18,8 @@
 # every wheel in .whl (no dependencies) into a private directory and nothing else, then:
 #   1. the GPU-only tests: pytest -q tests/test_ops.py -k "gpu and not lowers"   (tests.log; the
 #      test that lowers for a GPU without one runs in CI, and would cost device time here)
-#   2. python benchmarks/run.py --compare-backends              (bench.json, bench.log)
+#   2. python benchmarks/run.py --compare-backends --compare-stems   (bench.json, bench.log; the
+#      stem forms add about a minute)
 #   3. if 80 s are left: python benchmarks/profile_steps.py, where the device time of the bfloat16
 #      training and inference steps goes (profile.json; the table in the output)
 #   4. if 150 s are left: python benchmarks/run.py --only train --remat on, the training step
@@ -109,8 +110,8 @@ fi
 # -- 2. benchmark ------------------------------------------------------------------------------
 t=$(( $(left) - 15 )); (( t < 60 )) && t=60
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-timeout "$t" python benchmarks/run.py --compare-backends --output "$OUT/bench.json" \
-  ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+timeout "$t" python benchmarks/run.py --compare-backends --compare-stems \
+  --output "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 log "benchmark: exit $rc"
 (( rc == 0 )) || status=1

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import run as bench  # benchmarks/run.py: the measured steps' configuration
 from ops import ternary
-from sttn_jax import merging, models, quantize, training
+from sttn_jax import layers, merging, models, quantize, training
 
 TARGET = Path(__file__).resolve().parent / "h100_target.txtpb"
 TRAIN_CASES = [(dtype, backend, remat) for dtype in ("fp32", "bf16")
@@ -114,9 +114,10 @@ def _int8_operands(line: str, text: str) -> bool:
     return all(re.search(rf"{re.escape(n)} = s8\[", text) for n in names.groups())
 
 
-def plan_train(device, dtype: str, backend: str, remat: str, batch: int, image_size: int) -> dict:
+def plan_train(device, dtype: str, backend: str, remat: str, batch: int, image_size: int,
+               stem_conv: str = "conv") -> dict:
     """The training step of benchmarks/run.py (student, train-mode teacher, Adam) for `device`."""
-    config = bench.train_config(dtype, backend, batch, image_size, remat)
+    config = bench.train_config(dtype, backend, batch, image_size, remat, stem_conv)
     mesh = training.make_mesh([device])
     tx = training.create_optimizer(config, training.learning_rate_fn(config, 1000))
     state = training.abstract_train_state(config, mesh, tx)
@@ -131,11 +132,12 @@ def plan_train(device, dtype: str, backend: str, remat: str, batch: int, image_s
     return summary(compiled)
 
 
-def plan_eval(device, mode: str, backend: str, batch: int, image_size: int) -> dict:
-    """resnet18_ter inference (fp32, bf16 or int8) as benchmarks/run.py times it, for `device`."""
+def plan_eval(device, mode: str, backend: str, batch: int, image_size: int,
+              stem_conv: str = "conv") -> dict:
+    """resnet18_ter inference (a mode of EVAL_MODES) as benchmarks/run.py times it, for `device`."""
     dtype, inference_dtype = bench.EVAL_MODES[mode]
     module = models.create(bench.EVAL_ARCH, bench.NUM_CLASSES, dtype, backend,
-                           inference_dtype=inference_dtype)
+                           inference_dtype=inference_dtype, stem_conv=stem_conv)
     student = jax.eval_shape(lambda: models.init_variables(
         models.create(bench.STUDENT, bench.NUM_CLASSES), jax.random.PRNGKey(0), image_size))
     student = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), student)
@@ -154,6 +156,8 @@ def parse_args(argv=None):
                    help="batch 8, 32x32; training fp32/triton/remat=on, inference int8 (the test)")
     p.add_argument("--batch", type=int, help="global batch (256)")
     p.add_argument("--image-size", type=int, help="square image side (224)")
+    p.add_argument("--stem-conv", choices=tuple(layers.CONV_FORMS), default="conv",
+                   help="config.stem_conv of every step planned (conv)")
     p.add_argument("--output", help="JSON path (default: print only)")
     args = p.parse_args(argv)
     args.batch = args.batch or (8 if args.smoke else 256)
@@ -166,19 +170,21 @@ def main(argv=None) -> int:
     device = h100()
     ternary.assume_cuda_gpu(90)  # backend "triton" for an sm_90 device not attached
     result = {"device": device.device_kind, "target": TARGET.name, "batch": args.batch,
-              "image_size": args.image_size, "jax_version": jax.__version__, "train": {},
-              "eval": {}}
+              "image_size": args.image_size, "stem_conv": args.stem_conv,
+              "jax_version": jax.__version__, "train": {}, "eval": {}}
     for dtype, backend, remat in SMOKE_TRAIN_CASES if args.smoke else TRAIN_CASES:
         name = f"{dtype}/{backend}/remat={remat}"
         print(f"... train {name}", file=sys.stderr, flush=True)
         result["train"][name] = plan_train(device, dtype, backend, remat, args.batch,
-                                           args.image_size)
+                                           args.image_size, args.stem_conv)
     for mode, backend in SMOKE_EVAL_CASES if args.smoke else EVAL_CASES:
         name = f"{mode}/{backend}"
         print(f"... eval {name}", file=sys.stderr, flush=True)
-        result["eval"][name] = plan_eval(device, mode, backend, args.batch, args.image_size)
+        result["eval"][name] = plan_eval(device, mode, backend, args.batch, args.image_size,
+                                         args.stem_conv)
     lines = [f"XLA's plan for one {device.device_kind}, batch {args.batch}, "
-             f"{args.image_size}x{args.image_size} (compiled without a GPU; not a measurement)",
+             f"{args.image_size}x{args.image_size}, stem_conv {args.stem_conv} (compiled without "
+             "a GPU; not a measurement)",
              f"{'step':<32}{'planned peak GiB':>17}{'temp GiB':>10}{'kernels':>9}{'moved GB':>10}"
              f"{'Triton calls':>14}{'int8 convs':>12}"]
     for kind in ("train", "eval"):

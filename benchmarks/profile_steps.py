@@ -28,7 +28,7 @@ import run as bench  # noqa: E402  (benchmarks/run.py: the measured programs)
 
 import jax  # noqa: E402
 
-PROGRAMS = ("train_fp32", "train_bf16", "eval_fp32", "eval_bf16", "eval_int8")
+PROGRAMS = ("train_fp32", "train_bf16") + tuple(f"eval_{mode}" for mode in bench.EVAL_MODES)
 DEFAULT_PROGRAMS = PROGRAMS[:4]
 
 
@@ -161,11 +161,11 @@ def main(argv=None) -> int:
               "remat": a.remat, "backend": args.backend, "jax_version": jax.__version__,
               "programs": {}}
     for name in args.only:
-        kind, dtype = name.split("_")
+        kind, mode = name.split("_", 1)  # mode: a dtype, or one of run.py's EVAL_MODES
         if kind == "train":
-            call, compiled, compile_s, _ = b.train_program(dtype, args.backend)
+            call, compiled, compile_s, _ = b.train_program(mode, args.backend)
         else:
-            call, compiled, compile_s = b.inference_program(dtype, args.backend)
+            call, compiled, compile_s = b.inference_program(mode, args.backend)
         # as run.py times it (back-to-back steps); this also warms the program up for the trace
         wall = bench.median_seconds(call, max(a.steps // 2, 1), a.warmup, a.steps_per_sample)
         r = profile(call, compiled, args.trace_steps, args.top)

@@ -5,6 +5,7 @@
     python benchmarks/run.py --only act,copy      # a subset of train, eval, stem, act, copy, input
     python benchmarks/run.py --only input         # the host input pipeline, images/s per CPU core
     python benchmarks/run.py --compare-backends   # also training and inference, triton vs xla
+    python benchmarks/run.py --compare-stems      # also bf16 training and inference per stem form
     python benchmarks/run.py --only train --remat on  # the training step recomputing in backward
 
 Measurements (synthetic data already on the device, `jax.block_until_ready` after each sample,
@@ -14,15 +15,17 @@ median of --steps samples after --warmup untimed ones, each program compiled bef
   the peak device memory of each step where the backend reports it (GPU; None on CPU); with
   --remat (default: the config's, "off").
 - eval: resnet18_ter inference (`module.apply(..., train=False)`; the student's random variables
-  merged by `sttn_jax.merging`), float32, bfloat16 and int8 (`inference_dtype="int8"`: int8
-  activations and kernels, int32 sums), images/s.
+  merged by `sttn_jax.merging`), float32, bfloat16, and int8 (`inference_dtype="int8"`: int8
+  activations and kernels, int32 sums) with float32 (int8) and bfloat16 (int8_bf16) float parts
+  (stem, BatchNorm, PReLU, fc), images/s.
 - stem: the 7x7 stem convolution's forward and kernel gradient (what a training step runs of it)
   on the batch, float32 and bfloat16, milliseconds: with the images' 3 channels, as the models
-  run it; zero-padded to 4 and 8 channels; rewritten as a 4x4 stride-1 convolution over 2x2
-  space-to-depth blocks of 12 channels (`stem_conv_space_to_depth`); and as one matrix product
-  over the 49 shifted windows (`layers.conv2d_as_dot`, "im2col": 147-long rows for cuBLAS instead
-  of 3-channel convolution kernels). All compute the same sums; they ask whether the GPU has
-  faster kernels for the other shapes (padding: not on an H200).
+  run it; zero-padded to 4 and 8 channels; and the other forms the models can take
+  (`config.stem_conv`, `layers.CONV_FORMS`): a 4x4 stride-1 convolution over 2x2 space-to-depth
+  blocks of 12 channels, and one matrix product over the 49 shifted windows ("im2col": 147-long
+  rows instead of 3-channel convolution kernels). All compute the same sums; they ask whether the
+  GPU has faster kernels for the other shapes (padding: not on an H200). --compare-stems then
+  times the bfloat16 training step and inference with each form in the models.
 - act: `ops.ternary_activation`, the Triton kernel where it runs (else, or with --backend xla,
   XLA's), forward as training runs it (reads x, writes y and the boolean mask saved for the
   backward) and backward (reads the mask and the incoming gradient, writes the gradient), GB/s
@@ -72,11 +75,12 @@ from sttn_jax import layers, merging, models, quantize, training  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SECTIONS = ("train", "eval", "stem", "act", "copy", "input")
 DEFAULT_SECTIONS = SECTIONS[:5]
-# input channels, space-to-depth, or a matrix product over the 49 shifted windows (`stem_conv`)
-STEM_VARIANTS = ("3", "4", "8", "s2d", "im2col")
-STEM_LABELS = {"s2d": "space-to-depth", "im2col": "im2col"}
+# input channels, or one of the models' other forms (`stem_conv`)
+STEM_VARIANTS = ("3", "4", "8", "space_to_depth", "im2col")
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-EVAL_MODES = {"fp32": (jnp.float32, None), "bf16": (jnp.bfloat16, None), "int8": (jnp.float32, "int8")}
+# inference modes: (dtype of the float parts, inference_dtype)
+EVAL_MODES = {"fp32": (jnp.float32, None), "bf16": (jnp.bfloat16, None),
+              "int8": (jnp.float32, "int8"), "int8_bf16": (jnp.bfloat16, "int8")}
 CONFIG_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 STUDENT, TEACHER, EVAL_ARCH = "resnet18_bwx2", "resnet50", "resnet18_ter"
 NUM_CLASSES = 1000
@@ -85,9 +89,9 @@ FULL = {"batch": 256, "image_size": 224, "steps": 20, "warmup": 5, "act_shape": 
 SMOKE = {"batch": 8, "image_size": 32, "steps": 2, "warmup": 1, "act_shape": (8, 16, 16, 8),
          "calls_per_sample": 2, "steps_per_sample": 1}
 RESULT_KEYS = ("train_fp32_img_s", "train_bf16_img_s", "eval_fp32_img_s", "eval_bf16_img_s",
-               "eval_int8_img_s", "act_fwd_gbps_fp32", "act_fwd_gbps_bf16", "act_bwd_gbps_fp32",
-               "act_bwd_gbps_bf16", "copy_gbps_fp32", "copy_gbps_bf16", "train_fp32_peak_gib",
-               "train_bf16_peak_gib")
+               "eval_int8_img_s", "eval_int8_bf16_img_s", "act_fwd_gbps_fp32", "act_fwd_gbps_bf16",
+               "act_bwd_gbps_fp32", "act_bwd_gbps_bf16", "copy_gbps_fp32", "copy_gbps_bf16",
+               "train_fp32_peak_gib", "train_bf16_peak_gib")
 GIB = 2 ** 30
 
 
@@ -107,6 +111,13 @@ def parse_args(argv=None):
     p.add_argument("--compare-backends", action="store_true",
                    help="also time the training step and inference with act_backend triton and "
                         "xla (fp32 and bf16)")
+    p.add_argument("--compare-stems", action="store_true",
+                   help="also time the bf16 training step and inference (where those sections run) "
+                        "with every stem_conv form")
+    p.add_argument("--stem-conv", choices=tuple(layers.CONV_FORMS),
+                   default=default_config.get_config().stem_conv,
+                   help="config.stem_conv of the training and inference steps (default: the "
+                        "config's)")
     p.add_argument("--remat", choices=("on", "off", "auto"),
                    default=default_config.get_config().remat,
                    help="config.remat of the training steps (default: the config's)")
@@ -171,14 +182,15 @@ def peak_bytes(device):
 
 
 # -- measurements -----------------------------------------------------------------------------
-def train_config(dtype: str, backend: str, batch: int, image_size: int, remat: str):
+def train_config(dtype: str, backend: str, batch: int, image_size: int, remat: str,
+                 stem_conv: str = "conv"):
     """The measured training step's config: STUDENT distilled from a train-mode TEACHER."""
     config = default_config.get_config()
     config.arch, config.teacher_arch, config.num_classes = STUDENT, TEACHER, NUM_CLASSES
     config.dtype, config.act_backend = CONFIG_DTYPE[dtype], backend
     config.batch_size, config.image_size = batch, image_size
     config.teacher_bn_train_mode = True
-    config.remat = remat
+    config.remat, config.stem_conv = remat, stem_conv
     return config
 
 
@@ -213,11 +225,13 @@ class Bench:
             self._ternary = merging.merge_variables(self.student_variables())
         return self._ternary
 
-    def train_program(self, dtype: str, backend: str):
+    def train_program(self, dtype: str, backend: str, stem_conv: str | None = None):
         """(call, compiled, compile seconds, planned temp bytes) of the full training step; each
-        `call()` runs one step on the same batch, the state carried along."""
+        `call()` runs one step on the same batch, the state carried along. stem_conv: default
+        --stem-conv."""
         a = self.args
-        config = train_config(dtype, backend, a.batch, a.image_size, a.remat)
+        config = train_config(dtype, backend, a.batch, a.image_size, a.remat,
+                              stem_conv or a.stem_conv)
         tx = training.create_optimizer(config, training.learning_rate_fn(config, 1000))
         state = training.create_train_state(config, self.mesh, tx,
                                             variables=self.student_variables())
@@ -235,23 +249,25 @@ class Bench:
         call.remat = training.use_remat(config)
         return call, step, compile_s, temp
 
-    def train(self, dtype: str, backend: str, name: str) -> float:
+    def train(self, dtype: str, backend: str, name: str, stem_conv: str | None = None) -> float:
         """Images/s of the full training step."""
         a = self.args
-        call, _, compile_s, temp = self.train_program(dtype, backend)
+        call, _, compile_s, temp = self.train_program(dtype, backend, stem_conv)
         seconds = median_seconds(call, a.steps, a.warmup, a.steps_per_sample)
         loss = float(call()[1]["loss"])
         self.details[name] = {"median_ms": seconds * 1e3, "compile_s": compile_s,
                               "compiled_temp_gib": None if temp is None else temp / GIB,
                               "final_loss": loss, "act_backend": backend,
-                              "remat": call.remat}
+                              "remat": call.remat, "stem_conv": stem_conv or a.stem_conv}
         return a.batch / seconds
 
-    def inference_program(self, mode: str, backend: str):
-        """(call, compiled, compile seconds) of resnet18_ter inference (mode: fp32, bf16, int8)."""
+    def inference_program(self, mode: str, backend: str, stem_conv: str | None = None):
+        """(call, compiled, compile seconds) of resnet18_ter inference (mode: EVAL_MODES;
+        stem_conv: default --stem-conv)."""
         dtype, inference_dtype = EVAL_MODES[mode]
         module = models.create(EVAL_ARCH, NUM_CLASSES, dtype, backend,
-                               inference_dtype=inference_dtype)
+                               inference_dtype=inference_dtype,
+                               stem_conv=stem_conv or self.args.stem_conv)
         variables = self.ternary_variables()
         if inference_dtype == "int8":
             variables = quantize.int8_variables(jax.device_get(variables))
@@ -261,12 +277,13 @@ class Bench:
                                          variables, images)
         return (lambda: fn(variables, images)), fn, compile_s
 
-    def inference(self, mode: str, backend: str, name: str) -> float:
-        """Images/s of resnet18_ter inference (mode: fp32, bf16 or int8)."""
+    def inference(self, mode: str, backend: str, name: str, stem_conv: str | None = None) -> float:
+        """Images/s of resnet18_ter inference (mode: EVAL_MODES)."""
         a = self.args
-        call, _, compile_s = self.inference_program(mode, backend)
+        call, _, compile_s = self.inference_program(mode, backend, stem_conv)
         seconds = median_seconds(call, a.steps, a.warmup, a.steps_per_sample)
-        self.details[name] = {"median_ms": seconds * 1e3, "compile_s": compile_s}
+        self.details[name] = {"median_ms": seconds * 1e3, "compile_s": compile_s,
+                              "stem_conv": stem_conv or a.stem_conv}
         return a.batch / seconds
 
     def stem(self, dtype: str) -> dict:
@@ -333,10 +350,8 @@ class Bench:
 
 def stem_conv(variant: str):
     """The stem convolution (7x7, stride 2, padding 3) of STEM_VARIANTS: `conv(x, kernel)`."""
-    if variant == "s2d":
-        return stem_conv_space_to_depth
-    if variant == "im2col":
-        return lambda x, kernel: layers.conv2d_as_dot(x, kernel, 2, 3)
+    if variant in layers.CONV_FORMS:
+        return lambda x, kernel: layers.CONV_FORMS[variant](x, kernel, 2, 3)
     return lambda x, kernel: stem_conv_padded(x, kernel, int(variant))
 
 
@@ -347,20 +362,6 @@ def stem_conv_padded(x, kernel, channels: int):
     x = jnp.pad(x, ((0, 0),) * 3 + ((0, extra),))
     kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra), (0, 0)))
     return layers.conv2d(x, kernel, 2, 3)
-
-
-def stem_conv_space_to_depth(x, kernel):
-    """The stem convolution (7x7, stride 2, padding 3) as a 4x4 stride-1 convolution without
-    padding over the padded image's 2x2 blocks stacked into 4x the channels, the kernel zero-padded
-    to 8x8 and stacked alike: the same products, summed in another order."""
-    n, h, w, c = x.shape
-    x = jnp.pad(x, ((0, 0), (3, 3 + h % 2), (3, 3 + w % 2), (0, 0)))  # even sides
-    hp, wp = x.shape[1] // 2, x.shape[2] // 2
-    x = x.reshape(n, hp, 2, wp, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, 4 * c)
-    o = kernel.shape[-1]
-    kernel = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
-    kernel = kernel.reshape(4, 2, 4, 2, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(4, 4, 4 * c, o)
-    return layers.conv2d(x, kernel, 1, 0)
 
 
 def resolved_backends(backend: str) -> dict:
@@ -444,6 +445,9 @@ def run(args, save=lambda result: None) -> dict:
     if args.compare_backends:  # right after the main runs: the "within 3 %" target, and "auto"
         result["compare_backends"] = {}
         compare_backends(bench, result, measure, result["compare_backends"])
+    if args.compare_stems:
+        result["compare_stems"] = {}
+        compare_stems(bench, result, measure, result["compare_stems"])
     if "stem" in args.only:
         result["stem_ms"] = {}
         for dtype in DTYPES:
@@ -498,6 +502,22 @@ def compare_backends(bench, result, measure, out: dict) -> None:
                 row["triton_over_xla"] = row["triton"] / row["xla"]
 
 
+def compare_stems(bench, result, measure, out: dict) -> None:
+    """Fills `out` with {key: {stem form: images/s}} of the bfloat16 training step and inference
+    (those of the train and eval sections that ran), the main runs' form reused."""
+    a = bench.args
+    for kind in ("train", "eval"):
+        if kind not in a.only:
+            continue
+        key = f"{kind}_bf16_img_s"
+        row = out[key] = {a.stem_conv: result.get(key)}
+        timed = bench.train if kind == "train" else bench.inference
+        for form in layers.CONV_FORMS:
+            if form != a.stem_conv:
+                name = f"{kind}_bf16_stem_{form}"
+                row[form] = measure(name, lambda n=name, f=form: timed("bf16", a.backend, n, f))
+
+
 # -- report -----------------------------------------------------------------------------------
 def fmt(value, digits=1):
     return "-" if value is None else f"{value:,.{digits}f}"
@@ -534,7 +554,7 @@ def table(result: dict) -> str:
         row(f"eval {EVAL_ARCH} {mode}", f"eval_{mode}_img_s", "img/s", f"eval_{mode}")
     for dtype, times in (result.get("stem_ms") or {}).items():
         lines.append(f"{'stem conv ' + dtype + ' fwd+dW':<26}" + ", ".join(
-            f"{STEM_LABELS.get(v, v + ' channels')} {ms:.3f} ms"
+            f"{v if v in layers.CONV_FORMS else v + ' channels'} {ms:.3f} ms"
             for v, ms in times.items()))
     for dtype in DTYPES:
         copy = result.get(f"copy_gbps_{dtype}")
@@ -555,6 +575,10 @@ def table(result: dict) -> str:
                          + (f"  triton {100 * (ratio - 1):+.1f}%" if ratio else ""))
         if cmp["triton_unavailable"]:
             lines.append(f"triton unavailable: {cmp['triton_unavailable']}")
+    for key, row in (result.get("compare_stems") or {}).items():
+        label = key.removesuffix("_img_s").replace("_", " ") + " by stem"
+        lines.append(f"{label:<26}" + ", ".join(f"{form} {fmt(v)}" for form, v in row.items())
+                     + " img/s")
     for name, err in result["errors"].items():
         lines.append(f"ERROR {name}: {err.splitlines()[0][:200]}")
     return "\n".join(lines)

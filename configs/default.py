@@ -18,6 +18,9 @@ def get_config():
     # whose XLA compiler undoes it)
     c.inference_dtype = "float"  # evaluation: float (in config.dtype) | int8 (merged ternary
     # models: int8 activations and kernels, exact int32 sums)
+    c.stem_conv = "conv"  # the 7x7 stem convolution (student and teacher) as: conv |
+    # space_to_depth (a 4x4 convolution over 12 channels) | im2col (a matrix product): the same
+    # sums, other GPU kernels (docs/gpu.md)
     # data (TFDS)
     c.dataset = "imagenet2012"
     c.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)

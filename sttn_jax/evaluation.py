@@ -70,7 +70,7 @@ def evaluate_checkpoint(config, source, *, arch: str | None = None, split: str |
         except ValueError as e:
             raise CheckpointError(f"{loaded.path}: {e}") from None
         module = models.create(cfg.arch, cfg.num_classes, training.DTYPES[cfg.dtype],
-                               cfg.act_backend, inference_dtype="int8")
+                               cfg.act_backend, inference_dtype="int8", stem_conv=cfg.stem_conv)
     variables = jax.device_put(jax.tree_util.tree_map(np.asarray, variables),
                                training.replicated(mesh))
     logging.info("evaluating %s on %s/%s: %d batches of %d over %d devices", loaded.describe(),

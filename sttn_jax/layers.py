@@ -54,6 +54,34 @@ def conv2d_as_dot(x, kernel, stride: int, padding: int, **kwargs):
     return jnp.dot(patches, kernel.reshape(k * k * c, -1), **kwargs)
 
 
+def conv2d_space_to_depth(x, kernel, stride: int, padding: int):
+    """`conv2d(x, kernel, 2, padding)` as a stride-1 convolution without padding over the padded
+    input's 2x2 blocks stacked into 4x the channels, the kernel (zero-padded to an even size)
+    stacked alike: the same products, summed in another order. Stride 2 only."""
+    if stride != 2:
+        raise ValueError(f"conv2d_space_to_depth computes stride-2 convolutions, not stride "
+                         f"{stride}")
+    n, h, w, c = x.shape
+    x = jnp.pad(x, ((0, 0), (padding, padding + h % 2), (padding, padding + w % 2), (0, 0)))
+    hb, wb = x.shape[1] // 2, x.shape[2] // 2
+    x = x.reshape(n, hb, 2, wb, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hb, wb, 4 * c)
+    k, o = kernel.shape[0], kernel.shape[-1]
+    kb = (k + 1) // 2
+    kernel = jnp.pad(kernel, ((0, 2 * kb - k), (0, 2 * kb - k), (0, 0), (0, 0)))
+    kernel = kernel.reshape(kb, 2, kb, 2, c, o).transpose(0, 2, 1, 3, 4, 5)
+    kernel = kernel.reshape(kb, kb, 4 * c, o)
+    # the blocks' extra row and column (odd sizes, or padding past the last window) are cut off
+    oh, ow = (h + 2 * padding - k) // 2 + 1, (w + 2 * padding - k) // 2 + 1
+    return conv2d(x, kernel, 1, 0)[:, :oh, :ow]
+
+
+# The ways `Conv` can compute its convolution, all the same sums. They differ in the GPU kernels
+# they become: a 7x7 stride-2 convolution over 3 channels (the stem) ran at ~34 TFLOP/s in cuDNN on
+# an H200 (docs/gpu.md); space-to-depth makes it a 4x4 one over 12 channels, im2col a matrix
+# product with rows of 147.
+CONV_FORMS = {"conv": conv2d, "space_to_depth": conv2d_space_to_depth, "im2col": conv2d_as_dot}
+
+
 class BatchNorm(nn.Module):
     """nn.BatchNorm2d semantics: training normalises with the biased batch variance and puts the
     unbiased one (n / (n - 1)) into the running average; momentum 0.1 weighs the new batch.
@@ -123,7 +151,8 @@ class PReLU(nn.Module):
 
 
 class Conv(nn.Module):
-    """nn.Conv2d in NHWC: full-precision kernel, optional bias, PyTorch padding."""
+    """nn.Conv2d in NHWC: full-precision kernel, optional bias, PyTorch padding; `form` one of
+    CONV_FORMS (the same sums)."""
     features: int
     kernel_size: int
     stride: int = 1
@@ -132,13 +161,15 @@ class Conv(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = normal_std_over_fan_in
+    form: str = "conv"
 
     @nn.compact
     def __call__(self, x):
         k, cin = self.kernel_size, x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features),
                             self.param_dtype)
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+        y = CONV_FORMS[self.form](x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
+                                  self.padding)
         y = checkpoint_name(y, CONV_OUT)
         if self.use_bias:
             bias = self.param("bias", torch_default_bias(cin * k * k), (self.features,),
@@ -184,9 +215,12 @@ class Int8TernaryConv(_BlockConv):
         else:
             acc = conv2d(x, codes, self.stride, self.padding, preferred_element_type=jnp.int32)
         # int32 -> float32 right after the convolution (exact: |acc| <= 2 * 9 * 512 < 2 ** 24): the
-        # form of integer convolution XLA's GPU backend supports (it refuses a bare int32 result)
-        y = acc.astype(jnp.float32).astype(self.dtype)
-        return y * scale.astype(self.dtype) + bias.astype(self.dtype)
+        # form of integer convolution XLA's GPU backend supports (it refuses a bare int32 result).
+        # The scale applies in float32 (or wider), so that a bfloat16 model rounds the product once
+        # instead of the sum, the scale and the product each.
+        sdt = jnp.promote_types(self.dtype, jnp.float32)
+        y = acc.astype(jnp.float32).astype(sdt) * scale.astype(sdt)
+        return y.astype(self.dtype) + bias.astype(self.dtype)
 
 
 class BinaryPairConv(_BlockConv):

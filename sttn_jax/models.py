@@ -20,8 +20,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ops import max_pool, ternary_activation
 from sttn_jax.errors import CheckpointError, ConfigError
-from sttn_jax.layers import (BN_STATS, CONV_OUT, BatchNorm, BinaryPairConv, Conv, Dense, Dtype,
-                             Int8TernaryConv, PReLU)
+from sttn_jax.layers import (BN_STATS, CONV_FORMS, CONV_OUT, BatchNorm, BinaryPairConv, Conv, Dense,
+                             Dtype, Int8TernaryConv, PReLU)
 
 BWX2, TERNARY, TEACHER = "resnet18_bwx2", "resnet18_ter", "resnet50"
 # The architectures by name: what `create` builds, every tool accepts and every message lists.
@@ -35,6 +35,8 @@ RESNET18_BLOCKS = ((64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 
                    (256, 256, 1), (256, 512, 2), (512, 512, 1))
 FIRST_BLOCK_INDEX = 4
 MIN_IMAGE_SIZE = 32
+# How the 7x7 stem convolution (of every arch) can be computed: the same sums, other GPU kernels.
+STEM_CONVS = tuple(CONV_FORMS)
 # With remat, the stem and each block run under jax.checkpoint, and their backward pass keeps only
 # their input and these values: convolution outputs, the residual sum before a block's first PReLU
 # and BatchNorm's statistics. BatchNorm's normalisation, the ternary activations and their masks,
@@ -87,7 +89,7 @@ class STTNBasicBlock(nn.Module):
 
 class STTNResNet18(nn.Module):
     """`resnet18_bwx2` (ternary_weights=False) and `resnet18_ter` (True) of the original;
-    inference_dtype="int8" and remat: see `create`."""
+    inference_dtype, remat and stem_conv: see `create`."""
     num_classes: int = 1000
     ternary_weights: bool = False
     dtype: Dtype = jnp.float32
@@ -95,10 +97,12 @@ class STTNResNet18(nn.Module):
     bn_axis_name: str | None = None
     inference_dtype: str | None = None
     remat: bool = False
+    stem_conv: str = "conv"
 
     def stem(self, x, train: bool):
         """features.0-3: the full-precision 7x7 convolution, BatchNorm, PReLU and max pooling."""
-        x = Conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, name="features_0")(x)
+        x = Conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, form=self.stem_conv,
+                 name="features_0")(x)
         x = BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name="features_1")(x, train)
         x = PReLU(dtype=self.dtype, name="features_2")(x)
         return max_pool(x, 3, 2, 1)
@@ -155,13 +159,14 @@ class ResNet50(nn.Module):
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
+    stem_conv: str = "conv"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         check_images(x)
         x = x.astype(self.dtype)
         x = Conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, kernel_init=kaiming_normal_fan_out,
-                 name="conv1")(x)
+                 form=self.stem_conv, name="conv1")(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name="bn1")(x, train))
         x = max_pool(x, 3, 2, 1)
         for stage, blocks in enumerate(self.stage_sizes):
@@ -185,7 +190,7 @@ def check_images(x):
 
 def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: str = "auto",
            bn_axis_name: str | None = None, inference_dtype: str | None = None,
-           remat: bool = False) -> nn.Module:
+           remat: bool = False, stem_conv: str = "conv") -> nn.Module:
     """The Flax module for `arch`, one of ARCHS. dtype: the computation dtype (bfloat16 for speed,
     float64 with jax x64 for parity checks; parameters are float32 either way). act_backend: see
     `ops.ternary_activation`. bn_axis_name: a mapped axis to synchronise BatchNorm statistics over.
@@ -193,17 +198,21 @@ def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: s
     convolutions in integers, on `sttn_jax.quantize.int8_variables(variables)`). remat (the STTN
     ResNet-18s): the stem and every block under jax.checkpoint with REMAT_POLICY, for training:
     the same function (identical values in float64; float32 may round differently), about a
-    quarter of the activation memory for the backward pass."""
+    quarter of the activation memory for the backward pass. stem_conv: how the 7x7 stem
+    convolution is computed, one of STEM_CONVS (`layers.CONV_FORMS`: the same sums; a speed
+    choice)."""
     check_arch(arch)
+    if stem_conv not in STEM_CONVS:
+        raise ValueError(f"unknown stem_conv {stem_conv!r}; choose one of {', '.join(STEM_CONVS)}")
     if inference_dtype not in (None, "float", "int8"):
         raise ValueError(f"unknown inference_dtype {inference_dtype!r}; choose None (float) or 'int8'")
     if inference_dtype == "int8" and arch != TERNARY:
         raise ValueError(f"inference_dtype='int8' needs the merged ternary model: create "
                          f"'resnet18_ter' (merge a resnet18_bwx2 with merge.py), not {arch!r}")
     if arch == TEACHER:
-        return ResNet50(num_classes, dtype, bn_axis_name)
+        return ResNet50(num_classes, dtype, bn_axis_name, stem_conv=stem_conv)
     return STTNResNet18(num_classes, arch == TERNARY, dtype, act_backend, bn_axis_name,
-                        None if inference_dtype == "float" else inference_dtype, remat)
+                        None if inference_dtype == "float" else inference_dtype, remat, stem_conv)
 
 
 def init_variables(module: nn.Module, rng, image_size: int = 224, batch: int = 1):

@@ -53,11 +53,15 @@ def shard_batch(mesh: Mesh, batch: dict) -> dict:
 
 
 def check_model_config(config) -> None:
-    """What training and evaluation share: the dtype and the image and resize sizes."""
+    """What training and evaluation share: the dtype, the stem's form, the image and resize
+    sizes."""
     if config.dtype not in DTYPES:
         raise ConfigError(f"config.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}")
     if config.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError("config.dtype='float64' needs JAX_ENABLE_X64=1 in the environment")
+    if config.stem_conv not in models.STEM_CONVS:
+        raise ConfigError(f"config.stem_conv={config.stem_conv!r}: choose one of "
+                          f"{', '.join(models.STEM_CONVS)}")
     if config.image_size < models.MIN_IMAGE_SIZE:
         raise ConfigError(f"config.image_size={config.image_size}: images must be at least "
                           f"{models.MIN_IMAGE_SIZE} (the network downsamples 32x); use "
@@ -180,9 +184,10 @@ def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
     dtype = DTYPES[config.dtype]
     axis = DATA_AXIS if config.sync_batch_stats else None
     student = models.create(config.arch, config.num_classes, dtype, config.act_backend, axis,
-                            remat=use_remat(config))
+                            remat=use_remat(config), stem_conv=config.stem_conv)
     teacher = None if teacher_variables is None else models.create(
-        config.teacher_arch, config.num_classes, dtype, config.act_backend, axis)
+        config.teacher_arch, config.num_classes, dtype, config.act_backend, axis,
+        stem_conv=config.stem_conv)
 
     def step_fn(state, batch, teacher_vars):
         images, labels = batch["image"], batch["label"]
@@ -240,7 +245,7 @@ def make_eval_step(config, mesh: Mesh, module=None) -> Callable:
     """`eval_step(variables, batch) -> sums` of loss, top-1, top-5 and count of real (mask 1)
     examples in the global batch."""
     model = module or models.create(config.arch, config.num_classes, DTYPES[config.dtype],
-                                    config.act_backend)
+                                    config.act_backend, stem_conv=config.stem_conv)
 
     def step_fn(variables, batch):
         logits = model.apply(variables, batch["image"], train=False)

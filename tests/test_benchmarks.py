@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMED_KEYS = ("train_fp32_img_s", "train_bf16_img_s", "eval_fp32_img_s", "eval_bf16_img_s",
-              "eval_int8_img_s",
+              "eval_int8_img_s", "eval_int8_bf16_img_s",
               "act_fwd_gbps_fp32", "act_fwd_gbps_bf16", "act_bwd_gbps_fp32", "act_bwd_gbps_bf16",
               "copy_gbps_fp32", "copy_gbps_bf16")
 SETTING_KEYS = ("batch", "image_size", "steps", "warmup", "backend", "jax_version", "date")
@@ -47,6 +47,26 @@ def test_benchmark_smoke_writes_every_key(tmp_path):
     # the table
     assert "train step bf16" in proc.stdout and "copy fp32" in proc.stdout and str(out) in proc.stdout
     assert "eval bf16 triton/xla" in proc.stdout
+
+
+def test_benchmark_times_inference_with_every_stem_form(tmp_path):
+    """--stem-conv sets the main runs' form; --compare-stems adds the others (inference only
+    here: the training step's forms are compiled by the GPU plan test, and cost a minute)."""
+    out = tmp_path / "stems.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke",
+                           "--only", "eval", "--stem-conv", "im2col", "--compare-stems",
+                           "--output", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == {} and result["train_bf16_img_s"] is None
+    row = result["compare_stems"]["eval_bf16_img_s"]
+    assert list(row) == ["im2col", "conv", "space_to_depth"]
+    assert row["im2col"] == result["eval_bf16_img_s"] and all(v > 0 for v in row.values())
+    assert result["details"]["eval_int8_bf16"]["stem_conv"] == "im2col"
+    assert result["details"]["eval_bf16_stem_conv"]["stem_conv"] == "conv"
+    assert list(result["compare_stems"]) == ["eval_bf16_img_s"]
+    assert "eval bf16 by stem" in proc.stdout
 
 
 def test_benchmark_imports_no_tensorflow_and_rejects_bad_options():
@@ -84,7 +104,8 @@ def test_gpu_plan_compiles_training_and_int8_inference_for_an_h100_without_one(t
     no GPU attached. The training step with backend "triton" keeps its 32 kernel calls (16 and 16
     recomputed under remat) through XLA's GPU pipeline; int8 inference at 32x32 compiles, with its
     larger convolutions as cuDNN int8 convolutions (before layers.conv2d_as_dot, the 2x2 and
-    1x1 maps failed there: "Can't lower one or more integer convolutions")."""
+    1x1 maps failed there: "Can't lower one or more integer convolutions"). The stems compute
+    as im2col (config.stem_conv), which compiles there too."""
     plugin = Path(sys.prefix) / "cuda-lowering"
     if not (plugin / "jax_plugins" / "xla_cuda13").is_dir() or not (plugin / "jax_triton").is_dir():
         message = f"needs JAX's CUDA PJRT plugin and jax-triton in {plugin} (make install-test)"
@@ -95,18 +116,19 @@ def test_gpu_plan_compiles_training_and_int8_inference_for_an_h100_without_one(t
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), str(ROOT)]),
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_plan.py"), "--smoke",
-                           "--output", str(out)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+                           "--stem-conv", "im2col", "--output", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(out.read_text())
     assert result["device"] == "NVIDIA H100 80GB HBM3" and result["batch"] == 8
+    assert result["stem_conv"] == "im2col"
     train = result["train"]["fp32/triton/remat=on"]
     assert train["kernel_calls"] == 32
     assert 0 < train["arguments_gib"] < train["planned_peak_gib"] < 2
     assert train["kernels"] > 100 and train["moved_gb"] > 0
     int8 = result["eval"]["int8/xla"]
     assert int8["cudnn_int8_convs"] == 9 and int8["kernel_calls"] == 0
-    assert "not a measurement" in proc.stdout
+    assert "not a measurement" in proc.stdout and "stem_conv im2col" in proc.stdout
 
 
 def test_gpu_plan_counts_each_kernels_operands_and_results():
@@ -162,15 +184,15 @@ ENTRY %main (p: f32[4]) -> f32[4] {
 
     out = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_steps.py"), "--smoke",
-                           "--only", "eval_fp32", "--output", str(out)],
+                           "--only", "eval_int8_bf16", "--output", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    r = json.loads(out.read_text())["programs"]["eval_fp32"]
+    r = json.loads(out.read_text())["programs"]["eval_int8_bf16"]
     assert r["kernels_per_step"] > 0 and r["by_category_ms"].get("convolution", 0) > 0
     # the compiled module's op names were found: most of the time is attributed to the network
     assert r["by_part_ms"].get("other", 0) > r["by_part_ms"].get("unattributed", 0)
     assert any("/STTNResNet18/" in t["op_name"] for t in r["top"])
-    assert "== eval_fp32" in proc.stdout
+    assert "== eval_int8_bf16" in proc.stdout
 
 
 @pytest.mark.parametrize("size", [32, 33])
@@ -186,7 +208,7 @@ def test_benchmark_stem_variants_compute_the_stem_convolution(x64, size):
     from sttn_jax import layers
 
     want = np.asarray(layers.conv2d(x, k, 2, 3))
-    assert m["STEM_VARIANTS"] == ("3", "4", "8", "s2d", "im2col")
+    assert m["STEM_VARIANTS"] == ("3", "4", "8", "space_to_depth", "im2col")
     for variant in m["STEM_VARIANTS"]:
         got = m["stem_conv"](variant)(x, k)
         assert got.shape == want.shape

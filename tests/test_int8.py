@@ -3,9 +3,10 @@
 
 The logits are judged against the same merged model computed in float64. The int8 model's block
 convolutions are exact integer sums, then one rounding for the scale and one for the bias: each of
-them is closer to float64 than the float32 convolution (tested layer by layer), the whole int8
-model in float32 is as close to float64 as the float32 model (the float parts they share dominate
-that error), and the int8 model computed in float64 equals the float64 model.
+them is closer to float64 than the float convolution of the same dtype (float32 or bfloat16; tested
+layer by layer), the whole int8 model in float32 (bfloat16) is as close to float64 as the float32
+(bfloat16) model (the float parts they share dominate that error), and the int8 model computed in
+float64 equals the float64 model.
 
 Random variables are drawn with numpy on the model's shapes (`jax.eval_shape`), not with
 `models.init_variables`, which compiles for ~17 s on the 2-core test machine. Their BatchNorm
@@ -350,9 +351,23 @@ def block_convolutions_in_float64(merged_variables, x):
             for p in quantize.ternary_conv_paths()}
 
 
-def test_every_block_convolution_closer_to_float64_than_float32(merged_trained):
-    """In the trained model, on its own activations: each int8 convolution is within one float32
-    ulp of the float64 one (exact sum, two roundings) and closer than the float32 convolution."""
+def ulp(magnitude, dtype):
+    """The spacing of `dtype` (float32 or bfloat16) floats at `magnitude` (float64 array)."""
+    mantissa_bits = {jnp.float32: 23, jnp.bfloat16: 7}[dtype]
+    exponent = np.floor(np.log2(np.maximum(magnitude, np.finfo(np.float32).tiny)))
+    return 2.0 ** (exponent - mantissa_bits)
+
+
+# Roundings of the int8 layer's output: the scaled sum and the sum with the bias, each half an ulp;
+# in bfloat16 the bias itself too.
+INT8_ULPS = {jnp.float32: 1.0, jnp.bfloat16: 1.5}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_every_block_convolution_closer_to_float64_than_the_float_one(merged_trained, dtype):
+    """In the trained model, on its own activations: each int8 convolution (exact sum, then the
+    scale in float32 and the bias, in `dtype`) is within its roundings of the float64 one and
+    closer than the float convolution in the same dtype, whose kernel is rounded too."""
     int8_params = quantize.int8_variables(merged_trained)["params"]
     worst = []
     for path, (kernel, bias, x, ref) in block_convolutions_in_float64(
@@ -360,17 +375,22 @@ def test_every_block_convolution_closer_to_float64_than_float32(merged_trained):
         module, conv = path.split("/")
         stride = x.shape[1] // ref.shape[1]
         assert set(np.unique(x).tolist()) <= {-1.0, 0.0, 1.0}
-        out_f32 = layers.Conv(kernel.shape[-1], 3, stride, 1).apply(
-            {"params": {"kernel": kernel, "bias": bias}}, x.astype(np.float32))
-        out_int8 = layers.Int8TernaryConv(kernel.shape[-1], stride).apply(
+        out_float = layers.Conv(kernel.shape[-1], 3, stride, 1, dtype=dtype).apply(
+            {"params": {"kernel": kernel, "bias": bias}}, x.astype(dtype))
+        out_int8 = layers.Int8TernaryConv(kernel.shape[-1], stride, dtype=dtype).apply(
             {"params": int8_params[module][conv]}, x.astype(np.int8))
-        err_f32 = np.abs(np.asarray(out_f32, np.float64) - ref)
+        assert out_float.dtype == out_int8.dtype == dtype
+        err_float = np.abs(np.asarray(out_float, np.float64) - ref)
         err_int8 = np.abs(np.asarray(out_int8, np.float64) - ref)
-        ulp = np.spacing((np.abs(ref) + np.abs(bias)).astype(np.float32)).astype(np.float64)
-        assert np.all(err_int8 <= ulp), path
-        assert err_int8.max() <= err_f32.max(), path
-        worst.append((path, err_f32.max() / np.abs(ref).max(), err_int8.max() / np.abs(ref).max()))
-    print("block convolutions, max error / max|output| (float32, int8):",
+        bound = INT8_ULPS[dtype] * ulp(np.abs(ref) + np.abs(bias), dtype)
+        assert np.all(err_int8 <= bound), (path, float(np.max(err_int8 / bound)))
+        # closer on average; in float32 also at worst (in bfloat16 the output's own rounding,
+        # shared by both, decides the worst error)
+        assert np.sqrt(np.mean(err_int8 ** 2)) <= np.sqrt(np.mean(err_float ** 2)), path
+        assert dtype == jnp.bfloat16 or err_int8.max() <= err_float.max(), path
+        largest = np.abs(ref).max()
+        worst.append((path, err_float.max() / largest, err_int8.max() / largest))
+    print(f"block convolutions in {jnp.dtype(dtype).name}, max error / max|output| (float, int8):",
           ", ".join(f"{p} {a:.1e} {b:.1e}" for p, a, b in worst))
 
 
@@ -390,6 +410,28 @@ def test_int8_logits_at_least_as_close_to_float64_as_float32(model, merged, merg
     assert max(max_int8, max_f32) <= ERROR_BOUND * scale
     np.testing.assert_array_equal(np.argmax(i8, -1), np.argmax(f64, -1))
     np.testing.assert_array_equal(np.argmax(f32, -1), np.argmax(f64, -1))
+
+
+@pytest.mark.parametrize("model", ["random", "trained"])
+def test_int8_with_bfloat16_float_parts_as_close_to_float64_as_the_bfloat16_model(
+        model, merged, merged_trained):
+    """config.dtype=bfloat16 with inference_dtype=int8: the int8 block convolutions with the stem,
+    BatchNorm, PReLU and fc in bfloat16, against the bfloat16 float model. Both errors come mostly
+    from activations that bfloat16 rounding moves across a threshold (top-1 differs from float64's
+    in up to 44 % of these random images, in both), so only "not larger" holds: measured over 8
+    models x 2 batches, the int8 model's RMS error 0.83-1.15x and largest error 0.71-1.30x the
+    bfloat16 model's."""
+    variables = merged if model == "random" else merged_trained
+    x = images(16, 32, seed=3)
+    f64 = float64_logits(variables, x)
+    bf16 = np.asarray(_apply(TER, jnp.bfloat16)(variables, x), np.float64)
+    i8 = _apply(TER, jnp.bfloat16, "int8")(quantize.int8_variables(variables), x)
+    assert i8.dtype == jnp.bfloat16
+    (max_bf16, rms_bf16) = errors(bf16, f64)
+    (max_int8, rms_int8) = errors(np.asarray(i8, np.float64), f64)
+    print(f"{model}: bfloat16 - float64 max {max_bf16:.3e} rms {rms_bf16:.3e}; int8 in bfloat16 - "
+          f"float64 max {max_int8:.3e} rms {rms_int8:.3e} (|logit| <= {np.abs(f64).max():.3f})")
+    assert rms_int8 <= rms_bf16 * RMS_SLACK and max_int8 <= max_bf16 * MAX_SLACK
 
 
 def test_int8_logits_at_224(merged):

@@ -4,6 +4,7 @@ import logging
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,6 +238,55 @@ def test_the_triton_backend_path_runs_under_remat(monkeypatch):
 
     for a, b in zip(grads("xla"), grads("triton")):
         np.testing.assert_array_equal(b, a)
+
+
+@pytest.mark.parametrize("form", ["space_to_depth", "im2col"])
+@pytest.mark.parametrize("shape", [(32, 34, 7, 3), (33, 35, 7, 3), (15, 17, 4, 1), (9, 9, 5, 0),
+                                   (10, 11, 1, 0)])
+def test_conv_forms_compute_the_convolution_and_its_gradients(x64, form, shape):
+    """`layers.CONV_FORMS` (the models' stem_conv): values and both gradients of a stride-2
+    convolution in float64, at odd and even sizes and kernels, with and without padding."""
+    h, w, k, padding = shape
+    rng = np.random.default_rng(k)
+    x, kernel = rng.normal(size=(2, h, w, 3)), rng.normal(size=(k, k, 3, 5))
+    want, want_vjp = jax.vjp(lambda a, b: layers.conv2d(a, b, 2, padding), x, kernel)
+    got, got_vjp = jax.vjp(lambda a, b: layers.CONV_FORMS[form](a, b, 2, padding), x, kernel)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    g = rng.normal(size=want.shape)
+    for a, b in zip(got_vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_stem_conv_reaches_the_stems_and_nothing_else(x64, variables32):
+    """models.create(stem_conv=...) computes the 7x7 stem of the student and of the teacher in that
+    form, every other convolution as before; the student's training forward pass is unchanged
+    (float64)."""
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, layers.Conv) and context.method_name == "__call__":
+            seen.append(("/".join(context.module.scope.path), context.module.form))
+        return next_fun(*args, **kwargs)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)))
+    with nn.intercept_methods(record):
+        for arch in (models.BWX2, models.TEACHER):
+            module = models.create(arch, 10, jnp.float64, stem_conv="im2col")
+            jax.eval_shape(lambda m=module: m.init(jax.random.PRNGKey(0), x, train=False))
+    assert ("features_0", "im2col") in seen and ("conv1", "im2col") in seen
+    assert all(form == "conv" for path, form in seen if path not in ("features_0", "conv1"))
+    assert len({path for path, _ in seen}) == 54  # 1 student stem, 53 teacher convolutions
+
+    v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a,
+                               variables32[models.BWX2])
+    outs = [models.create(models.BWX2, 1000, jnp.float64, stem_conv=form).apply(
+        v, x, train=True, mutable=["batch_stats"]) for form in models.STEM_CONVS]
+    for out in outs[1:]:
+        for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(outs[0])):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="unknown stem_conv 'fft'; choose one of conv, "):
+        models.create(models.BWX2, stem_conv="fft")
 
 
 def test_prelu_matches_torch():

@@ -146,11 +146,34 @@ def test_config_checks_name_the_fix():
                                 ("arch", "resnet50", "set --config.arch=resnet18_bwx2"),
                                 ("dtype", "float16", "choose one of"),
                                 ("image_size", 16, "at least 32"),
-                                ("remat", "yes", "choose one of auto, on, off")]:
+                                ("remat", "yes", "choose one of auto, on, off"),
+                                ("stem_conv", "fft", "config.stem_conv='fft': choose one of conv, "
+                                 "space_to_depth, im2col")]:
         bad = default.get_config()
         bad[key] = value
         with pytest.raises(training.ConfigError, match=message):
             training.check_config(bad, 8)
+
+
+def test_train_and_eval_steps_build_student_and_teacher_with_config_stem_conv(monkeypatch):
+    """config.stem_conv reaches every model the steps build (the forms: test_models)."""
+    built, create = [], models.create
+
+    def recording_create(arch, *args, **kwargs):
+        built.append((arch, kwargs.get("stem_conv")))
+        return create(arch, *args, **kwargs)
+
+    monkeypatch.setattr(models, "create", recording_create)
+    c = default.get_config()
+    c.num_classes, c.stem_conv = 10, "space_to_depth"
+    teacher = jax.eval_shape(lambda: create(c.teacher_arch, 10).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    mesh = training.make_mesh(jax.devices()[:1])
+    tx = training.create_optimizer(c, training.learning_rate_fn(c, 10))
+    training.make_train_step(c, mesh, tx, teacher)
+    training.make_eval_step(c, mesh)
+    assert built == [(c.arch, "space_to_depth"), (c.teacher_arch, "space_to_depth"),
+                     (c.arch, "space_to_depth")]
 
 
 def test_remat_is_off_by_default_and_auto_is_on_except_on_the_cpu():
