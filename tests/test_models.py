@@ -258,6 +258,17 @@ def test_conv_forms_compute_the_convolution_and_its_gradients(x64, form, shape):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
 
+def test_im2col_keeps_no_patches_for_the_backward_pass(capsys):
+    """The im2col form rebuilds its patches in the backward pass: what it keeps is the size of its
+    input, where the patches are k*k times that."""
+    x, kernel = jnp.ones((2, 32, 32, 3)), jnp.ones((7, 7, 3, 64))
+    print_saved_residuals(lambda k: jnp.sum(layers.CONV_FORMS["im2col"](x, k, 2, 3)), kernel)
+    saved = capsys.readouterr().out
+    assert "f32[2,16,16,147]" not in saved and "f32[2,32,32,3]" in saved, saved
+    print_saved_residuals(lambda k: jnp.sum(layers.conv2d_as_dot(x, k, 2, 3)), kernel)
+    assert "f32[2,16,16,147]" in capsys.readouterr().out  # what it would keep
+
+
 def test_stem_conv_reaches_the_stems_and_nothing_else(x64, variables32):
     """models.create(stem_conv=...) computes the 7x7 stem of the student and of the teacher in that
     form, every other convolution as before; the student's training forward pass is unchanged
