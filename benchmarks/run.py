@@ -493,11 +493,8 @@ def compare_backends(bench, result, measure, out: dict) -> None:
                     row[backend] = main
                     continue
                 name = f"{kind}_{dtype}_{backend}"
-                if kind == "train":
-                    run = lambda d=dtype, b=backend, n=name: bench.train(d, b, n)  # noqa: E731
-                else:
-                    run = lambda d=dtype, b=backend, n=name: bench.inference(d, b, n)  # noqa: E731
-                row[backend] = measure(name, run)
+                timed = bench.train if kind == "train" else bench.inference
+                row[backend] = measure(name, lambda t=timed, d=dtype, b=backend, n=name: t(d, b, n))
             if row["triton"] and row["xla"]:
                 row["triton_over_xla"] = row["triton"] / row["xla"]
 

@@ -16,7 +16,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from ops import fold_binary_pair
-from ops.pooling import window_views
+from ops.pooling import output_size, window_views
 
 Dtype = Any
 # Names of values that training with remat keeps for the backward pass (`models.REMAT_POLICY`).
@@ -62,16 +62,16 @@ def conv2d_space_to_depth(x, kernel, stride: int, padding: int):
         raise ValueError(f"conv2d_space_to_depth computes stride-2 convolutions, not stride "
                          f"{stride}")
     n, h, w, c = x.shape
+    k, o = kernel.shape[0], kernel.shape[-1]
+    oh, ow = output_size(x, k, stride, padding)
     x = jnp.pad(x, ((0, 0), (padding, padding + h % 2), (padding, padding + w % 2), (0, 0)))
     hb, wb = x.shape[1] // 2, x.shape[2] // 2
     x = x.reshape(n, hb, 2, wb, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hb, wb, 4 * c)
-    k, o = kernel.shape[0], kernel.shape[-1]
     kb = (k + 1) // 2
     kernel = jnp.pad(kernel, ((0, 2 * kb - k), (0, 2 * kb - k), (0, 0), (0, 0)))
     kernel = kernel.reshape(kb, 2, kb, 2, c, o).transpose(0, 2, 1, 3, 4, 5)
     kernel = kernel.reshape(kb, kb, 4 * c, o)
     # the blocks' extra row and column (odd sizes, or padding past the last window) are cut off
-    oh, ow = (h + 2 * padding - k) // 2 + 1, (w + 2 * padding - k) // 2 + 1
     return conv2d(x, kernel, 1, 0)[:, :oh, :ow]
 
 

@@ -35,8 +35,6 @@ RESNET18_BLOCKS = ((64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 
                    (256, 256, 1), (256, 512, 2), (512, 512, 1))
 FIRST_BLOCK_INDEX = 4
 MIN_IMAGE_SIZE = 32
-# How the 7x7 stem convolution (of every arch) can be computed: the same sums, other GPU kernels.
-STEM_CONVS = tuple(CONV_FORMS)
 # With remat, the stem and each block run under jax.checkpoint, and their backward pass keeps only
 # their input and these values: convolution outputs, the residual sum before a block's first PReLU
 # and BatchNorm's statistics. BatchNorm's normalisation, the ternary activations and their masks,
@@ -199,11 +197,10 @@ def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: s
     ResNet-18s): the stem and every block under jax.checkpoint with REMAT_POLICY, for training:
     the same function (identical values in float64; float32 may round differently), about a
     quarter of the activation memory for the backward pass. stem_conv: how the 7x7 stem
-    convolution is computed, one of STEM_CONVS (`layers.CONV_FORMS`: the same sums; a speed
-    choice)."""
+    convolution is computed, a key of `layers.CONV_FORMS` (the same sums; a speed choice)."""
     check_arch(arch)
-    if stem_conv not in STEM_CONVS:
-        raise ValueError(f"unknown stem_conv {stem_conv!r}; choose one of {', '.join(STEM_CONVS)}")
+    if stem_conv not in CONV_FORMS:
+        raise ValueError(f"unknown stem_conv {stem_conv!r}; choose one of {', '.join(CONV_FORMS)}")
     if inference_dtype not in (None, "float", "int8"):
         raise ValueError(f"unknown inference_dtype {inference_dtype!r}; choose None (float) or 'int8'")
     if inference_dtype == "int8" and arch != TERNARY:

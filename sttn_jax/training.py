@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import ops
-from sttn_jax import models, processes
+from sttn_jax import layers, models, processes
 from sttn_jax.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -59,9 +59,9 @@ def check_model_config(config) -> None:
         raise ConfigError(f"config.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}")
     if config.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError("config.dtype='float64' needs JAX_ENABLE_X64=1 in the environment")
-    if config.stem_conv not in models.STEM_CONVS:
+    if config.stem_conv not in layers.CONV_FORMS:
         raise ConfigError(f"config.stem_conv={config.stem_conv!r}: choose one of "
-                          f"{', '.join(models.STEM_CONVS)}")
+                          f"{', '.join(layers.CONV_FORMS)}")
     if config.image_size < models.MIN_IMAGE_SIZE:
         raise ConfigError(f"config.image_size={config.image_size}: images must be at least "
                           f"{models.MIN_IMAGE_SIZE} (the network downsamples 32x); use "

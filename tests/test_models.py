@@ -292,7 +292,7 @@ def test_stem_conv_reaches_the_stems_and_nothing_else(x64, variables32):
     v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a,
                                variables32[models.BWX2])
     outs = [models.create(models.BWX2, 1000, jnp.float64, stem_conv=form).apply(
-        v, x, train=True, mutable=["batch_stats"]) for form in models.STEM_CONVS]
+        v, x, train=True, mutable=["batch_stats"]) for form in layers.CONV_FORMS]
     for out in outs[1:]:
         for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(outs[0])):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
