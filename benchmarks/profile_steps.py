@@ -30,6 +30,8 @@ import jax  # noqa: E402
 
 PROGRAMS = ("train_fp32", "train_bf16") + tuple(f"eval_{mode}" for mode in bench.EVAL_MODES)
 DEFAULT_PROGRAMS = PROGRAMS[:4]
+# ops.kernels' kernels as the profiler names them (with and without the backward pass's mask)
+TRITON_KERNELS = ("ternary_forward_kernel", "ternary_values_kernel")
 
 
 def parse_args(argv=None):
@@ -94,7 +96,7 @@ def part_of_step(op_name: str) -> str:
 
 def category(kernel: str, hlo_op: str) -> str:
     k, h = kernel.lower(), hlo_op.lower()
-    if "ternary_forward_kernel" in k:
+    if any(name in k for name in TRITON_KERNELS):
         return "triton activation"
     if "conv" in h or "cudnn" in k or "conv" in k or "xmma" in k or "implicit" in k:
         return "convolution"

@@ -28,8 +28,9 @@ median of --steps samples after --warmup untimed ones, each program compiled bef
   times the bfloat16 training step and inference with each form in the models.
 - act: `ops.ternary_activation`, the Triton kernel where it runs (else, or with --backend xla,
   XLA's), forward as training runs it (reads x, writes y and the boolean mask saved for the
-  backward) and backward (reads the mask and the incoming gradient, writes the gradient), GB/s
-  counting exactly those bytes, on a 256x56x56x64 tensor (the first stage's size).
+  backward), backward (reads the mask and the incoming gradient, writes the gradient) and forward
+  as inference runs it (reads x, writes y: the kernel without the mask), GB/s counting exactly
+  those bytes, on a 256x56x56x64 tensor (the first stage's size).
 - copy: `x * s` with a runtime scalar s (cannot be folded away): the bandwidth the activation is
   measured against, counting bytes read + written. Each act and copy sample times 10 back-to-back
   calls (2 with --smoke), so that one sync per call does not dominate a sub-millisecond kernel;
@@ -90,8 +91,11 @@ SMOKE = {"batch": 8, "image_size": 32, "steps": 2, "warmup": 1, "act_shape": (8,
          "calls_per_sample": 2, "steps_per_sample": 1}
 RESULT_KEYS = ("train_fp32_img_s", "train_bf16_img_s", "eval_fp32_img_s", "eval_bf16_img_s",
                "eval_int8_img_s", "eval_int8_bf16_img_s", "act_fwd_gbps_fp32", "act_fwd_gbps_bf16",
-               "act_bwd_gbps_fp32", "act_bwd_gbps_bf16", "copy_gbps_fp32", "copy_gbps_bf16",
+               "act_bwd_gbps_fp32", "act_bwd_gbps_bf16", "act_infer_gbps_fp32",
+               "act_infer_gbps_bf16", "copy_gbps_fp32", "copy_gbps_bf16",
                "train_fp32_peak_gib", "train_bf16_peak_gib")
+# The activation's timed forms: training's forward (with the mask), its backward, inference's
+ACT_WAYS = ("fwd", "bwd", "infer")
 GIB = 2 ** 30
 
 
@@ -311,9 +315,10 @@ class Bench:
         x = np.random.default_rng(3).normal(size=self.args.act_shape).astype(np.float32)
         return jax.device_put(jnp.asarray(x, DTYPES[dtype]), self.device)
 
-    def activation(self, dtype: str) -> tuple[float, float]:
-        """GB/s of the ternary activation's training forward and its backward: the Triton kernel
-        where it can run (what the bandwidth target is about) unless --backend xla."""
+    def activation(self, dtype: str) -> tuple[float, float, float]:
+        """GB/s of the ternary activation's training forward, its backward and its inference
+        forward: the Triton kernels where they can run (what the bandwidth target is about)
+        unless --backend xla."""
         a = self.args
         xla = a.backend == "xla" or ternary_mod.triton_unavailable_reason()
         backend = "xla" if xla else "triton"
@@ -328,12 +333,17 @@ class Bench:
         bwd, bwd_compile, _ = compile_timed(jax.jit(lambda f, g: f(g)[0]), vjp_fn, g)
         bwd_bytes = saved + g.nbytes + x.nbytes
         bwd_s = median_seconds(lambda: bwd(vjp_fn, g), a.steps, a.warmup, a.calls_per_sample)
+        infer, infer_compile, _ = compile_timed(
+            jax.jit(lambda x: ops.ternary_activation(x, backend)), x)
+        infer_bytes = x.nbytes + y.nbytes
+        infer_s = median_seconds(lambda: infer(x), a.steps, a.warmup, a.calls_per_sample)
         resolved = ternary_mod.resolve_backend(backend, x.dtype)
-        self.details[f"act_fwd_{dtype}"] = {"median_ms": fwd_s * 1e3, "bytes": fwd_bytes,
-                                            "compile_s": fwd_compile, "backend": resolved}
-        self.details[f"act_bwd_{dtype}"] = {"median_ms": bwd_s * 1e3, "bytes": bwd_bytes,
-                                            "compile_s": bwd_compile, "backend": resolved}
-        return fwd_bytes / fwd_s / 1e9, bwd_bytes / bwd_s / 1e9
+        for way, ms, nbytes, compile_s in (("fwd", fwd_s, fwd_bytes, fwd_compile),
+                                           ("bwd", bwd_s, bwd_bytes, bwd_compile),
+                                           ("infer", infer_s, infer_bytes, infer_compile)):
+            self.details[f"act_{way}_{dtype}"] = {"median_ms": ms * 1e3, "bytes": nbytes,
+                                                  "compile_s": compile_s, "backend": resolved}
+        return fwd_bytes / fwd_s / 1e9, bwd_bytes / bwd_s / 1e9, infer_bytes / infer_s / 1e9
 
     def copy(self, dtype: str) -> float:
         """GB/s of an elementwise pass over the same tensor (read + write)."""
@@ -455,7 +465,7 @@ def run(args, save=lambda result: None) -> dict:
     if "act" in args.only:
         for dtype in DTYPES:
             measure(f"act_{dtype}", lambda d=dtype: bench.activation(d),
-                    f"act_fwd_gbps_{dtype}", f"act_bwd_gbps_{dtype}")
+                    *(f"act_{way}_gbps_{dtype}" for way in ACT_WAYS))
     if "copy" in args.only:
         for dtype in DTYPES:
             measure(f"copy_{dtype}", lambda d=dtype: bench.copy(d), f"copy_gbps_{dtype}")
@@ -555,7 +565,7 @@ def table(result: dict) -> str:
             for v, ms in times.items()))
     for dtype in DTYPES:
         copy = result.get(f"copy_gbps_{dtype}")
-        for way in ("fwd", "bwd"):
+        for way in ACT_WAYS:
             speed = result.get(f"act_{way}_gbps_{dtype}")
             note = f"{100 * speed / copy:.0f}% of copy" if speed and copy else ""
             row(f"activation {way} {dtype}", f"act_{way}_gbps_{dtype}", "GB/s",

@@ -1,7 +1,7 @@
-"""Triton kernels for the ternary activation, their launch configuration, and their ahead-of-time
-compilation for a real GPU.
+"""Triton kernels for the ternary activation (with the backward pass's mask, or without it for
+inference), their launch configuration, and their ahead-of-time compilation for a real GPU.
 
-Only `triton` is imported here, never `jax_triton`: the same kernel is launched from JAX on a GPU
+Only `triton` is imported here, never `jax_triton`: the same kernels are launched from JAX on a GPU
 (through jax-triton, see `ops.ternary`), from torch CPU tensors under Triton's interpreter
 (`TRITON_INTERPRET=1`) in the tests, and compiled to PTX on any machine by `compile_ptx`, which is
 how CI checks it without a GPU.
@@ -19,18 +19,11 @@ LAUNCH_CONFIG = {
     2: {"BLOCK_SIZE": 2048, "num_warps": 8},  # bfloat16, float16: 8 elements per thread
 }
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-# The kernel's non-constexpr parameters in order ({} is the element type): x, n_div_16, y, keep.
-ARG_TYPES = ("*{}", "i32", "*{}", "*i1")
 
 
 @triton.jit
-def ternary_forward_kernel(x_ptr, n_div_16, y_ptr, keep_ptr, BLOCK_SIZE: tl.constexpr,
-                           N_REM_16: tl.constexpr):
-    """y = -1 / 0 / +1 for x < -0.5 / -0.5 <= x < 0.5 / x >= 0.5 (NaN stays NaN);
-    keep = (-1 <= x <= 1), the mask the backward pass multiplies the gradient by.
-
-    The parameters come in jax-triton's order: the inputs (arrays, then scalars) as passed to
-    `triton_call`, then one pointer per output; `ARG_TYPES` and every launcher follow it.
+def _load_block(x_ptr, n_div_16, BLOCK_SIZE: tl.constexpr, N_REM_16: tl.constexpr):
+    """(offsets, in_bounds, x in float32) of this program's block of x.
 
     The size comes as n = 16 * n_div_16 + N_REM_16: jax-triton declares no divisibility for scalar
     arguments, and a bound of unknown divisibility makes every masked access scalar. Written this
@@ -44,12 +37,40 @@ def ternary_forward_kernel(x_ptr, n_div_16, y_ptr, keep_ptr, BLOCK_SIZE: tl.cons
     x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0)
     # Compare and build the levels in float32 (exact for every 16-bit float: no boundary moves),
     # then cast back; Triton's interpreter also needs it to see a bfloat16 NaN.
-    xf = x.to(tl.float32)
+    return offsets, in_bounds, x.to(tl.float32)
+
+
+@triton.jit
+def _levels(xf):
+    """-1 / 0 / +1 for xf < -0.5 / -0.5 <= xf < 0.5 / xf >= 0.5; NaN in, NaN out."""
     y = tl.where(xf >= 0.5, 1.0, tl.where(xf < -0.5, -1.0, 0.0))
-    y = tl.where(xf != xf, xf, y).to(x.dtype)  # NaN in, NaN out
-    keep = (xf >= -1.0) & (xf <= 1.0)
-    tl.store(y_ptr + offsets, y, mask=in_bounds)
-    tl.store(keep_ptr + offsets, keep, mask=in_bounds)
+    return tl.where(xf != xf, xf, y)
+
+
+# The kernels' parameters come in jax-triton's order: the inputs (arrays, then scalars) as passed
+# to `triton_call`, then one pointer per output; every launcher follows it.
+@triton.jit
+def ternary_forward_kernel(x_ptr, n_div_16, y_ptr, keep_ptr, BLOCK_SIZE: tl.constexpr,
+                           N_REM_16: tl.constexpr):
+    """y = the ternary levels of x, and keep = (-1 <= x <= 1), the mask the backward pass
+    multiplies the gradient by: what a differentiated call needs."""
+    offsets, in_bounds, xf = _load_block(x_ptr, n_div_16, BLOCK_SIZE, N_REM_16)
+    tl.store(y_ptr + offsets, _levels(xf).to(y_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(keep_ptr + offsets, (xf >= -1.0) & (xf <= 1.0), mask=in_bounds)
+
+
+@triton.jit
+def ternary_values_kernel(x_ptr, n_div_16, y_ptr, BLOCK_SIZE: tl.constexpr,
+                          N_REM_16: tl.constexpr):
+    """y alone, for calls nothing differentiates (inference): XLA cannot drop an output of a
+    custom call it does not read, so a mask written there would cost a byte per element."""
+    offsets, in_bounds, xf = _load_block(x_ptr, n_div_16, BLOCK_SIZE, N_REM_16)
+    tl.store(y_ptr + offsets, _levels(xf).to(y_ptr.dtype.element_ty), mask=in_bounds)
+
+
+# Each kernel's non-constexpr parameters in order ({} is the element type).
+ARG_TYPES = {ternary_forward_kernel: ("*{}", "i32", "*{}", "*i1"),
+             ternary_values_kernel: ("*{}", "i32", "*{}")}
 
 
 def launch_config(itemsize: int) -> dict:
@@ -68,24 +89,29 @@ def launch_args(n: int, itemsize: int) -> tuple[tuple, dict, tuple]:
     return (n // 16,), {**cfg, "N_REM_16": n % 16}, (triton.cdiv(n, cfg["BLOCK_SIZE"]),)
 
 
-def ternary_forward_torch(x):
-    """Runs the kernel on a torch tensor (a CPU tensor under TRITON_INTERPRET=1, or a CUDA one).
+def ternary_forward_torch(x, with_mask: bool = True):
+    """Runs a kernel on a torch tensor (a CPU tensor under TRITON_INTERPRET=1, or a CUDA one):
+    `ternary_forward_kernel` -> (y, keep), or with_mask=False `ternary_values_kernel` -> y.
 
-    Returns (y, keep). Used by the tests to check the kernel against the XLA expression.
+    Used by the tests to check the kernels against the XLA expression.
     """
     import torch
 
     flat = x.contiguous().reshape(-1)
     y = torch.empty_like(flat)
-    keep = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
     scalars, meta, grid = launch_args(flat.numel(), flat.element_size())
-    ternary_forward_kernel[grid](flat, *scalars, y, keep, **meta)  # jax-triton's order
+    if not with_mask:
+        ternary_values_kernel[grid](flat, *scalars, y, **meta)  # jax-triton's order
+        return y.reshape(x.shape)
+    keep = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    ternary_forward_kernel[grid](flat, *scalars, y, keep, **meta)
     return y.reshape(x.shape), keep.reshape(x.shape)
 
 
-def compile_ptx(dtype: str, capability: int = 90, n: int = 1 << 20) -> str:
-    """PTX of the kernel for `dtype` ("float32", "bfloat16", "float16") on an NVIDIA GPU of compute
-    `capability` (80: A100, 90: H100), compiled here, GPU or not.
+def compile_ptx(dtype: str, capability: int = 90, n: int = 1 << 20,
+                kernel=ternary_forward_kernel) -> str:
+    """PTX of `kernel` (one of ARG_TYPES) for `dtype` ("float32", "bfloat16", "float16") on an
+    NVIDIA GPU of compute `capability` (80: A100, 90: H100), compiled here, GPU or not.
 
     The arguments are specialized as jax-triton 0.3.1 does at launch: every array pointer
     16-byte aligned (`tt.divisibility` 16), scalars not specialized."""
@@ -99,8 +125,8 @@ def compile_ptx(dtype: str, capability: int = 90, n: int = 1 << 20) -> str:
     target = GPUTarget("cuda", capability, 32)
     backend = CUDABackend(target)
     element = TRITON_TYPES[dtype]
-    arg_types = [t.format(element) for t in ARG_TYPES]
-    alignments = [0 if t.startswith("i") else 16 for t in ARG_TYPES]
+    arg_types = [t.format(element) for t in ARG_TYPES[kernel]]
+    alignments = [0 if t.startswith("i") else 16 for t in arg_types]
     specialization = [
         native_specialize_impl(backend, types.SimpleNamespace(data_ptr=lambda a=a: a,
                                                               dtype=t.removeprefix("*")),
@@ -108,11 +134,10 @@ def compile_ptx(dtype: str, capability: int = 90, n: int = 1 << 20) -> str:
         for t, a in zip(arg_types, alignments)]
     attrs = {(i,): backend.parse_attr(attr) for i, (_, attr) in enumerate(specialization)}
     _, meta, _ = launch_args(n, 4 if element == "fp32" else 2)
-    fn = ternary_forward_kernel
-    signature = {name: t for name, t in zip(fn.arg_names, arg_types)}
+    signature = {name: t for name, t in zip(kernel.arg_names, arg_types)}
     signature.update(BLOCK_SIZE="constexpr", N_REM_16="constexpr")
-    source = ASTSource(fn, signature, constexprs={"BLOCK_SIZE": meta["BLOCK_SIZE"],
-                                                  "N_REM_16": meta["N_REM_16"]}, attrs=attrs)
+    source = ASTSource(kernel, signature, constexprs={"BLOCK_SIZE": meta["BLOCK_SIZE"],
+                                                      "N_REM_16": meta["N_REM_16"]}, attrs=attrs)
     compiled = triton.compile(source, target=target, options={"num_warps": meta["num_warps"]})
     return compiled.asm["ptx"]
 

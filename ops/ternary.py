@@ -9,9 +9,10 @@ grad_in = grad_out where -1 <= x <= 1, else 0. Only that boolean mask is saved f
 pass, not x: a quarter of the memory in float32, half in bfloat16.
 
 Backends: "xla" is an elementwise expression that XLA fuses with its neighbours; "triton" runs
-`ops.kernels` through jax-triton (CUDA GPUs only), a pass of its own; "auto" is XLA, which made the
-models' steps faster on a GPU (docs/gpu.md). Both give bit-identical outputs and masks on every
-input.
+`ops.kernels` through jax-triton (CUDA GPUs only), a pass of its own: the kernel that also writes
+the mask where the call is differentiated, the one that writes only y where it is not
+(inference); "auto" is XLA, which made the models' steps faster on a GPU (docs/gpu.md). Both give
+bit-identical outputs and masks on every input.
 """
 from __future__ import annotations
 
@@ -33,20 +34,19 @@ def _forward_xla(x):
     return y, keep
 
 
-def _triton_call(flat):
+def _triton_call(flat, with_mask: bool):
     import jax_triton as jt
 
     from ops import kernels
 
     scalars, meta, grid = kernels.launch_args(flat.size, flat.dtype.itemsize)
-    return jt.triton_call(
-        flat, *scalars,
-        kernel=kernels.ternary_forward_kernel,
-        out_shape=(jax.ShapeDtypeStruct(flat.shape, flat.dtype),
-                   jax.ShapeDtypeStruct(flat.shape, jnp.bool_)),
-        grid=grid,
-        **meta,
-    )
+    y = jax.ShapeDtypeStruct(flat.shape, flat.dtype)
+    if not with_mask:
+        return jt.triton_call(flat, *scalars, kernel=kernels.ternary_values_kernel,
+                              out_shape=y, grid=grid, **meta)
+    return jt.triton_call(flat, *scalars, kernel=kernels.ternary_forward_kernel,
+                          out_shape=(y, jax.ShapeDtypeStruct(flat.shape, jnp.bool_)),
+                          grid=grid, **meta)
 
 
 def _varying_like(out, x):
@@ -57,19 +57,35 @@ def _varying_like(out, x):
     return jax.lax.pcast(out, tuple(sorted(varying(x) - varying(out))), to="varying")
 
 
-@jax.custom_batching.custom_vmap
+def _elementwise_batching(fn):
+    """`fn` (array -> array or tuple of arrays, elementwise) with a vmap rule: the batched array
+    is just a bigger array. (jax-triton has no batching rule.)"""
+    fn = jax.custom_batching.custom_vmap(fn)
+
+    @fn.def_vmap
+    def _(axis_size, in_batched, x):
+        del axis_size
+        out = fn(x)
+        return out, jax.tree_util.tree_map(lambda _: in_batched[0], out)
+
+    return fn
+
+
+@_elementwise_batching
 def _forward_triton(x):
+    """(y, keep) by the Triton kernel."""
     if x.size == 0:
         return _forward_xla(x)
-    y, keep = _triton_call(x.reshape(-1))
+    y, keep = _triton_call(x.reshape(-1), with_mask=True)
     return _varying_like(y.reshape(x.shape), x), _varying_like(keep.reshape(x.shape), x)
 
 
-@_forward_triton.def_vmap
-def _forward_triton_vmap(axis_size, in_batched, x):
-    # Elementwise: the batched array is just a bigger array. (jax-triton has no batching rule.)
-    del axis_size
-    return _forward_triton(x), (in_batched[0], in_batched[0])
+@_elementwise_batching
+def _values_triton(x):
+    """y alone, by the Triton kernel that writes no mask: for the primal, never differentiated."""
+    if x.size == 0:
+        return _forward_xla(x)[0]
+    return _varying_like(_triton_call(x.reshape(-1), with_mask=False).reshape(x.shape), x)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,7 +143,8 @@ def _forward(x, backend):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _ternary(x, backend):
-    return _forward(x, backend)[0]
+    # Where nothing differentiates (inference) JAX calls this, not _ternary_fwd: no mask needed.
+    return _values_triton(x) if backend == "triton" else _forward_xla(x)[0]
 
 
 def _ternary_fwd(x, backend):

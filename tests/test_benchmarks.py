@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMED_KEYS = ("train_fp32_img_s", "train_bf16_img_s", "eval_fp32_img_s", "eval_bf16_img_s",
               "eval_int8_img_s", "eval_int8_bf16_img_s",
               "act_fwd_gbps_fp32", "act_fwd_gbps_bf16", "act_bwd_gbps_fp32", "act_bwd_gbps_bf16",
+              "act_infer_gbps_fp32", "act_infer_gbps_bf16",
               "copy_gbps_fp32", "copy_gbps_bf16")
 SETTING_KEYS = ("batch", "image_size", "steps", "warmup", "backend", "jax_version", "date")
 
@@ -42,8 +43,11 @@ def test_benchmark_smoke_writes_every_key(tmp_path):
         assert cmp[key]["xla"] > 0, key
         if cmp["triton_unavailable"]:
             assert cmp[key]["triton"] is None, key
-    assert result["details"]["act_fwd_fp32"]["backend"] == (
-        "xla" if cmp["triton_unavailable"] else "triton")
+    for way in ("fwd", "bwd", "infer"):
+        assert result["details"][f"act_{way}_fp32"]["backend"] == (
+            "xla" if cmp["triton_unavailable"] else "triton")
+    # inference's activation reads x and writes y, as the copy does: no mask
+    assert result["details"]["act_infer_bf16"]["bytes"] == result["details"]["copy_bf16"]["bytes"]
     # the table
     assert "train step bf16" in proc.stdout and "copy fp32" in proc.stdout and str(out) in proc.stdout
     assert "eval bf16 triton/xla" in proc.stdout
@@ -178,8 +182,8 @@ ENTRY %main (p: f32[4]) -> f32[4] {
     assert [profile_steps.part_of_step(names[k]) for k in ("conv.1", "loop_fusion.2")] == [
         "teacher", "student backward"]
     assert profile_steps.part_of_step("jit(f)/jvp(Net)/conv") == "student forward"
-    assert (profile_steps.category("ternary_forward_kernel", "triton_kernel_call.3")
-            == "triton activation")
+    for kernel in ("ternary_forward_kernel", "ternary_values_kernel"):
+        assert profile_steps.category(kernel, "triton_kernel_call.3") == "triton activation"
     assert profile_steps.category("sm90_xmma_fprop", "cudnn-conv.1") == "convolution"
 
     out = tmp_path / "profile.json"

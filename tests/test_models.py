@@ -219,10 +219,19 @@ def test_remat_gives_the_same_gradients_and_statistics(x64):
 def test_the_triton_backend_path_runs_under_remat(monkeypatch):
     """backend="triton" puts the kernel call inside custom_vmap inside custom_vjp; under remat that
     structure is recomputed in the backward pass. With an XLA stand-in for the jax-triton call (no
-    GPU here), the gradients equal the XLA backend's bit for bit."""
+    GPU here), the gradients equal the XLA backend's bit for bit, and so do the outputs of
+    inference (under vmap too), which asks only for the kernel without the mask (which kernel the
+    compiled training step calls, tests/cuda_lowering.py checks)."""
     from ops import ternary
 
-    monkeypatch.setattr(ternary, "_triton_call", ternary._forward_xla)
+    asked = []
+
+    def stand_in(flat, with_mask):
+        asked.append(with_mask)
+        y, keep = ternary._forward_xla(flat)
+        return (y, keep) if with_mask else y
+
+    monkeypatch.setattr(ternary, "_triton_call", stand_in)
     monkeypatch.setattr(ternary, "triton_unavailable_reason", lambda: None)
     v = models.init_variables(models.create(models.BWX2, 10), jax.random.PRNGKey(0), 32)
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
@@ -238,6 +247,16 @@ def test_the_triton_backend_path_runs_under_remat(monkeypatch):
 
     for a, b in zip(grads("xla"), grads("triton")):
         np.testing.assert_array_equal(b, a)
+
+    def infer(backend):
+        module = models.create(models.BWX2, 10, act_backend=backend)
+        one = lambda images: module.apply(v, images, train=False)  # noqa: E731
+        return jax.jit(one)(x), jax.jit(jax.vmap(one))(x.reshape(2, 2, 32, 32, 3))
+
+    asked.clear()
+    for a, b in zip(infer("xla"), infer("triton")):
+        np.testing.assert_array_equal(b, a)
+    assert asked and not any(asked)  # every activation asked for the kernel without the mask
 
 
 @pytest.mark.parametrize("form", ["space_to_depth", "im2col"])

@@ -163,6 +163,9 @@ def test_triton_kernel_in_interpreter_equals_xla(interpreted_kernels, dtype):
     np.testing.assert_array_equal(bits(y_t), bits(np.asarray(y_x)))
     np.testing.assert_array_equal(keep_t, np.asarray(keep_x))
     np.testing.assert_array_equal(bits(y_t), bits(expected_forward(x)))
+    # the kernel without the mask (inference) writes the same values
+    values = from_torch(torch, kernels.ternary_forward_torch(to_torch(torch, x), with_mask=False))
+    np.testing.assert_array_equal(bits(values), bits(y_t))
 
 
 def test_triton_kernel_rejects_other_dtypes(interpreted_kernels):
@@ -178,23 +181,29 @@ EXPECTED_ACCESSES = {
     "bfloat16": {"ld": {"ld.global.v4.b32"}, "st": {"st.global.v4.b32", "st.global.v2.b32"}},
     "float16": {"ld": {"ld.global.v4.b32"}, "st": {"st.global.v4.b32", "st.global.v2.b32"}},
 }
+# The kernel without the mask stores y alone.
+VALUES_ACCESSES = {"ld": {"ld.global.v4.b32"}, "st": {"st.global.v4.b32"}}
 
 
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("dtype", sorted(EXPECTED_ACCESSES))
 def test_triton_kernel_compiles_for_real_gpus_with_128_bit_accesses(dtype, capability):
-    """The kernel compiled ahead of time for an A100 (sm_80) and an H100 (sm_90), specialized as
-    jax-triton specializes it at launch: it compiles, and every access to x and y is 128 bits wide
-    (a scalar or 64-bit access costs bandwidth on a kernel that only moves memory)."""
+    """Both kernels compiled ahead of time for an A100 (sm_80) and an H100 (sm_90), specialized as
+    jax-triton specializes them at launch: they compile, and every access to x and y is 128 bits
+    wide (a scalar or 64-bit access costs bandwidth on a kernel that only moves memory)."""
     pytest.importorskip("triton")
     from ops import kernels
 
-    ptx = kernels.compile_ptx(dtype, capability)
-    assert f".target sm_{capability}" in ptx
-    assert kernels.global_access_widths(ptx) == EXPECTED_ACCESSES[dtype]
-    # a size that is not a multiple of 16 still compiles, with scalar accesses
-    odd = kernels.global_access_widths(kernels.compile_ptx(dtype, capability, n=1001))
-    assert odd["ld"] and not any(".v" in op for op in odd["ld"])
+    for kernel, expected in ((kernels.ternary_forward_kernel, EXPECTED_ACCESSES[dtype]),
+                             (kernels.ternary_values_kernel, VALUES_ACCESSES)):
+        ptx = kernels.compile_ptx(dtype, capability, kernel=kernel)
+        assert f".target sm_{capability}" in ptx
+        assert f".entry {kernel.__name__}(" in ptx
+        assert kernels.global_access_widths(ptx) == expected, kernel.__name__
+        # a size that is not a multiple of 16 still compiles, with scalar accesses
+        odd = kernels.global_access_widths(kernels.compile_ptx(dtype, capability, n=1001,
+                                                               kernel=kernel))
+        assert odd["ld"] and not any(".v" in op for op in odd["ld"])
 
 
 # jax-triton and JAX's CUDA plugin, installed apart by `make install-test` (see the Makefile)
@@ -215,8 +224,9 @@ def test_jax_triton_lowers_the_kernel_and_the_model_for_real_gpus():
     (tests/cuda_lowering.py): the kernel takes the arguments in the order jax-triton passes them,
     in every dtype; the PTX jax-triton compiles is the one checked above, instruction for
     instruction, so that check holds for what runs; the training step (its gradient inside
-    shard_map) and the evaluation step lower, calling the kernel once per ternary activation
-    (16), and once more per activation under remat, which recomputes them."""
+    shard_map) and the evaluation step lower, calling a kernel once per ternary activation (16),
+    and once more per activation under remat, which recomputes them: the kernel that writes the
+    backward pass's mask where the activation is differentiated, the one without it elsewhere."""
     pytest.importorskip("triton")
     if (CUDA_LOWERING / "jax_triton").is_dir():
         path = [str(CUDA_LOWERING)]
@@ -235,15 +245,22 @@ def test_jax_triton_lowers_the_kernel_and_the_model_for_real_gpus():
     assert r.returncode == 0, r.stderr[-5000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     n = result["activation_size"]
+    calls, lowered = result["calls"], result["kernels"]
+    forward, values = "ternary_forward_kernel", "ternary_values_kernel"
     for capability in (80, 90):
         for dtype in EXPECTED_ACCESSES:
-            assert result["calls"][f"{capability}/activation/{dtype}"] == 1
-            ptx = result["ptx"][f"{capability}/{dtype}"]
-            assert ptx_code(ptx) == ptx_code(kernels.compile_ptx(dtype, capability, n)), \
-                (capability, dtype)
-    assert result["calls"]["train/float32/remat=off"] == 16
-    assert result["calls"]["train/bfloat16/remat=on"] == 32
-    assert result["calls"]["eval/float32"] == result["calls"]["eval/bfloat16"] == 16
+            for case, name in (("activation_grad", forward), ("activation", values)):
+                assert calls[f"{capability}/{case}/{dtype}"] == 1
+                assert lowered[f"{capability}/{case}/{dtype}"] == [name]
+                ptx = result["ptx"][f"{capability}/{name}/{dtype}"]
+                expected = kernels.compile_ptx(dtype, capability, n, kernel=getattr(kernels, name))
+                assert ptx_code(ptx) == ptx_code(expected), (capability, name, dtype)
+    assert calls["train/float32/remat=off"] == 16
+    assert calls["train/bfloat16/remat=on"] == 32
+    assert calls["eval/float32"] == calls["eval/bfloat16"] == 16
+    for dtype, remat in (("float32", "off"), ("bfloat16", "on")):
+        assert lowered[f"train/{dtype}/remat={remat}"] == [forward]
+        assert lowered[f"eval/{dtype}"] == [values]
 
 
 @requires_gpu
