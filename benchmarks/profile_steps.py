@@ -9,8 +9,13 @@ it traces --trace-steps calls with `jax.profiler.trace`, reads the trace back wi
 `jax.profiler.ProfileData` and sums the kernels' device time per step: by category (convolution,
 matrix product, the Triton activation, other fusions, copies), by part of the step (the teacher,
 the student's forward and backward, the rest, told apart by the op names JAX records in the
-compiled HLO), and the top kernels. The wall time per step is timed as run.py times it (steps
-back to back); device time well under it means the GPU waits (launch gaps, host work). Writes JSON (--output) and prints a table.
+compiled HLO; a kernel inside a command buffer, a CUDA graph whose kernels the profiler all names
+after the buffer, is matched to the fusion it is named after), and the top kernels. The wall
+time per step is timed as run.py times it (steps back to back), and the traced steps run back to
+back too: the device's idle time between kernels (`idle`: the traced span less the time some
+kernel ran, per step) is then the gap between device time and wall time, and its gaps by size
+and the largest ones, with the kernels around them, say whether it is many launch gaps or a few
+waits. Writes JSON (--output) and prints a table.
 """
 from __future__ import annotations
 
@@ -108,8 +113,8 @@ def category(kernel: str, hlo_op: str) -> str:
 
 
 def kernel_events(xplane_path: str):
-    """(kernel name, hlo_op, duration ns) of every device kernel in the trace; on a CPU (smoke),
-    the XLA thunks the host ran instead."""
+    """(kernel name, hlo_op, start ns, duration ns) of every device kernel in the trace; on a CPU
+    (smoke), the XLA thunks the host ran instead."""
     data = jax.profiler.ProfileData.from_file(xplane_path)
     devices = [p for p in data.planes if p.name.startswith("/device:")]
     for plane in devices or [p for p in data.planes if p.name.startswith("/host:CPU")]:
@@ -120,7 +125,55 @@ def kernel_events(xplane_path: str):
                 stats = dict(event.stats)
                 if not devices and "hlo_op" not in stats:
                     continue
-                yield event.name, str(stats.get("hlo_op", "")), float(event.duration_ns)
+                yield (event.name, str(stats.get("hlo_op", "")), float(event.start_ns),
+                       float(event.duration_ns))
+
+
+def instruction_of(kernel: str, hlo_op: str, names: dict) -> str:
+    """The HLO instruction a kernel ran for. The profiler gives every kernel of a command buffer
+    (a CUDA graph) the buffer's name as hlo_op; XLA names a fusion's kernel after the fusion,
+    dots made underscores (fusion `loop_add_fusion.3`, kernel `loop_add_fusion_3`)."""
+    if not hlo_op.startswith("command_buffer"):
+        return hlo_op
+    for candidate in (kernel, re.sub(r"_(\d+)$", r".\1", kernel)):
+        if candidate in names:
+            return candidate
+    return hlo_op
+
+
+# Idle gaps between kernels, by size: a launch gap is a few microseconds, a wait for the host more
+GAP_BUCKETS_US = (5, 20, 100)
+
+
+def idle_gaps(events, steps: int, listed: int = 5) -> dict:
+    """Where the device was idle: `events` are (label, start ns, duration ns) of kernels on any
+    stream; a gap is a stretch between the first start and the last end where none ran. Per step:
+    the span, the busy and idle ms, the gaps' count and ms by size (GAP_BUCKETS_US), and the
+    `listed` largest gaps with the kernels before and after them."""
+    events = sorted(events, key=lambda e: e[1])
+    busy_until, before, gaps, busy = None, None, [], 0.0
+    for label, start, duration in events:
+        end = start + duration
+        if busy_until is None or start > busy_until:
+            if busy_until is not None:
+                gaps.append((start - busy_until, before, label))
+            busy += duration
+            busy_until, before = end, label
+        elif end > busy_until:
+            busy += end - busy_until
+            busy_until, before = end, label
+    span = busy_until - events[0][1] if events else 0.0
+    buckets = {}
+    for i, limit in enumerate((*GAP_BUCKETS_US, None)):
+        low = GAP_BUCKETS_US[i - 1] if i else 0
+        name = f"{low}-{limit} us" if limit else f">{low} us"
+        inside = [g for g, _, _ in gaps if low * 1e3 <= g < (limit or float("inf")) * 1e3]
+        buckets[name] = {"count_per_step": len(inside) / steps,
+                         "ms_per_step": sum(inside) / 1e6 / steps}
+    return {"span_ms_per_step": span / 1e6 / steps, "busy_ms_per_step": busy / 1e6 / steps,
+            "idle_ms_per_step": (span - busy) / 1e6 / steps, "gaps": buckets,
+            "largest_gaps": [{"us": g / 1e3, "after": a, "before": b}
+                             for g, a, b in sorted(gaps, reverse=True)[:listed]]}
 
 
 def profile(call, compiled, steps: int, top: int) -> dict:
@@ -128,13 +181,15 @@ def profile(call, compiled, steps: int, top: int) -> dict:
     names = op_names(compiled.as_text())
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
-            for _ in range(steps):
-                jax.block_until_ready(call())
+            for _ in range(steps):  # back to back, as a training loop runs them
+                out = call()  # (a step donates the state the previous one returned)
+            jax.block_until_ready(out)
         (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
-        events = list(kernel_events(path))
+        events = [(kernel, instruction_of(kernel, hlo_op, names), start, ns)
+                  for kernel, hlo_op, start, ns in kernel_events(path)]
     by_cat, by_part, by_op = (collections.Counter() for _ in range(3))
     kernel_of, launches = {}, collections.Counter()  # an op's longest kernel (not its memsets)
-    for kernel, hlo_op, ns in events:
+    for kernel, hlo_op, _, ns in events:
         ms = ns / 1e6 / steps
         op = names.get(hlo_op, "")
         by_cat[category(kernel, hlo_op)] += ms
@@ -152,6 +207,8 @@ def profile(call, compiled, steps: int, top: int) -> dict:
         "top": [{"hlo_op": k, "ms": ms, "launches_per_step": launches[k] / steps,
                  "kernel": kernel_of[k][1], "op_name": kernel_of[k][2]}
                 for k, ms in by_op.most_common(top)],
+        "idle": idle_gaps([(kernel[:60] if kernel == hlo_op else f"{kernel[:60]} ({hlo_op})",
+                            start, ns) for kernel, hlo_op, start, ns in events], steps),
     }
 
 
@@ -181,6 +238,12 @@ def main(argv=None) -> int:
         for t in r["top"]:
             print(f"   {t['ms']:7.3f} ms x{t['launches_per_step']:<4g} {t['hlo_op'][:28]:<28} "
                   f"{t['kernel'][:40]:<40} {t['op_name'][-70:]}", flush=True)
+        idle = r["idle"]
+        print(f"   idle {idle['idle_ms_per_step']:.3f} of {idle['span_ms_per_step']:.3f} ms per "
+              "step; gaps " + ", ".join(f"{k}: {v['count_per_step']:g} ({v['ms_per_step']:.3f} ms)"
+                                        for k, v in idle["gaps"].items()))
+        for g in idle["largest_gaps"]:
+            print(f"   gap {g['us']:9.1f} us after {g['after'][:60]} before {g['before'][:60]}")
     print(f"wrote {args.output}")
     return 0
 

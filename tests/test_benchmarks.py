@@ -185,6 +185,25 @@ ENTRY %main (p: f32[4]) -> f32[4] {
     for kernel in ("ternary_forward_kernel", "ternary_values_kernel"):
         assert profile_steps.category(kernel, "triton_kernel_call.3") == "triton activation"
     assert profile_steps.category("sm90_xmma_fprop", "cudnn-conv.1") == "convolution"
+    # kernels inside a command buffer (a CUDA graph) are matched to the fusion named like them
+    names = {"loop_add_fusion.3": "a", "loop_add_fusion": "b"}
+    of = profile_steps.instruction_of
+    assert of("loop_add_fusion_3", "command_buffer_12", names) == "loop_add_fusion.3"
+    assert of("loop_add_fusion", "command_buffer_12", names) == "loop_add_fusion"
+    assert of("sm90_xmma_fprop", "command_buffer_12", names) == "command_buffer_12"
+    assert of("loop_add_fusion_3", "cudnn-conv.1", names) == "cudnn-conv.1"
+    # idle time: kernels c and b overlap (two streams); gaps of 2, 132 and 30 us; two steps
+    events = [("d", 150_000, 1_000), ("a", 0, 10_000), ("b", 12_000, 3_000), ("c", 13_000, 5_000),
+              ("e", 181_000, 1_000)]
+    idle = profile_steps.idle_gaps(events, steps=2, listed=2)
+    assert idle["span_ms_per_step"] == pytest.approx(0.091)
+    assert idle["busy_ms_per_step"] == pytest.approx(0.009)  # 10 + 6 (b, c) + 1 + 1 us, / 2
+    assert idle["idle_ms_per_step"] == pytest.approx(0.082)
+    assert {k: v["count_per_step"] for k, v in idle["gaps"].items()} == {
+        "0-5 us": 0.5, "5-20 us": 0, "20-100 us": 0.5, ">100 us": 0.5}
+    assert idle["gaps"][">100 us"]["ms_per_step"] == pytest.approx(0.066)
+    assert idle["largest_gaps"] == [{"us": 132.0, "after": "c", "before": "d"},
+                                    {"us": 30.0, "after": "d", "before": "e"}]
 
     out = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_steps.py"), "--smoke",
@@ -196,6 +215,11 @@ ENTRY %main (p: f32[4]) -> f32[4] {
     # the compiled module's op names were found: most of the time is attributed to the network
     assert r["by_part_ms"].get("other", 0) > r["by_part_ms"].get("unattributed", 0)
     assert any("/STTNResNet18/" in t["op_name"] for t in r["top"])
+    idle = r["idle"]
+    assert idle["span_ms_per_step"] >= idle["busy_ms_per_step"] > 0
+    assert idle["idle_ms_per_step"] == pytest.approx(
+        idle["span_ms_per_step"] - idle["busy_ms_per_step"])
+    assert idle["largest_gaps"] and "idle" in proc.stdout
     assert "== eval_int8_bf16" in proc.stdout
 
 
