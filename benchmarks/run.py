@@ -77,7 +77,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SECTIONS = ("train", "eval", "stem", "act", "copy", "input")
 DEFAULT_SECTIONS = SECTIONS[:5]
 # input channels, or one of the models' other forms (`stem_conv`)
-STEM_VARIANTS = ("3", "4", "8", "space_to_depth", "im2col")
+STEM_VARIANTS = ("3", "4", "8") + tuple(form for form in layers.CONV_FORMS if form != "conv")
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # inference modes: (dtype of the float parts, inference_dtype)
 EVAL_MODES = {"fp32": (jnp.float32, None), "bf16": (jnp.bfloat16, None),

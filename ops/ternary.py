@@ -137,10 +137,6 @@ def resolve_backend(backend: str, dtype) -> str:
     return "xla"
 
 
-def _forward(x, backend):
-    return _forward_triton(x) if backend == "triton" else _forward_xla(x)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _ternary(x, backend):
     # Where nothing differentiates (inference) JAX calls this, not _ternary_fwd: no mask needed.
@@ -148,8 +144,8 @@ def _ternary(x, backend):
 
 
 def _ternary_fwd(x, backend):
-    y, keep = _forward(x, backend)
-    return y, keep
+    """(y, keep): y, and the mask as the residual for _ternary_bwd."""
+    return _forward_triton(x) if backend == "triton" else _forward_xla(x)
 
 
 def _ternary_bwd(backend, keep, g):
