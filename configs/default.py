@@ -26,7 +26,7 @@ def get_config():
     c.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
     c.train_split = "train"
     c.eval_split = "validation"
-    c.image_size = 224
+    c.image_size = 224  # a multiple of 32 (the STTN ResNet-18 halves its map 5 times)
     c.resize_size = 256  # shorter side before the crop (bicubic), as torchvision Resize(256)
     c.random_flip = True  # RandomHorizontalFlip in training (off for digits)
     c.input_mode = "exact"  # training transforms: exact (PIL's pixels) | fast (2x, for GPU hosts);

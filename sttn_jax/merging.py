@@ -31,7 +31,7 @@ from flax import traverse_util
 import ops
 from sttn_jax import interop, model_io, models, report, report_format
 from sttn_jax import packed as packed_lib
-from sttn_jax.errors import CheckpointError, MergeCheckError
+from sttn_jax.errors import CheckpointError, ConfigError, MergeCheckError
 from sttn_jax.interop import parity
 
 MERGE_TOLERANCE = 1e-5        # max|delta logit| / max|bwx2 logit|, float32
@@ -83,9 +83,11 @@ def check_merge(bwx2_variables, ternary_variables, *, batch: int = DEFAULT_CHECK
     """Both models (eval mode, float32; the bwx2 latent kernels clamped as the original's
     validate() does) on `batch` random normal images: a `parity.ParityResult` of the ternary
     logits against the bwx2 ones, passed when max|delta| / max|bwx2| <= tolerance."""
-    if batch < 1 or image_size < 32:
+    if batch < 1 or image_size < models.MIN_IMAGE_SIZE:
         raise CheckpointError(f"the merge check needs a batch >= 1 and images of at least 32x32, "
                               f"got batch {batch} at {image_size}x{image_size}")
+    if problem := models.odd_map_problem(image_size):
+        raise ConfigError(f"the merge check's image size {image_size}: {problem}")
     images = np.random.default_rng(seed).standard_normal((batch, image_size, image_size, 3),
                                                          dtype=np.float32)
     num_classes = models.num_classes_of(bwx2_variables["params"])

@@ -108,6 +108,7 @@ class STTNResNet18(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         check_images(x)
+        check_image_sides(x)
         if train and self.inference_dtype == "int8":
             raise ValueError("the int8 model is for inference only: call it with train=False, or "
                              "train the resnet18_bwx2 model and merge it")
@@ -184,6 +185,31 @@ def check_images(x):
     if min(x.shape[1], x.shape[2]) < MIN_IMAGE_SIZE:
         raise ValueError(f"images must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} (the network "
                          f"downsamples 32x), got {x.shape[1]}x{x.shape[2]}")
+
+
+def odd_map_problem(side: int) -> str | None:
+    """Why the STTN ResNet-18 cannot take images `side` pixels high or wide, and which sides it
+    can; None if it can. A stride-2 block adds its convolution's output, whose side is the half
+    rounded up, to its 2x2 max-pool shortcut, rounded down: an odd side there cannot be added, in
+    the original either (except 3, where the 1-pixel shortcut broadcasts, as in PyTorch)."""
+    m = -(-side // 4)  # the stem's stride-2 convolution and max pool each round the half up
+    for *_, stride in RESNET18_BLOCKS:
+        if stride == 2:
+            if m % 2 and m != 3:
+                near = [k for k in (side // 32 * 32, side // 32 * 32 + 32) if k >= MIN_IMAGE_SIZE]
+                return (f"a side of {side} reaches a stride-2 block as {m} pixels, which its "
+                        f"convolution halves to {m // 2 + 1} and its max-pool shortcut to "
+                        f"{m // 2}; multiples of 32 fit, e.g. {' or '.join(map(str, near))}")
+            m = -(-m // 2)
+    return None
+
+
+def check_image_sides(x):
+    """Refuses images whose height or width the STTN ResNet-18 cannot downsample, naming sides
+    that fit (the shape error JAX would raise instead names neither the cause nor the fix)."""
+    for side in x.shape[1:3]:
+        if problem := odd_map_problem(side):
+            raise ValueError(f"images of {x.shape[1]}x{x.shape[2]}: {problem}")
 
 
 def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: str = "auto",

@@ -66,6 +66,8 @@ def check_model_config(config) -> None:
         raise ConfigError(f"config.image_size={config.image_size}: images must be at least "
                           f"{models.MIN_IMAGE_SIZE} (the network downsamples 32x); use "
                           f"--config.image_size={models.MIN_IMAGE_SIZE} or more")
+    if problem := models.odd_map_problem(config.image_size):
+        raise ConfigError(f"config.image_size={config.image_size}: {problem}")
     if config.resize_size < config.image_size:
         raise ConfigError(f"config.resize_size={config.resize_size} is below image_size="
                           f"{config.image_size}; the crop must fit: use resize_size >= image_size")

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 import ops  # noqa: E402
 from sttn_jax import cli, merging, model_io, packed, report, report_format  # noqa: E402
-from sttn_jax.errors import MergeCheckError  # noqa: E402
+from sttn_jax.errors import ConfigError, MergeCheckError  # noqa: E402
 from sttn_jax.interop import parity, reference  # noqa: E402
 from sttn_jax.models import RESNET18_BLOCKS  # noqa: E402
 from tests.conftest import REPO, ZEROED, run_cli  # noqa: E402
@@ -162,6 +162,8 @@ def test_merge_cli_from_original_pth_and_torch_out(bwx2_pth, tmp_path):
     ours = model_io.load(out).variables
     check = merging.check_merge(source.variables, ours, batch=4, image_size=32, seed=3)
     assert check.passed and check.relative_error <= merging.MERGE_TOLERANCE, check.format()
+    with pytest.raises(ConfigError, match="image size 112: a side of 112 .* e.g. 96 or 128"):
+        merging.check_merge(source.variables, ours, batch=4, image_size=112)
     print(f"\n.pth merge check: max|dlogit| {check.max_abs_diff:.3e} relative {check.relative_error:.3e}")
 
     # --torch-out: the original's format, loaded by the PyTorch reference resnet18_ter

@@ -48,6 +48,34 @@ def test_output_shapes_at_32_and_224(arch, variables32):
     assert y.shape == (1, 1000) and bool(jnp.all(jnp.isfinite(y)))
 
 
+def test_odd_map_problem_names_exactly_the_sides_the_blocks_cannot_add(monkeypatch):
+    """With the check off, the model fails to add a stride-2 block's two paths at exactly the
+    sides `odd_map_problem` names (45-48 pass: a 1-pixel shortcut broadcasts, as in PyTorch);
+    with it on, the error names the cause and sides that fit, for height and width alike."""
+    module = models.create("resnet18_ter", num_classes=10, act_backend="xla")
+
+    def shape_error(h, w):
+        try:
+            jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
+                           jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))
+        except TypeError as e:
+            assert "incompatible shapes" in str(e)
+            return True
+        return False
+
+    with monkeypatch.context() as m:
+        m.setattr(models, "check_image_sides", lambda x: None)
+        failing = [side for side in range(32, 161) if shape_error(side, 32)]
+    assert failing == [side for side in range(32, 161) if models.odd_map_problem(side)]
+    assert 112 in failing and not {45, 48, 64, 96, 128, 160} & set(failing)
+    v = models.init_variables(module, jax.random.PRNGKey(0), 32)
+    for h, w in ((112, 32), (32, 112)):
+        with pytest.raises(ValueError, match=f"images of {h}x{w}: a side of 112 reaches a stride-2 "
+                           "block as 7 pixels, which its convolution halves to 4 and its max-pool "
+                           "shortcut to 3; multiples of 32 fit, e.g. 96 or 128"):
+            module.apply(v, jnp.zeros((1, h, w, 3)))
+
+
 def test_num_classes_and_bad_input_errors():
     module = models.create("resnet18_ter", num_classes=10)
     v = models.init_variables(module, jax.random.PRNGKey(0), 32)

@@ -146,6 +146,8 @@ def test_config_checks_name_the_fix():
                                 ("arch", "resnet50", "set --config.arch=resnet18_bwx2"),
                                 ("dtype", "float16", "choose one of"),
                                 ("image_size", 16, "at least 32"),
+                                ("image_size", 100, "config.image_size=100: a side of 100 reaches "
+                                 "a stride-2 block as 25 pixels.*e.g. 96 or 128"),
                                 ("remat", "yes", "choose one of auto, on, off"),
                                 ("stem_conv", "fft", "config.stem_conv='fft': choose one of conv, "
                                  "space_to_depth, im2col")]:
