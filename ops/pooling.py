@@ -38,9 +38,10 @@ def window_views(x, window: int, stride: int, padding: int, pad_value=0):
 
 
 def _pool(x, window: int, stride: int, padding: int):
-    return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, window, window, 1),
-                             (1, stride, stride, 1),
-                             ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    # The maximum of the window's views rather than `reduce_window`: XLA's GPU backend computes a
+    # bfloat16 `reduce_window` in float32 and leaves its output in float32 (the H100 plan of the
+    # bfloat16 training step: the stem's pooled map written and read back at twice its size).
+    return functools.reduce(jnp.maximum, window_views(x, window, stride, padding, -jnp.inf))
 
 
 def max_pool(x, window: int, stride: int, padding: int = 0):
