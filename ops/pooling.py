@@ -38,9 +38,9 @@ def window_views(x, window: int, stride: int, padding: int, pad_value=0):
 
 
 def _pool(x, window: int, stride: int, padding: int):
-    # The maximum of the window's views rather than `reduce_window`: XLA's GPU backend computes a
-    # bfloat16 `reduce_window` in float32 and leaves its output in float32 (the H100 plan of the
-    # bfloat16 training step: the stem's pooled map written and read back at twice its size).
+    # The maximum of the window's views rather than `reduce_window`, which XLA's GPU compiler
+    # computed in float32 in bfloat16 models and left in float32 (XLA's H100 plan of the bfloat16
+    # training step: the stem's pooled map written and read back at twice its size).
     return functools.reduce(jnp.maximum, window_views(x, window, stride, padding, -jnp.inf))
 
 
