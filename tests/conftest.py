@@ -67,6 +67,22 @@ def _seeded_torch():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory):
+    """Temporary files of the code under test and of the commands it starts go under pytest's own
+    temporary directory, which pytest prunes after three sessions: TFDS leaves an empty directory
+    in the system's for every builder made of a data set not yet prepared (six in test_data.py)."""
+    path = str(tmp_path_factory.mktemp("tmp"))
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = path, path
+    yield
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+
+
 @pytest.fixture
 def x64():
     """Runs a test with float64 enabled (parity checks), restoring the setting afterwards."""
