@@ -73,8 +73,9 @@ def evaluate_checkpoint(config, source, *, arch: str | None = None, split: str |
                                cfg.act_backend, inference_dtype="int8", stem_conv=cfg.stem_conv)
     variables = jax.device_put(jax.tree_util.tree_map(np.asarray, variables),
                                training.replicated(mesh))
-    logging.info("evaluating %s on %s/%s: %d batches of %d over %d devices", loaded.describe(),
-                 cfg.dataset, cfg.eval_split, num_batches, cfg.eval_batch_size, mesh.devices.size)
+    logging.info("evaluating %s on %s/%s: %d batches of %d over %d device%s", loaded.describe(),
+                 cfg.dataset, cfg.eval_split, num_batches, cfg.eval_batch_size, mesh.devices.size,
+                 "" if mesh.devices.size == 1 else "s")
     bar = Progress(cfg.progress_bar if progress is None else progress, num_batches, 0,
                    unit="batch", desc=f"eval {cfg.eval_split}")
     try:
