@@ -51,7 +51,8 @@ def test_output_shapes_at_32_and_224(arch, variables32):
 def test_odd_map_problem_names_exactly_the_sides_the_blocks_cannot_add(monkeypatch):
     """With the check off, the model fails to add a stride-2 block's two paths at exactly the
     sides `odd_map_problem` names (45-48 pass: a 1-pixel shortcut broadcasts, as in PyTorch);
-    with it on, the error names the cause and sides that fit, for height and width alike."""
+    with it on, the error names the cause and sides that fit, for height and width alike. Sides
+    32-96 against the model: past 48 the rule repeats every 32 pixels (three halvings)."""
     module = models.create("resnet18_ter", num_classes=10, act_backend="xla")
 
     def shape_error(h, w):
@@ -65,9 +66,11 @@ def test_odd_map_problem_names_exactly_the_sides_the_blocks_cannot_add(monkeypat
 
     with monkeypatch.context() as m:
         m.setattr(models, "check_image_sides", lambda x: None)
-        failing = [side for side in range(32, 161) if shape_error(side, 32)]
-    assert failing == [side for side in range(32, 161) if models.odd_map_problem(side)]
-    assert 112 in failing and not {45, 48, 64, 96, 128, 160} & set(failing)
+        failing = [side for side in range(32, 97) if shape_error(side, 32)]
+    assert failing == [side for side in range(32, 97) if models.odd_map_problem(side)]
+    assert 80 in failing and not {45, 48, 64, 96} & set(failing)
+    assert all(bool(models.odd_map_problem(s)) == bool(models.odd_map_problem(s - 32))
+               for s in range(81, 513))  # 49-80, checked above, repeats
     v = models.init_variables(module, jax.random.PRNGKey(0), 32)
     for h, w in ((112, 32), (32, 112)):
         with pytest.raises(ValueError, match=f"images of {h}x{w}: a side of 112 reaches a stride-2 "
