@@ -279,10 +279,11 @@ def test_the_triton_backend_path_runs_under_remat(monkeypatch):
     for a, b in zip(grads("xla"), grads("triton")):
         np.testing.assert_array_equal(b, a)
 
-    def infer(backend):
+    def infer(backend):  # the variables as an argument: as constants, each compile took 6 s
         module = models.create(models.BWX2, 10, act_backend=backend)
-        one = lambda images: module.apply(v, images, train=False)  # noqa: E731
-        return jax.jit(one)(x), jax.jit(jax.vmap(one))(x.reshape(2, 2, 32, 32, 3))
+        one = lambda variables, images: module.apply(variables, images, train=False)  # noqa: E731
+        return (jax.jit(one)(v, x),
+                jax.jit(jax.vmap(one, in_axes=(None, 0)))(v, x.reshape(2, 2, 32, 32, 3)))
 
     asked.clear()
     for a, b in zip(infer("xla"), infer("triton")):
