@@ -89,7 +89,8 @@ def _train(config, workdir: Path, mesh, teacher) -> dict:
     step = int(jax.device_get(state.step))
     logging.info("training %s on %s: %d steps (%d per epoch), global batch %d over %d device%s, "
                  "workdir %s", config.arch, config.dataset, total_steps, steps_per_epoch,
-                 config.batch_size, mesh.devices.size, "" if mesh.devices.size == 1 else "s", workdir)
+                 config.batch_size, mesh.devices.size, "" if mesh.devices.size == 1 else "s",
+                 workdir)
     writer = MetricWriter(workdir, config, total_steps)
     progress = Progress(config.progress_bar, total_steps, step)
     nonfinite = _NonFiniteWatch(config, workdir)
