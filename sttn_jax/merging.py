@@ -84,8 +84,9 @@ def check_merge(bwx2_variables, ternary_variables, *, batch: int = DEFAULT_CHECK
     validate() does) on `batch` random normal images: a `parity.ParityResult` of the ternary
     logits against the bwx2 ones, passed when max|delta| / max|bwx2| <= tolerance."""
     if batch < 1 or image_size < models.MIN_IMAGE_SIZE:
-        raise CheckpointError(f"the merge check needs a batch >= 1 and images of at least 32x32, "
-                              f"got batch {batch} at {image_size}x{image_size}")
+        raise ConfigError(f"the merge check needs a batch >= 1 and images of at least "
+                          f"{models.MIN_IMAGE_SIZE}x{models.MIN_IMAGE_SIZE}, got batch {batch} "
+                          f"at {image_size}x{image_size}")
     if problem := models.odd_map_problem(image_size):
         raise ConfigError(f"the merge check's image size {image_size}: {problem}")
     images = np.random.default_rng(seed).standard_normal((batch, image_size, image_size, 3),
@@ -129,7 +130,8 @@ def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | No
     checkpoint with merge_report.json/.png and layers.txt), `torch_out` (the original's PyTorch
     format) and `packed` (the 2-bit file, `sttn_jax.packed`). image_size: of the check batch and
     the report's MACs; None = the workdir's training image size, else 224. Raises MergeCheckError
-    (writing nothing) above `tolerance`, CheckpointError for sources that are not bwx2 models."""
+    (writing nothing) above `tolerance`, CheckpointError for sources that are not bwx2 models,
+    ConfigError for a check batch or image size the network cannot take."""
     loaded = model_io.load(source, step=step)
     if loaded.arch != BWX2:
         what = {"resnet18_ter": "an already merged ternary model",
