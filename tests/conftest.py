@@ -73,14 +73,10 @@ def _temporary_files_under_pytest(tmp_path_factory):
     temporary directory, which pytest prunes after three sessions: TFDS leaves an empty directory
     in the system's for every builder made of a data set not yet prepared (six in test_data.py)."""
     path = str(tmp_path_factory.mktemp("tmp"))
-    saved = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"], tempfile.tempdir = path, path
-    yield
-    if saved[0] is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved[0]
-    tempfile.tempdir = saved[1]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", path)
+        patch.setattr(tempfile, "tempdir", path)
+        yield
 
 
 @pytest.fixture
