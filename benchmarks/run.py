@@ -141,9 +141,7 @@ def parse_args(argv=None):
     args.only = [s for s in SECTIONS if s in only]
     if args.steps < 1 or args.warmup < 0 or args.batch < 2:
         p.error("need --steps >= 1, --warmup >= 0 and --batch >= 2 (BatchNorm in training)")
-    if args.image_size < models.MIN_IMAGE_SIZE:
-        p.error(f"--image-size must be at least {models.MIN_IMAGE_SIZE}")
-    if problem := models.odd_map_problem(args.image_size):
+    if problem := models.image_size_problem(args.image_size):
         p.error(f"--image-size {args.image_size}: {problem}")
     if args.backend == "triton" and ternary_mod.triton_unavailable_reason():
         p.error(ternary_mod.triton_unavailable_reason())

@@ -83,11 +83,9 @@ def check_merge(bwx2_variables, ternary_variables, *, batch: int = DEFAULT_CHECK
     """Both models (eval mode, float32; the bwx2 latent kernels clamped as the original's
     validate() does) on `batch` random normal images: a `parity.ParityResult` of the ternary
     logits against the bwx2 ones, passed when max|delta| / max|bwx2| <= tolerance."""
-    if batch < 1 or image_size < models.MIN_IMAGE_SIZE:
-        raise ConfigError(f"the merge check needs a batch >= 1 and images of at least "
-                          f"{models.MIN_IMAGE_SIZE}x{models.MIN_IMAGE_SIZE}, got batch {batch} "
-                          f"at {image_size}x{image_size}")
-    if problem := models.odd_map_problem(image_size):
+    if batch < 1:
+        raise ConfigError(f"the merge check needs a batch of at least 1 image, got {batch}")
+    if problem := models.image_size_problem(image_size):
         raise ConfigError(f"the merge check's image size {image_size}: {problem}")
     images = np.random.default_rng(seed).standard_normal((batch, image_size, image_size, 3),
                                                          dtype=np.float32)

@@ -62,12 +62,10 @@ def check_model_config(config) -> None:
     if config.stem_conv not in layers.CONV_FORMS:
         raise ConfigError(f"config.stem_conv={config.stem_conv!r}: choose one of "
                           f"{', '.join(layers.CONV_FORMS)}")
-    if config.image_size < models.MIN_IMAGE_SIZE:
-        raise ConfigError(f"config.image_size={config.image_size}: images must be at least "
-                          f"{models.MIN_IMAGE_SIZE} (the network downsamples 32x); use "
-                          f"--config.image_size={models.MIN_IMAGE_SIZE} or more")
-    if problem := models.odd_map_problem(config.image_size):
-        raise ConfigError(f"config.image_size={config.image_size}: {problem}")
+    # ResNet-50 (evaluated as a model of its own) takes the sides the STTN ResNet-18 cannot add
+    if problem := models.image_size_problem(config.image_size, config.arch != models.TEACHER):
+        raise ConfigError(f"config.image_size={config.image_size}: {problem} "
+                          "(--config.image_size=...)")
     if config.resize_size < config.image_size:
         raise ConfigError(f"config.resize_size={config.resize_size} is below image_size="
                           f"{config.image_size}; the crop must fit: use resize_size >= image_size")

@@ -80,9 +80,20 @@ def test_benchmark_imports_no_tensorflow_and_rejects_bad_options():
             "('tensorflow', 'tensorflow_datasets', 'torch', 'jax_triton')]; "
             "assert not bad, bad; "
             "a = m['parse_args'](['--smoke', '--only', 'copy,act', '--steps', '3']); "
-            "assert (a.only, a.steps, a.batch) == (['act', 'copy'], 3, 8), a")
+            "assert (a.only, a.steps, a.batch) == (['act', 'copy'], 3, 8), a\n"
+            "for side in (16, 112):\n"
+            "    try:\n"
+            "        m['parse_args'](['--image-size', str(side)])\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 2\n"
+            "    else:\n"
+            "        raise AssertionError(side)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    refusals = [ln for ln in proc.stderr.splitlines() if "error: --image-size" in ln]
+    assert len(refusals) == 2, proc.stderr[-3000:]
+    assert "--image-size 16: images must be at least 32x32" in refusals[0]
+    assert "--image-size 112: a side of 112 reaches a stride-2 block" in refusals[1]
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--only", "trian"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--only takes" in proc.stderr

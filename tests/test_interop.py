@@ -512,3 +512,5 @@ def test_cli_parity(files, tmp_path):
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stderr[-2000:]
     line = assert_one_error_line(_cli("parity", "--checkpoint", src, "--reference_logits", "x.npy"))
     assert "needs --inputs" in line
+    line = assert_one_error_line(_cli("parity", "--checkpoint", src, "--image_size", 112))
+    assert "--image_size 112: a side of 112 reaches a stride-2 block as 7 pixels" in line, line

@@ -65,7 +65,7 @@ def test_odd_map_problem_names_exactly_the_sides_the_blocks_cannot_add(monkeypat
         return False
 
     with monkeypatch.context() as m:
-        m.setattr(models, "check_image_sides", lambda x: None)
+        m.setattr(models, "odd_map_problem", lambda side: None)
         failing = [side for side in range(32, 97) if shape_error(side, 32)]
     assert failing == [side for side in range(32, 97) if models.odd_map_problem(side)]
     assert 80 in failing and not {45, 48, 64, 96} & set(failing)
@@ -83,10 +83,19 @@ def test_num_classes_and_bad_input_errors():
     module = models.create("resnet18_ter", num_classes=10)
     v = models.init_variables(module, jax.random.PRNGKey(0), 32)
     assert v["params"]["fc"]["kernel"].shape == (512, 10)
-    with pytest.raises(ValueError, match="at least 32x32"):
-        module.apply(v, jnp.zeros((1, 16, 16, 3)))
+    with pytest.raises(ValueError, match="images of 64x16: images must be at least 32x32"):
+        module.apply(v, jnp.zeros((1, 64, 16, 3)))
     with pytest.raises(ValueError, match="NHWC"):
         module.apply(v, jnp.zeros((1, 3, 32, 32)))
+    # the teacher's shortcuts are strided convolutions, which halve as its main path does: the
+    # sides the student refuses (112) add up there; below 32 is refused for every model
+    teacher = models.create("resnet50", num_classes=10)
+    shapes = jax.eval_shape(lambda x: teacher.init(jax.random.PRNGKey(0), x),
+                            jax.ShapeDtypeStruct((1, 112, 80, 3), jnp.float32))
+    assert shapes["params"]["fc"]["kernel"].shape == (2048, 10)
+    with pytest.raises(ValueError, match="images of 32x31: images must be at least 32x32"):
+        jax.eval_shape(lambda x: teacher.init(jax.random.PRNGKey(0), x),
+                       jax.ShapeDtypeStruct((1, 32, 31, 3), jnp.float32))
     with pytest.raises(ValueError, match="unknown arch"):
         models.create("resnet18")
 

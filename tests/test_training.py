@@ -145,7 +145,8 @@ def test_config_checks_name_the_fix():
                                 ("eval_batch_size", 0, "must be positive"),
                                 ("arch", "resnet50", "set --config.arch=resnet18_bwx2"),
                                 ("dtype", "float16", "choose one of"),
-                                ("image_size", 16, "at least 32"),
+                                ("image_size", 16, r"config.image_size=16: images must be at "
+                                 r"least 32x32 .* e.g. 32 or 64 \(--config.image_size=...\)"),
                                 ("image_size", 100, "config.image_size=100: a side of 100 reaches "
                                  "a stride-2 block as 25 pixels.*e.g. 96 or 128"),
                                 ("remat", "yes", "choose one of auto, on, off"),
@@ -155,6 +156,12 @@ def test_config_checks_name_the_fix():
         bad[key] = value
         with pytest.raises(training.ConfigError, match=message):
             training.check_config(bad, 8)
+    teacher = default.get_config()  # as evaluation checks a ResNet-50 model: 112 adds up there
+    teacher.arch, teacher.image_size, teacher.resize_size = "resnet50", 112, 128
+    training.check_model_config(teacher)
+    teacher.image_size = 31
+    with pytest.raises(training.ConfigError, match="config.image_size=31: images must be at least"):
+        training.check_model_config(teacher)
 
 
 def test_train_and_eval_steps_build_student_and_teacher_with_config_stem_conv(monkeypatch):

@@ -68,9 +68,12 @@ def parity() -> int:
         raise ValueError("parity needs --checkpoint (a model checkpoint, workdir or .pth file)")
     if FLAGS.reference_logits and not FLAGS.inputs:
         raise ValueError("--reference_logits needs --inputs (the images those logits came from)")
-    if FLAGS.batch < 1 or FLAGS.image_size < 32:
-        raise ValueError("--batch must be >= 1 and --image_size >= 32")
+    if FLAGS.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {FLAGS.batch}")
     loaded = model_io.load(FLAGS.checkpoint, arch=FLAGS.arch)
+    if not FLAGS.inputs and (problem := models.image_size_problem(
+            FLAGS.image_size, odd_maps=loaded.arch != models.TEACHER)):
+        raise ValueError(f"--image_size {FLAGS.image_size}: {problem}")
     images = (parity_lib.as_nchw(_load_npy(FLAGS.inputs, "inputs")) if FLAGS.inputs
               else parity_lib.random_images(FLAGS.batch, FLAGS.image_size, FLAGS.seed))
     ref = _load_npy(FLAGS.reference_logits, "reference logits") if FLAGS.reference_logits else None
