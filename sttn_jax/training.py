@@ -172,7 +172,8 @@ def topk_correct(logits, labels, k: int):
 
 
 def ternary_zero_fraction(params):
-    """Fraction of zeros in the ternary kernels the pairs fold into (sign W1 = -sign W2)."""
+    """Fraction of zeros in the ternary kernels the pairs fold into (sign W1 = -sign W2). Not a
+    metric of the train step: a property of the state, computed where it is logged."""
     pairs = [p for _, p in ops.binary_pairs(params)]
     zeros = [jnp.sum(jnp.sign(p["kernel_1"]) + jnp.sign(p["kernel_2"]) == 0) for p in pairs]
     return sum(zeros) / sum(p["kernel_1"].size for p in pairs) if pairs else jnp.zeros(())
@@ -221,8 +222,7 @@ def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
                                            state.replace(step=state.step + 1))
         metrics = {"loss": loss, "finite": finite.astype(jnp.float32),
                    "top1": jax.lax.pmean(jnp.mean(topk_correct(logits, labels, 1)), DATA_AXIS),
-                   "top5": jax.lax.pmean(jnp.mean(topk_correct(logits, labels, 5)), DATA_AXIS),
-                   "ternary_zero_fraction": ternary_zero_fraction(new_state.params)}
+                   "top5": jax.lax.pmean(jnp.mean(topk_correct(logits, labels, 5)), DATA_AXIS)}
         return new_state, metrics
 
     step = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
