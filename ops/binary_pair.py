@@ -37,6 +37,11 @@ def pair_alpha(w1, w2):
     return (jnp.sum(jnp.abs(w1), axis=axes) + jnp.sum(jnp.abs(w2), axis=axes)) / (2 * n)
 
 
+def folded_zeros(w1, w2):
+    """Where `fold_binary_pair(w1, w2)` is 0, without folding: sign(w1) = -sign(w2)."""
+    return jnp.sign(w1) + jnp.sign(w2) == 0
+
+
 def _fold(w1, w2):
     return pair_alpha(w1, w2) * (jnp.sign(w1) + jnp.sign(w2))
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -47,11 +48,12 @@ class MetricWriter:
                                          and not isinstance(v, bool)})
 
     def write_sparsity(self, step: int, params) -> None:
-        """The fraction of zeros of every ternary kernel the binary pairs fold into."""
-        pairs = jax.device_get(list(ops.binary_pairs(params)))
-        self.writer.write_scalars(step, {
-            f"sparsity/{path}": float(np.mean(np.sign(p["kernel_1"]) + np.sign(p["kernel_2"]) == 0))
-            for path, p in pairs})
+        """The fraction of zeros of every ternary kernel the binary pairs fold into (counted where
+        the parameters are: only the fractions leave the devices)."""
+        fractions = jax.device_get({
+            f"sparsity/{path}": jnp.mean(ops.folded_zeros(p["kernel_1"], p["kernel_2"]))
+            for path, p in ops.binary_pairs(params)})
+        self.writer.write_scalars(step, {k: float(v) for k, v in fractions.items()})
 
     def close(self) -> None:
         self.writer.close()

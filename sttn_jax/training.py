@@ -175,7 +175,7 @@ def ternary_zero_fraction(params):
     """Fraction of zeros in the ternary kernels the pairs fold into (sign W1 = -sign W2). Not a
     metric of the train step: a property of the state, computed where it is logged."""
     pairs = [p for _, p in ops.binary_pairs(params)]
-    zeros = [jnp.sum(jnp.sign(p["kernel_1"]) + jnp.sign(p["kernel_2"]) == 0) for p in pairs]
+    zeros = [jnp.sum(ops.folded_zeros(p["kernel_1"], p["kernel_2"])) for p in pairs]
     return sum(zeros) / sum(p["kernel_1"].size for p in pairs) if pairs else jnp.zeros(())
 
 

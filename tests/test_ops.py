@@ -312,6 +312,14 @@ def latent_pair(key, shape, dtype=jnp.float64):
     return w1, w2
 
 
+def test_folded_zeros_are_where_the_fold_is_zero():
+    w1, w2 = latent_pair(jax.random.PRNGKey(3), (3, 3, 5, 7), jnp.float32)
+    w2 = w2.at[0, 0, 0, :3].set(0.0)  # both 0 (zero), and 0 beside a nonzero (not zero)
+    zeros = np.asarray(ops.folded_zeros(w1, w2))
+    np.testing.assert_array_equal(zeros, np.asarray(ops.fold_binary_pair(w1, w2)) == 0)
+    assert 0 < zeros.mean() < 1 and zeros[0, 0, 0, :3].all() and not zeros[0, 0, 0, 3:].any()
+
+
 def test_fold_forward_and_vjp_match_the_original_formulas(x64):
     w1, w2 = latent_pair(jax.random.PRNGKey(0), (3, 3, 5, 7))
     b1, b2, alpha = numpy_fold(np.asarray(w1), np.asarray(w2))

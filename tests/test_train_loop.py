@@ -275,8 +275,15 @@ def test_tensorboard_holds_the_run(uninterrupted_smoke_run):
             for e in events.Tensors("train/loss")]
     assert [step for step, _ in loss] == list(range(1, 7)) and all(np.isfinite(v) for _, v in loss)
     assert [e.step for e in events.Tensors("eval/top1")] == [3, 6]
-    sparsity = float(tensor_util.make_ndarray(events.Tensors("sparsity/features_4/conv1")[-1].tensor_proto))
-    assert 0 < sparsity < 1
+    # each kernel's fraction of zeros after the last step, as numpy counts it in the checkpoint
+    state, _ = latest_checkpoint(workdir)
+    for path in ("features_4/conv1", "features_11/conv2"):
+        last = events.Tensors(f"sparsity/{path}")[-1]
+        block, conv = path.split("/")
+        pair = state["params"][block][conv]
+        zeros = np.mean(np.sign(pair["kernel_1"]) + np.sign(pair["kernel_2"]) == 0)
+        assert last.step == 6 and 0 < zeros < 1
+        assert float(tensor_util.make_ndarray(last.tensor_proto)) == pytest.approx(zeros, abs=1e-7)
     info = plugin_data_pb2.HParamsPluginData.FromString(
         events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
     hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
