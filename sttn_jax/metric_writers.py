@@ -22,6 +22,12 @@ HPARAMS = ("arch", "dataset", "dtype", "batch_size", "learning_rate", "num_epoch
            "teacher_arch", "teacher_checkpoint", "sync_batch_stats", "seed", "data_shards")
 
 
+@jax.jit  # one program; eagerly each op is compiled per kernel shape (first call 1.7 s, not 0.23)
+def _zero_fractions(params) -> dict:
+    return {f"sparsity/{path}": jnp.mean(ops.folded_zeros(p["kernel_1"], p["kernel_2"]))
+            for path, p in ops.binary_pairs(params)}
+
+
 class MetricWriter:
     """TensorBoard scalars, sparsity and hyperparameters, and the hooks that report through it."""
 
@@ -50,9 +56,7 @@ class MetricWriter:
     def write_sparsity(self, step: int, params) -> None:
         """The fraction of zeros of every ternary kernel the binary pairs fold into (counted where
         the parameters are: only the fractions leave the devices)."""
-        fractions = jax.device_get({
-            f"sparsity/{path}": jnp.mean(ops.folded_zeros(p["kernel_1"], p["kernel_2"]))
-            for path, p in ops.binary_pairs(params)})
+        fractions = jax.device_get(_zero_fractions(params))
         self.writer.write_scalars(step, {k: float(v) for k, v in fractions.items()})
 
     def close(self) -> None:
