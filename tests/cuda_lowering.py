@@ -50,14 +50,21 @@ LOWERED = collections.Counter()  # kernel name -> lowerings, by the wrapper belo
 
 def _recording(get_or_create):
     def wrapper(*args, **kwargs):
-        kernel = next(a for a in (*args, *kwargs.values()) if hasattr(a, "arg_names"))
-        LOWERED[kernel.__name__] += 1  # the @triton.jit function among the arguments
+        # the @triton.jit function among the arguments, or in the one that holds it (`.fn`)
+        kernel = next(k for a in (*args, *kwargs.values()) for k in (a, getattr(a, "fn", None))
+                      if hasattr(k, "arg_names"))
+        LOWERED[kernel.__name__] += 1
         return get_or_create(*args, **kwargs)
     return wrapper
 
 
-# jax-triton's lowering rule asks this for every call's compiled kernel (cached or not)
-triton_lib.get_or_create_triton_kernel = _recording(triton_lib.get_or_create_triton_kernel)
+# jax-triton's lowering rule asks this for every call's compiled kernel (cached or not): in 0.3 a
+# function, in 0.4 a method of the TritonFunction that wraps the kernel
+if hasattr(triton_lib, "get_or_create_triton_kernel"):
+    triton_lib.get_or_create_triton_kernel = _recording(triton_lib.get_or_create_triton_kernel)
+else:
+    triton_lib.TritonFunction.get_or_create_kernel = _recording(
+        triton_lib.TritonFunction.get_or_create_kernel)
 
 
 def export_for_cuda(fn, *specs) -> tuple[int, list[str]]:
