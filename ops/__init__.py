@@ -9,4 +9,5 @@ from ops.pooling import max_pool
 from ops.ternary import ternary_activation
 
 __all__ = ["ternary_activation", "max_pool", "fold_binary_pair", "folded_zeros",
-           "clamp_latent_kernels", "pair_alpha", "latent_kernel_paths", "binary_pairs", "LATENT_KERNEL_NAMES"]
+           "clamp_latent_kernels", "pair_alpha", "latent_kernel_paths", "binary_pairs",
+           "LATENT_KERNEL_NAMES"]

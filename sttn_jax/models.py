@@ -107,7 +107,7 @@ class STTNResNet18(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        check_images(x)
+        check_images(x, BWX2)
         if train and self.inference_dtype == "int8":
             raise ValueError("the int8 model is for inference only: call it with train=False, or "
                              "train the resnet18_bwx2 model and merge it")
@@ -161,7 +161,7 @@ class ResNet50(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        check_images(x, odd_maps=False)  # strided 1x1 convolutions as shortcuts: any side adds
+        check_images(x, TEACHER)
         x = x.astype(self.dtype)
         x = Conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, kernel_init=kaiming_normal_fan_out,
                  form=self.stem_conv, name="conv1")(x)
@@ -176,27 +176,28 @@ class ResNet50(nn.Module):
         return Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_linear_kernel, name="fc")(x)
 
 
-def check_images(x, odd_maps: bool = True):
-    """Refuses input that is not a batch of NHWC RGB images whose sides `image_size_problem`
-    accepts (with `odd_maps`: the STTN ResNet-18's), naming the fix; the shape error JAX would
-    raise instead names neither the cause nor the fix."""
+def check_images(x, arch: str):
+    """Refuses input that is not a batch of NHWC RGB images whose sides `arch` takes
+    (`image_size_problem`), naming the fix; the shape error JAX would raise instead names neither
+    the cause nor the fix."""
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected NHWC images with 3 channels (batch, height, width, 3), got shape "
                          f"{tuple(x.shape)}; transpose NCHW input with x.transpose(0, 2, 3, 1)")
     for side in x.shape[1:3]:
-        if problem := image_size_problem(side, odd_maps):
+        if problem := image_size_problem(side, arch):
             raise ValueError(f"images of {x.shape[1]}x{x.shape[2]}: {problem}")
 
 
-def image_size_problem(side: int, odd_maps: bool = True) -> str | None:
-    """Why the models cannot take images `side` pixels high or wide, naming sides that fit; None
-    if they can. Every model halves the image five times; with `odd_maps`, the STTN ResNet-18's
-    stride-2 blocks must also add their two paths (`odd_map_problem`): the sides a student, and
-    the teacher that sees its images, can be given."""
+def image_size_problem(side: int, arch: str = BWX2) -> str | None:
+    """Why `arch` cannot take images `side` pixels high or wide, naming sides that fit; None if
+    it can. Every model halves the image five times; the STTN ResNet-18's stride-2 blocks must
+    also add their two paths (`odd_map_problem`), which also bounds its teacher, as that sees the
+    student's images. ResNet-50 on its own takes any side of 32 or more: its shortcuts are
+    strided convolutions, which halve as its main path does."""
     if side < MIN_IMAGE_SIZE:
         return (f"images must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} (the network "
                 f"downsamples 32x), a side of {side} is less; multiples of 32 fit, e.g. 32 or 64")
-    return odd_map_problem(side) if odd_maps else None
+    return None if arch == TEACHER else odd_map_problem(side)
 
 
 def odd_map_problem(side: int) -> str | None:

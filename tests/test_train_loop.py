@@ -18,6 +18,13 @@ from tests.conftest import (assert_one_error_line, latest_checkpoint, one_line, 
                             run_cli, smoke_config)
 
 
+def numpy_zero_fraction(*pairs) -> float:
+    """The fraction of zeros of the ternary kernels `pairs` fold into, counted in numpy (sign W1
+    = -sign W2), apart from the library's count."""
+    zeros = sum(np.sum(np.sign(p["kernel_1"]) + np.sign(p["kernel_2"]) == 0) for p in pairs)
+    return zeros / sum(p["kernel_1"].size for p in pairs)
+
+
 def test_smoke_run_on_8_devices(uninterrupted_smoke_run):
     """The smoke config trains, evaluates and checkpoints on 8 devices. (That a resumed run ends
     exactly like this one is test_reliability's kill-and-rerun test.)"""
@@ -28,10 +35,8 @@ def test_smoke_run_on_8_devices(uninterrupted_smoke_run):
     assert np.isfinite(result["train"]["loss"])
     assert json.loads((workdir / "final_metrics.json").read_text())["step"] == 6
     state, meta = latest_checkpoint(workdir)
-    # the logged fraction of ternary zeros is the final state's (counted here in numpy)
-    pairs = [p for _, p in ops.binary_pairs(state["params"])]
-    zeros = sum(np.sum(np.sign(p["kernel_1"]) + np.sign(p["kernel_2"]) == 0) for p in pairs)
-    fraction = zeros / sum(p["kernel_1"].size for p in pairs)
+    # the logged fraction of ternary zeros is the final state's
+    fraction = numpy_zero_fraction(*(p for _, p in ops.binary_pairs(state["params"])))
     # (float32 on the devices: within 3e-8, a third of what one kernel entry changes in ~11M)
     assert 0 < fraction < 1
     assert result["train"]["ternary_zero_fraction"] == pytest.approx(fraction, rel=0, abs=3e-8)
@@ -280,8 +285,7 @@ def test_tensorboard_holds_the_run(uninterrupted_smoke_run):
     for path in ("features_4/conv1", "features_11/conv2"):
         last = events.Tensors(f"sparsity/{path}")[-1]
         block, conv = path.split("/")
-        pair = state["params"][block][conv]
-        zeros = np.mean(np.sign(pair["kernel_1"]) + np.sign(pair["kernel_2"]) == 0)
+        zeros = numpy_zero_fraction(state["params"][block][conv])
         assert last.step == 6 and 0 < zeros < 1
         assert float(tensor_util.make_ndarray(last.tensor_proto)) == pytest.approx(zeros, abs=1e-7)
     info = plugin_data_pb2.HParamsPluginData.FromString(

@@ -71,8 +71,7 @@ def parity() -> int:
     if FLAGS.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {FLAGS.batch}")
     loaded = model_io.load(FLAGS.checkpoint, arch=FLAGS.arch)
-    if not FLAGS.inputs and (problem := models.image_size_problem(
-            FLAGS.image_size, odd_maps=loaded.arch != models.TEACHER)):
+    if not FLAGS.inputs and (problem := models.image_size_problem(FLAGS.image_size, loaded.arch)):
         raise ValueError(f"--image_size {FLAGS.image_size}: {problem}")
     images = (parity_lib.as_nchw(_load_npy(FLAGS.inputs, "inputs")) if FLAGS.inputs
               else parity_lib.random_images(FLAGS.batch, FLAGS.image_size, FLAGS.seed))
