@@ -22,7 +22,8 @@ from sttn_jax.metric_writers import Progress
 def evaluate(config, mesh, eval_step, variables, split=None, progress=None) -> dict:
     """Top-1/top-5, loss and count of `variables` over `split` (default config.eval_split)."""
     batches = pipeline.make_eval_dataset(config, split)
-    return training.evaluate(eval_step, mesh, variables, batches.as_numpy_iterator(), progress)
+    return training.evaluate(eval_step, mesh, variables, pipeline.numpy_batches(batches),
+                             progress)
 
 
 def eval_config(config, loaded, split: str | None):

@@ -100,7 +100,7 @@ def _train(config, workdir: Path, mesh, teacher) -> dict:
         while step < total_steps:
             epoch, skip = divmod(step, steps_per_epoch)
             batches = pipeline.make_train_dataset(config, epoch=epoch, skip_batches=skip)
-            for batch in _on_devices(mesh, batches.as_numpy_iterator()):
+            for batch in _on_devices(mesh, pipeline.numpy_batches(batches)):
                 state, metrics = train_step(state, batch)
                 step += 1
                 nonfinite.push(step, metrics)  # checks the previous step's: no stall per step

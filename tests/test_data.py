@@ -3,6 +3,9 @@ builder, the embedded digits builder, determinism, resume, shards per process an
 (The per-image transforms against PIL: test_transforms.py.)"""
 import collections
 import hashlib
+import queue
+import threading
+import types
 
 import numpy as np
 import pytest
@@ -59,7 +62,7 @@ def batches(name, split, data_dir, *, batch_size, train, process_index=0, proces
                                          process_index=process_index, process_count=process_count)
     else:
         ds = pipeline.make_eval_dataset(c, process_index=process_index, process_count=process_count)
-    return list(ds.as_numpy_iterator())
+    return list(pipeline.numpy_batches(ds))
 
 
 def stack(bs, key):
@@ -74,6 +77,35 @@ def fingerprints(bs):
             if m:
                 out.append(hashlib.sha1(np.round(img, 4).tobytes()).hexdigest())
     return out
+
+
+class _RecordsItsDeletion:
+    """An iterator that puts the name of the thread that deletes it into `deleted_by`."""
+
+    def __init__(self, items, deleted_by):
+        self.items, self.deleted_by = iter(items), deleted_by
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.items)
+
+    def __del__(self):
+        self.deleted_by.put(threading.current_thread().name)
+
+
+@pytest.mark.parametrize("closed_early", [False, True])
+def test_numpy_batches_delete_the_spent_iterator_off_the_loop(closed_early):
+    deleted_by = queue.Queue()
+    ds = types.SimpleNamespace(as_numpy_iterator=lambda: _RecordsItsDeletion([1, 2, 3], deleted_by))
+    gen = pipeline.numpy_batches(ds)
+    if closed_early:  # a loop left with break: the generator is closed
+        assert next(gen) == 1
+        gen.close()
+    else:
+        assert list(gen) == [1, 2, 3]
+    assert deleted_by.get(timeout=30) == "release spent tf.data iterator"
 
 
 # --- the fabricated ImageNet, through the real builder ------------------------------------------

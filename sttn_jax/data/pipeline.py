@@ -10,11 +10,15 @@ position in it, so the global batches are a pure function of (seed, epoch, data_
 zero images of mask 0, and processes with fewer batches get all-padding batches, so every process
 yields `sources.eval_steps` batches of one shape and every example counts exactly once.
 
+`numpy_batches(ds)`: a dataset's elements as numpy, the spent iterator released on a helper thread.
+
 Elements: {"image": float32 (batch, size, size, 3), "label": int32 (batch,), "mask": float32
 (batch,)}, the batch being this process's part of the global one. Transforms: the original's
 torchvision ones (`transforms`), exact; training may take the fast mode (config.input_mode).
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -114,6 +118,20 @@ def make_train_dataset(config, *, epoch: int = 0, skip_batches: int = 0, process
         ds = _map(tf.data.Dataset.zip(tuple(streams)),
                   lambda *parts: {k: tf.concat([p[k] for p in parts], axis=0) for k in parts[0]})
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def numpy_batches(ds):
+    """Yields `ds.as_numpy_iterator()`'s elements; once spent or closed, the iterator is deleted on
+    a helper thread, since deleting it can wait for its autotuning thread's period (up to a
+    minute; docs/design.md, "Input pipeline") while the devices stand idle."""
+    iterator = ds.as_numpy_iterator()
+    try:
+        yield from iterator
+    finally:
+        spent = [iterator]
+        del iterator
+        threading.Thread(target=spent.clear, name="release spent tf.data iterator",
+                         daemon=True).start()
 
 
 def make_eval_dataset(config, split: str | None = None, *, process_index=None, process_count=None):
