@@ -18,8 +18,16 @@ PLAN_ARGS ?=
 install: $(VENV)/.sttn-demo
 install-test: $(VENV)/.sttn-test
 
+# The Pythons every package pinned in constraints.txt has wheels for: TensorFlow 2.21 has none for
+# 3.14 (checked against the package registry on 2026-12-05), JAX 0.10 needs 3.11.
+SUPPORTED_PYTHONS = 3.11 3.12 3.13
+
 $(VENV)/.sttn-demo: pyproject.toml constraints.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || { v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') && \
+	  case " $(SUPPORTED_PYTHONS) " in *" $$v "*) ;; *) echo "error: $(PYTHON) is Python $$v;" \
+	    "the versions constraints.txt pins install on Python $(SUPPORTED_PYTHONS) only: install" \
+	    "one and run make $(or $(MAKECMDGOALS),install) PYTHON=python$(lastword $(SUPPORTED_PYTHONS))" >&2; \
+	    exit 2;; esac && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PIP) -e .
 	@touch $@

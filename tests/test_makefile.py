@@ -1,0 +1,34 @@
+"""The Makefile's install: a Python that the pinned versions do not install on is refused in one
+line naming the fix, before anything is created (pip's own message would be a page of resolver
+output about TensorFlow)."""
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("version", ["3.14", "3.10"])
+@pytest.mark.parametrize("target", ["demo", "install-test"])
+def test_an_unsupported_python_is_refused_in_one_line_before_the_venv(tmp_path, version, target):
+    python = tmp_path / f"python{version}"  # answers the Makefile's version question only
+    python.write_text(f"#!/bin/sh\ncase \"$2\" in *version_info*) echo {version}; exit 0;; esac\n"
+                      "echo 'not a Python' >&2; exit 1\n")
+    python.chmod(0o755)
+    venv = tmp_path / "venv"
+    proc = subprocess.run(["make", "-C", str(REPO), target, f"VENV={venv}", f"PYTHON={python}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: {python} is Python {version}; the versions constraints.txt pins "
+                      "install on Python 3.11 3.12 3.13 only: install one and run "
+                      f"make {target} PYTHON=python3.13"], proc.stderr
+    assert not venv.exists()
+
+
+def test_the_python_running_the_tests_is_one_the_makefile_accepts():
+    make = subprocess.run(["make", "-C", str(REPO), "-s", "--eval",
+                           "print-supported: ; @echo $(SUPPORTED_PYTHONS)", "print-supported"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert "%d.%d" % sys.version_info[:2] in make.stdout.split(), make.stdout
