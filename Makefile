@@ -26,8 +26,8 @@ $(VENV)/.sttn-demo: pyproject.toml constraints.txt
 	@test -x $(PY) || { v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') && \
 	  case " $(SUPPORTED_PYTHONS) " in *" $$v "*) ;; *) echo "error: $(PYTHON) is Python $$v;" \
 	    "the versions constraints.txt pins install on Python $(SUPPORTED_PYTHONS) only: install" \
-	    "one and run make $(or $(MAKECMDGOALS),install) PYTHON=python$(lastword $(SUPPORTED_PYTHONS))" >&2; \
-	    exit 2;; esac && $(PYTHON) -m venv $(VENV); }
+	    "one and run make $(or $(MAKECMDGOALS),install)" \
+	    "PYTHON=python$(lastword $(SUPPORTED_PYTHONS))" >&2; exit 2;; esac && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PIP) -e .
 	@touch $@
