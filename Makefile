@@ -27,7 +27,10 @@ $(VENV)/.sttn-demo: pyproject.toml constraints.txt
 	  case " $(SUPPORTED_PYTHONS) " in *" $$v "*) ;; *) echo "error: $(PYTHON) is Python $$v;" \
 	    "the versions constraints.txt pins install on Python $(SUPPORTED_PYTHONS) only: install" \
 	    "one and run make $(or $(MAKECMDGOALS),install)" \
-	    "PYTHON=python$(lastword $(SUPPORTED_PYTHONS))" >&2; exit 2;; esac && $(PYTHON) -m venv $(VENV); }
+	    "PYTHON=python$(lastword $(SUPPORTED_PYTHONS))" >&2; exit 2;; esac && \
+	  $(PYTHON) -m venv $(VENV); }
+	@echo "installing sttn-jax and what it runs on into $(VENV) (2.6 GB; pip is quiet meanwhile:" \
+	  "about a minute from pip's cache, longer while it downloads)"
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PIP) -e .
 	@touch $@
@@ -41,10 +44,13 @@ LOWERING_PACKAGES = "jax-cuda13-plugin==$(JAXLIB_VERSION)" "jax-cuda13-pjrt==$(J
 	jax-triton==0.3.1
 
 $(VENV)/.sttn-test: $(VENV)/.sttn-demo
+	@echo "installing the test dependencies into $(VENV) (PyTorch, Triton, JAX's CUDA plugins:" \
+	  "about 2 GB more; about a minute from pip's cache, longer while it downloads)"
 	$(PIP) -e ".[torch,dev]"
 	@if [ "$$(uname -sm)" = "Linux x86_64" ]; then \
 	  $(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/cuda-lowering \
-	    $(LOWERING_PACKAGES) || echo "warning: no $(VENV)/cuda-lowering: the CUDA lowering test will skip (fail under CI)"; fi
+	    $(LOWERING_PACKAGES) || echo "warning: no $(VENV)/cuda-lowering: the CUDA lowering test" \
+	      "will skip (fail under CI)"; fi
 	@touch $@
 
 install-gpu: $(VENV)/.sttn-demo
