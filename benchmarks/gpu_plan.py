@@ -123,7 +123,7 @@ def plan_train(device, dtype: str, backend: str, remat: str, batch: int, image_s
     state = training.abstract_train_state(config, mesh, tx)
     teacher_module = models.create(bench.TEACHER, bench.NUM_CLASSES)
     teacher = abstract(jax.eval_shape(lambda: models.init_variables(
-        teacher_module, jax.random.PRNGKey(1), image_size)), training.replicated(mesh))
+        teacher_module, jax.random.PRNGKey(1))), training.replicated(mesh))
     step = training.make_train_step(config, mesh, tx, teacher)
     data = NamedSharding(mesh, P(training.DATA_AXIS))
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32, sharding=data)
@@ -139,7 +139,7 @@ def plan_eval(device, mode: str, backend: str, batch: int, image_size: int,
     module = models.create(bench.EVAL_ARCH, bench.NUM_CLASSES, dtype, backend,
                            inference_dtype=inference_dtype, stem_conv=stem_conv)
     student = jax.eval_shape(lambda: models.init_variables(
-        models.create(bench.STUDENT, bench.NUM_CLASSES), jax.random.PRNGKey(0), image_size))
+        models.create(bench.STUDENT, bench.NUM_CLASSES), jax.random.PRNGKey(0)))
     student = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), student)
     variables = merging.merge_variables(student)
     if inference_dtype == "int8":

@@ -214,13 +214,13 @@ class Bench:
     def student_variables(self):
         if self._student is None:
             self._student = models.init_variables(models.create(STUDENT, NUM_CLASSES),
-                                                  jax.random.PRNGKey(0), self.args.image_size)
+                                                  jax.random.PRNGKey(0))
         return self._student
 
     def teacher_variables(self):
         if self._teacher is None:
             self._teacher = models.init_variables(models.create(TEACHER, NUM_CLASSES),
-                                                  jax.random.PRNGKey(1), self.args.image_size)
+                                                  jax.random.PRNGKey(1))
         return self._teacher
 
     def ternary_variables(self):

@@ -243,15 +243,34 @@ def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: s
                         None if inference_dtype == "float" else inference_dtype, remat, stem_conv)
 
 
-def init_variables(module: nn.Module, rng, image_size: int = 224, batch: int = 1):
-    """{'params', 'batch_stats'} for `module`, created from a dummy batch (float32 parameters).
+# How a module computes, which creates no variable: init_variables sets these to fixed values.
+COMPUTE_SETTINGS = dict(dtype=jnp.float32, act_backend="xla", bn_axis_name=None, remat=False,
+                        stem_conv="conv")
 
-    Always traced without 64-bit types: the values are the same bit for bit, and the program is
-    then the same too, so a float64 run loads the float32 run's compiled init from XLA's cache
-    (compiling it takes 8 to 23 s on a CPU: a random number generator per parameter)."""
-    x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
+
+def init_variables(module: nn.Module, rng, image_size: int | None = None, batch: int | None = None):
+    """{'params', 'batch_stats'} for `module` (float32 parameters, the same for any input size:
+    `image_size` and `batch`, the dummy input of earlier versions, are accepted and unused).
+
+    One compiled program per architecture and class count: it traces the module with
+    COMPUTE_SETTINGS on one 32x32 image and without 64-bit types, so a float64, bfloat16, remat
+    or 224x224 run loads the program an earlier run compiled from XLA's cache (compiling it takes
+    4 to 12 s on a CPU: a random number generator per parameter), with values equal bit for bit."""
+    module = module.clone(**{k: v for k, v in COMPUTE_SETTINGS.items() if hasattr(module, k)})
+    try:
+        program = _init_program(module)
+    except TypeError:  # a module with an unhashable field (a list): traced for this call only
+        program = _init_program.__wrapped__(module)
     with jax.enable_x64(False):
-        return jax.jit(lambda r: module.init(r, x, train=False))(rng)
+        return program(rng)
+
+
+@functools.lru_cache(maxsize=None)
+def _init_program(module: nn.Module):
+    """The jitted init of `module` (modules compare by value), traced once per process."""
+    # numpy's zeros: a constant, also where the first call is inside a trace (jax.eval_shape)
+    x = np.zeros((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3), np.float32)
+    return jax.jit(lambda rng: module.init(rng, x, train=False))
 
 
 def check_arch(arch: str) -> None:

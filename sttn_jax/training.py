@@ -133,7 +133,7 @@ def create_train_state(config, mesh: Mesh, tx, rng=None, variables=None) -> Trai
     """A fresh state on the mesh, from (a copy of: steps donate it) `variables` or from `rng`."""
     if variables is None:
         module = models.create(config.arch, config.num_classes)
-        variables = models.init_variables(module, rng, config.image_size)
+        variables = models.init_variables(module, rng)
     variables = jax.tree_util.tree_map(jnp.array, dict(variables))
     return jax.device_put(_state(config, variables, tx), replicated(mesh))
 
@@ -142,7 +142,7 @@ def abstract_train_state(config, mesh: Mesh, tx) -> TrainState:
     """Shapes, dtypes and shardings of a state: to restore a checkpoint, and its size on disk."""
     module = models.create(config.arch, config.num_classes)
     shapes = jax.eval_shape(lambda: _state(config, models.init_variables(
-        module, jax.random.PRNGKey(0), config.image_size), tx))
+        module, jax.random.PRNGKey(0)), tx))
     return jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), shapes)
 

@@ -9,7 +9,7 @@ layer by layer), the whole int8 model in float32 (bfloat16) is as close to float
 float64 equals the float64 model.
 
 Random variables are drawn with numpy on the model's shapes (`jax.eval_shape`), not with
-`models.init_variables`, which compiles for ~17 s on the 2-core test machine. Their BatchNorm
+`models.init_variables`, which compiles for 4 to 12 s on the 2-core test machine. Their BatchNorm
 running statistics are set to those of a random batch, so that every block convolution matters to
 the logits (at the init statistics the blocks move the logits by ~1e-9). The "trained" model is
 that model after 3 Adam steps on random images, in process (the smoke training run that the

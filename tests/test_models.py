@@ -21,7 +21,7 @@ STATE_KEYS = {"resnet18_bwx2": 249, "resnet18_ter": 217, "resnet50": 320}  # tor
 
 @pytest.fixture(scope="module")
 def variables32():
-    return {arch: models.init_variables(models.create(arch), jax.random.PRNGKey(0), 32)
+    return {arch: models.init_variables(models.create(arch), jax.random.PRNGKey(0))
             for arch in models.ARCHS}
 
 
@@ -71,7 +71,7 @@ def test_odd_map_problem_names_exactly_the_sides_the_blocks_cannot_add(monkeypat
     assert 80 in failing and not {45, 48, 64, 96} & set(failing)
     assert all(bool(models.odd_map_problem(s)) == bool(models.odd_map_problem(s - 32))
                for s in range(81, 513))  # 49-80, checked above, repeats
-    v = models.init_variables(module, jax.random.PRNGKey(0), 32)
+    v = models.init_variables(module, jax.random.PRNGKey(0))
     for h, w in ((112, 32), (32, 112)):
         with pytest.raises(ValueError, match=f"images of {h}x{w}: a side of 112 reaches a stride-2 "
                            "block as 7 pixels, which its convolution halves to 4 and its max-pool "
@@ -81,7 +81,7 @@ def test_odd_map_problem_names_exactly_the_sides_the_blocks_cannot_add(monkeypat
 
 def test_num_classes_and_bad_input_errors():
     module = models.create("resnet18_ter", num_classes=10)
-    v = models.init_variables(module, jax.random.PRNGKey(0), 32)
+    v = models.init_variables(module, jax.random.PRNGKey(0))
     assert v["params"]["fc"]["kernel"].shape == (512, 10)
     with pytest.raises(ValueError, match="images of 64x16: images must be at least 32x32"):
         module.apply(v, jnp.zeros((1, 64, 16, 3)))
@@ -113,19 +113,42 @@ def test_block_structure_names_mirror_the_original(variables32):
     assert len(ops.latent_kernel_paths(p)) == 32  # the 32 block convolutions
 
 
-def test_initialisation_is_the_same_with_64_bit_types(variables32, x64, caplog):
-    """init_variables gives the same float32 values bit for bit whether or not JAX has 64-bit
-    types on (float64 runs cast them afterwards), and the same program: with 64-bit types on it
-    is loaded from XLA's persistent cache (tests/conftest.py sets one), where variables32 put it."""
-    with caplog.at_level(logging.DEBUG, logger="jax._src.compiler"):
-        v = models.init_variables(models.create(models.TERNARY), jax.random.PRNGKey(0), 32)
-    lines = [r.getMessage() for r in caplog.records if "'jit__lambda'" in r.getMessage()]
-    assert lines and all(line.startswith("Persistent compilation cache hit") for line in lines), lines
+def test_initialisation_is_one_program_whatever_the_computation(variables32, x64, caplog):
+    """init_variables gives the same float32 values bit for bit with JAX's 64-bit types on
+    (float64 runs cast them afterwards) and whatever the module's computation settings, from the
+    program variables32 compiled: nothing is compiled again (at most loaded from XLA's persistent
+    cache, which tests/conftest.py sets up)."""
+    modules = [models.create(models.TERNARY),
+               models.create(models.TERNARY, dtype=jnp.bfloat16, act_backend="xla",
+                             bn_axis_name="batch", remat=True, stem_conv="im2col")]
+    for module in modules:
+        with caplog.at_level(logging.DEBUG, logger="jax._src.compiler"):
+            v = models.init_variables(module, jax.random.PRNGKey(0))
+        lines = [r.getMessage() for r in caplog.records if "'jit__lambda'" in r.getMessage()]
+        assert all(line.startswith("Persistent compilation cache hit") for line in lines), lines
+        want = variables32[models.TERNARY]
+        assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(want)
+        for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(want)):
+            assert a.dtype == b.dtype and a.dtype != jnp.float64
+            np.testing.assert_array_equal(a, b)
+
+
+def test_initialisation_traced_first_inside_eval_shape_keeps_no_tracer(variables32):
+    """The first init_variables of a module in a process may come inside a trace (training's
+    abstract_train_state, under jax.eval_shape); the traced-once program kept for later calls
+    must hold no value of that trace. (The program is in XLA's cache since variables32.)"""
+    module = models.create(models.TERNARY)
+    models._init_program.cache_clear()  # as in a new process
+    shapes = jax.eval_shape(lambda: models.init_variables(module, jax.random.PRNGKey(0)))
+    v = models.init_variables(module, jax.random.PRNGKey(0))
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(v)
     want = variables32[models.TERNARY]
-    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(want)
     for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(want)):
-        assert a.dtype == b.dtype and a.dtype != jnp.float64
         np.testing.assert_array_equal(a, b)
+    # a module that cannot be a cache key (a list field) is traced for each call instead
+    small = models.ResNet50(num_classes=5, stage_sizes=[1, 1, 1, 1])
+    shapes = jax.eval_shape(lambda: models.init_variables(small, jax.random.PRNGKey(0)))
+    assert shapes["params"]["fc"]["kernel"].shape == (2048, 5)
 
 
 def test_initialisation_follows_the_original(variables32):
@@ -238,7 +261,7 @@ def test_remat_keeps_conv_outputs_block_sums_and_statistics_only(dtype, variable
 def test_remat_gives_the_same_gradients_and_statistics(x64):
     """Recomputing instead of storing changes no value: float64 gradients and batch statistics of
     a training step agree with and without remat."""
-    v = models.init_variables(models.create(models.BWX2, 10), jax.random.PRNGKey(0), 32)
+    v = models.init_variables(models.create(models.BWX2, 10), jax.random.PRNGKey(0))
     v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, v)
     x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3), jnp.float64)
 
@@ -273,7 +296,7 @@ def test_the_triton_backend_path_runs_under_remat(monkeypatch):
 
     monkeypatch.setattr(ternary, "_triton_call", stand_in)
     monkeypatch.setattr(ternary, "triton_unavailable_reason", lambda: None)
-    v = models.init_variables(models.create(models.BWX2, 10), jax.random.PRNGKey(0), 32)
+    v = models.init_variables(models.create(models.BWX2, 10), jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
 
     def grads(backend):

@@ -57,7 +57,7 @@ def test_8_devices_equal_1_device_float64(x64):
     kernels, so no value sits on a kink and the comparison can be exact to rounding."""
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(16, 32, 32, 3)), "label": (np.arange(16) % 10).astype(np.int32)}
-    variables = models.init_variables(models.create("resnet18_ter", 10), jax.random.PRNGKey(0), 32)
+    variables = models.init_variables(models.create("resnet18_ter", 10), jax.random.PRNGKey(0))
     variables = jax.tree_util.tree_map(
         lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, variables)
     finals = []
@@ -204,7 +204,7 @@ def test_evaluation_needs_no_optimizer_and_counts_the_mask():
     c = default.get_config()
     c.arch, c.num_classes, c.image_size = "resnet18_ter", 10, 32
     mesh = training.make_mesh()
-    variables = models.init_variables(models.create("resnet18_ter", 10), jax.random.PRNGKey(0), 32)
+    variables = models.init_variables(models.create("resnet18_ter", 10), jax.random.PRNGKey(0))
     batch = fixed_batch(8)
     step = training.make_eval_step(c, mesh)
     full = training.evaluate(step, mesh, variables, [dict(batch, mask=np.ones(8, np.float32))])
@@ -221,7 +221,7 @@ def test_evaluation_needs_no_optimizer_and_counts_the_mask():
 @pytest.fixture(scope="module")
 def student_variables():
     return jax.device_get(models.init_variables(models.create("resnet18_bwx2", NUM_CLASSES),
-                                                jax.random.PRNGKey(0), SIZE))
+                                                jax.random.PRNGKey(0)))
 
 
 def bf16_setup(dtype, teacher_variables=None):
