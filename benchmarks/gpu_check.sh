@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the GPU tests and the benchmark on a CUDA GPU (measured target: one H100), in one
 # command under 570 s. On one H200 (2026-12-04, cold caches) steps 1 and 2 and a training-only run
-# took 242 s (docs/gpu.md).
+# took 242 s.
 #
 # Run from the repository root on the GPU machine, carrying the wheels of what its image lacks in
 # the git-ignored .whl/. Obtain them on a machine with internet access first:

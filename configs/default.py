@@ -20,7 +20,7 @@ def get_config():
     # models: int8 activations and kernels, exact int32 sums)
     c.stem_conv = "conv"  # the 7x7 stem convolution (student and teacher) as: conv |
     # space_to_depth (a 4x4 convolution over 12 channels) | im2col (a matrix product): the same
-    # sums, other GPU kernels (docs/gpu.md)
+    # sums, other GPU kernels (docs/performance.md)
     # data (TFDS)
     c.dataset = "imagenet2012"
     c.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)

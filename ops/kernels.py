@@ -13,7 +13,7 @@ import triton.language as tl
 
 # Block size and warps per element size, chosen so that each thread moves 16 bytes of x and y per
 # access (`ld.global.v4.b32`); with the default 4 warps the kernel ran at 60 % (float32) / 32 %
-# (bfloat16) of copy bandwidth on an H100 (docs/gpu.md).
+# (bfloat16) of copy bandwidth on an H100 (docs/performance.md).
 LAUNCH_CONFIG = {
     4: {"BLOCK_SIZE": 2048, "num_warps": 16},  # float32: 4 elements per thread
     2: {"BLOCK_SIZE": 2048, "num_warps": 8},  # bfloat16, float16: 8 elements per thread

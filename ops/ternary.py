@@ -11,7 +11,7 @@ pass, not x: a quarter of the memory in float32, half in bfloat16.
 Backends: "xla" is an elementwise expression that XLA fuses with its neighbours; "triton" runs
 `ops.kernels` through jax-triton (CUDA GPUs only), a pass of its own: the kernel that also writes
 the mask where the call is differentiated, the one that writes only y where it is not
-(inference); "auto" is XLA, which made the models' steps faster on a GPU (docs/gpu.md). Both give
+(inference); "auto" is XLA, which made the models' steps faster on a GPU (docs/performance.md). Both give
 bit-identical outputs and masks on every input.
 """
 from __future__ import annotations
@@ -133,7 +133,7 @@ def resolve_backend(backend: str, dtype) -> str:
         return "triton"
     # auto: XLA. In the models it fuses the activation into the BatchNorm or sum that computes
     # its input; the Triton kernel reads and writes that tensor once more. Measured on an H200:
-    # training steps 1.4-3.0 % faster with XLA's activation (docs/gpu.md).
+    # training steps 1.4-3.0 % faster with XLA's activation (docs/performance.md).
     return "xla"
 
 

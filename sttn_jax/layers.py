@@ -85,7 +85,7 @@ def conv2d_im2col(x, kernel, stride: int, padding: int):
 
 # The ways `Conv` can compute its convolution, all the same sums. They differ in the GPU kernels
 # they become: a 7x7 stride-2 convolution over 3 channels (the stem) ran at ~34 TFLOP/s in cuDNN on
-# an H200 (docs/gpu.md); space-to-depth makes it a 4x4 one over 12 channels, im2col a matrix
+# an H200 (docs/performance.md); space-to-depth makes it a 4x4 one over 12 channels, im2col a matrix
 # product with rows of 147.
 CONV_FORMS = {"conv": conv2d, "space_to_depth": conv2d_space_to_depth, "im2col": conv2d_im2col}
 

@@ -38,7 +38,7 @@ MIN_IMAGE_SIZE = 32
 # With remat, the stem and each block run under jax.checkpoint, and their backward pass keeps only
 # their input and these values: convolution outputs, the residual sum before a block's first PReLU
 # and BatchNorm's statistics. BatchNorm's normalisation, the ternary activations and their masks,
-# PReLU and pooling are recomputed from them (elementwise work; docs/gpu.md has the bytes).
+# PReLU and pooling are recomputed from them (elementwise work; docs/performance.md has the bytes).
 BLOCK_SUM = "block_sum"
 SAVED_FOR_BACKWARD = (CONV_OUT, BLOCK_SUM, BN_STATS)
 REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(*SAVED_FOR_BACKWARD)
