@@ -14,12 +14,12 @@ Errors print one line `error: ...` and exit with status 2.
 from absl import flags
 from ml_collections import config_flags
 
-from sttn_jax import cli, models
+from sttn_jax import archs, cli
 
 config_flags.DEFINE_config_file("config", str(cli.DEFAULT_CONFIG), "Config file (default: "
                                 "the workdir's config.json, else configs/default.py).")
 flags.DEFINE_string("checkpoint", None, "Training workdir, model checkpoint directory or .pth file.")
-flags.DEFINE_enum("arch", None, list(models.ARCHS), "The arch SRC must hold (default: any).")
+flags.DEFINE_enum("arch", None, list(archs.ARCHS), "The arch SRC must hold (default: any).")
 flags.DEFINE_string("split", None, "TFDS split (default: config.eval_split).")
 flags.DEFINE_integer("step", None, "Workdir only: evaluate the checkpoint of this step.")
 flags.DEFINE_string("output", None, "Write the metrics as JSON to this file.")
@@ -33,7 +33,7 @@ def main(argv):
     cli.start(argv)
     import jax
 
-    from sttn_jax import evaluation
+    from sttn_jax import evaluation, json_io
 
     with cli.one_line_errors():
         config = cli.config_for(FLAGS["config"], FLAGS.checkpoint)
@@ -42,7 +42,7 @@ def main(argv):
     if jax.process_index() == 0:
         print(evaluation.format_result(result))
         if FLAGS.output:
-            evaluation.write_result(result, FLAGS.output)
+            json_io.write_json(result, FLAGS.output)
             print(f"wrote {FLAGS.output}")
 
 

@@ -3,8 +3,7 @@ the last k steps and the step of the best top-1 (saved with the evaluation's met
 holds the items "state" (the TrainState) and "meta" (JSON: arch, best top-1, last evaluation).
 Saves are asynchronous; each step is written into `<step>.orbax-checkpoint-tmp*`, renamed to
 `<step>` when complete, so a run killed mid-save leaves no half-written step to load. A step that
-does not read back is moved aside and the next older one used. (Earlier versions kept the best
-step in `WORKDIR/best`; it still loads.)"""
+does not read back is moved aside and the next older one used."""
 import contextlib
 import errno
 import logging as std_logging
@@ -27,7 +26,7 @@ from sttn_jax import processes
 from sttn_jax.errors import CheckpointError, CheckpointWriteError, ConfigError
 
 STATE, META = "state", "meta"
-LATEST, BEST = "checkpoints", "best"  # BEST: the best step's directory in earlier versions
+LATEST = "checkpoints"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 NO_METRIC = float("-inf")
 

@@ -16,10 +16,12 @@ class ArchMismatchError(CheckpointError):
     sttn-jax's archs or another model the file was recognised as (e.g. torchvision's resnet18)."""
 
     def __init__(self, path, found: str, wanted: str, known: bool = True):
+        from sttn_jax import archs  # archs raises errors of this module
+
         self.path, self.found, self.wanted = path, found, wanted
         if not known:
             fix = f"give a {wanted} checkpoint"
-        elif (found, wanted) == ("resnet18_bwx2", "resnet18_ter"):
+        elif (found, wanted) == (archs.BWX2, archs.TERNARY):
             fix = f"merge it first (python merge.py --checkpoint {path} --out DST), or pass --arch {found}"
         else:
             fix = f"pass --arch {found} or leave --arch out"

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from sttn_jax import evaluation, merging, model_io, models, packed, train_loop
+from sttn_jax.archs import BWX2, TEACHER, TERNARY
 from sttn_jax.errors import CheckpointError
-from sttn_jax.models import BWX2, TEACHER, TERNARY
 from tests.conftest import assert_one_error_line, run_cli, smoke_config
 from tests.test_int8 import random_bwx2_variables
 from tests.test_train_loop import one_line, torchvision_resnet18_state_dict
