@@ -1,7 +1,7 @@
 """sttn-jax: Soft Threshold Ternary Networks (Xu et al., 2020) in JAX/Flax."""
 from importlib import metadata
 
-try:
-    __version__ = metadata.version("sttn-jax")  # pyproject.toml's, the one place it is set
-except metadata.PackageNotFoundError:  # a checkout used without installing it
+try:  # pyproject.toml sets it
+    __version__ = metadata.version("sttn-jax")
+except metadata.PackageNotFoundError:  # a checkout never installed
     __version__ = "unknown"
