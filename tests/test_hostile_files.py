@@ -206,7 +206,7 @@ def test_the_tools_end_to_end(hostile, other_arch_models, tmp_path):
     out, teacher = tmp_path / "out", other_arch_models[BWX2]
     runs = [  # (source, what its error says, the command line)
         (hostile["nan.pth"], "non-finite values",
-         ("eval.py", "--checkpoint", hostile["nan.pth"], "--output", out / "eval.json")),
+         ("eval.py", "--checkpoint", hostile["nan.pth"], "--out", out / "eval.json")),
         (hostile["truncated.pth"], "truncated or damaged",
          ("merge.py", "--checkpoint", hostile["truncated.pth"], "--out", out / "merged",
           "--torch_out", out / "m.pth.tar", "--packed", out / "m.sttn")),

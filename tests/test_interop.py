@@ -492,7 +492,7 @@ def test_cli_parity(files, tmp_path):
     src = str(files["resnet18_ter", "state_dict"])
     # A random model with unit-normal BatchNorm statistics: not realistic, but exact in float64.
     r = _cli("parity", "--checkpoint", src, "--batch", 2, "--image_size", 32,
-             "--output", tmp_path / "parity.json")
+             "--out", tmp_path / "parity.json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "float64" in r.stdout and "float32" in r.stdout and "PASS" in r.stdout
     report = json.loads((tmp_path / "parity.json").read_text())
@@ -508,7 +508,7 @@ def test_cli_parity(files, tmp_path):
     np.save(tmp_path / "inputs.npy", images)
     np.save(tmp_path / "logits.npy", logits * (1 + 1e-6))  # a wrong reference must fail
     r = _cli("parity", "--checkpoint", src, "--inputs", tmp_path / "inputs.npy",
-             "--reference-logits", tmp_path / "logits.npy")
+             "--reference_logits", tmp_path / "logits.npy")
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stderr[-2000:]
     line = assert_one_error_line(_cli("parity", "--checkpoint", src, "--reference_logits", "x.npy"))
     assert "needs --inputs" in line
