@@ -180,9 +180,9 @@ def _log_plan(config, workdir: Path, mesh, total_steps: int, steps_per_epoch: in
                if config.teacher_checkpoint else "none (cross-entropy on labels)")
     logging.info("training %s on %s/%s: %d examples, %d steps (%d per epoch)", config.arch,
                  config.dataset, config.train_split, examples, total_steps, steps_per_epoch)
-    logging.info("devices: %d %s over %d host%s; batch %d = %d per device; dtype %s", devices,
-                 mesh.devices.flat[0].platform, hosts, "" if hosts == 1 else "s",
-                 config.batch_size, config.batch_size // devices, config.dtype)
+    logging.info("global batch %d over %d devices (%s, %d host%s): %d per device; dtype %s",
+                 config.batch_size, devices, mesh.devices.flat[0].platform, hosts,
+                 "" if hosts == 1 else "s", config.batch_size // devices, config.dtype)
     logging.info("teacher: %s", teacher)
     logging.info("workdir %s: %s", workdir,
                  f"resumes from step {step}" if step else "a new run from step 0")
