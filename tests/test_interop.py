@@ -486,6 +486,13 @@ def test_cli_errors_are_one_line(files, tmp_path):
     line = assert_one_error_line(_cli("convert", files["resnet50", "bare"], tmp_path / "out",
                                       "--arch", "resnet18_ter"))
     assert "resnet50" in line and not (tmp_path / "out").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    line = assert_one_error_line(_cli("convert", files["resnet18_ter", "state_dict"],
+                                      tmp_path / "busy"))
+    assert "exists and is not a model checkpoint" in line
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "junk.pth"]  # nothing aside
 
 
 def test_cli_parity(files, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,8 +52,20 @@ def convert(command, src, dst) -> int:
 
     loaded = model_io.load(src, arch=FLAGS.arch)
     if command == "convert":
-        out = model_io.save(dst, loaded.variables, loaded.arch,
-                            extra={"converted_from": loaded.path})
+        out = Path(dst).absolute()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) \
+                and not model_io.is_model_checkpoint(out):
+            raise ValueError(f"{dst} exists and is not a model checkpoint; give a new directory "
+                             "(an existing model checkpoint is replaced)")
+        staged = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:  # written aside, renamed into place once complete
+            model_io.save(staged, loaded.variables, loaded.arch,
+                          extra={"converted_from": loaded.path})
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staged, out)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
     else:
         out = interop.save_torch_checkpoint(loaded.variables, loaded.arch, dst)
     print(f"{command}ed {src} ({loaded.arch}) -> {out}")
