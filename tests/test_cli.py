@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sttn_jax import cli, errors
+from sttn_jax import cli, cli_parse, errors
 from tests.conftest import REPO, assert_one_error_line, run_cli
 
 TOOLS = {
@@ -147,13 +147,13 @@ def test_config_overrides_are_checked_against_the_config_not_upstream_text(capsy
     how ml_collections words its refusal."""
     argv = ["x", "--config", "configs/smoke.py", "--config.eval_batch_sise=2"]
     with pytest.raises(SystemExit) as exit_info:
-        cli.check_config_overrides(argv, "config", str(REPO / "configs" / "smoke.py"))
+        cli_parse.check_config_overrides(argv, "config", SMOKE)
     assert exit_info.value.code == 2
     assert "did you mean --config.eval_batch_size?" in capsys.readouterr().err
     for good in ("--config.batch_size=4", "--config.fabricate_data", "--noconfig.fabricate_data",
                  "--config.learning_rate=1", "--config.dataset=x"):
-        cli.check_config_overrides(["x", good], "config", str(REPO / "configs" / "smoke.py"))
-    cli.check_config_overrides(["x", "--config.batch_size", "4"], "config",
+        cli_parse.check_config_overrides(["x", good], "config", SMOKE)
+    cli_parse.check_config_overrides(["x", "--config.batch_size", "4"], "config",
                                str(REPO / "configs" / "smoke.py"))
 
 
