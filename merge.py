@@ -11,8 +11,10 @@ counts, size, MACs). --torch_out also writes the original's format; --packed a p
 
 First both models run on --batch random normal images of --image_size (default: the workdir's
 training image size, else 224) in float32; if the logits differ by more than 1e-5 relative
-(max|delta| / max|bwx2 logit|), nothing is written and the exit status is 1. Bad input prints one
-line `error: ...` and exits with status 2. (--torch-out, --image-size, --no-plot still work.)
+(max|delta| / max|bwx2 logit|), nothing is written and the exit status is 1. Outputs that cannot be
+written (no torch for --torch_out, a clashing or unwritable path) are refused before any work, and
+every output is written aside and renamed into place only when all are complete. Bad input prints
+one line `error: ...` and exits with status 2.
 """
 from absl import flags
 
@@ -29,10 +31,7 @@ flags.DEFINE_integer("image_size", None, "Check images and report MACs at this s
                      "workdir's config image_size, else 224).")
 flags.DEFINE_integer("seed", 0, "Seed of the check images.")
 flags.DEFINE_bool("plot", True, "Write merge_report.png.")
-flags.DEFINE_alias("torch-out", "torch_out")
-flags.DEFINE_alias("image-size", "image_size")
 cli.define_compilation_cache_flag()
-flags.mark_flags_as_required(["checkpoint", "out"])
 FLAGS = flags.FLAGS
 
 
@@ -47,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, legacy_flags={"--no-plot": "--noplot"})
+    cli.run(main, required=("checkpoint", "out"))

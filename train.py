@@ -4,27 +4,30 @@
   python train.py --config configs/imagenet_resnet18_bwx2.py --workdir DIR [--config.key=value ...]
 
 Running the same command on the workdir of an interrupted run resumes it (SIGTERM saves and exits
-with status 143). Multi-host launches pass --coordinator_address/--num_processes/--process_id where
-the cluster does not provide them. Log lines also go to DIR/train.log.
+with status 143); on a finished run it changes nothing and says so. Multi-host launches pass
+--coordinator_address/--num_processes/--process_id where the cluster does not provide them. Log
+lines also go to DIR/train.log. --print_config prints the config with the overrides and exits.
+Mistakes print one line `error: ...` and exit with status 2.
 """
 import sys
 
 from absl import flags, logging
-from ml_collections import config_flags
 
 from sttn_jax import cli
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
+cli.define_config_flag(None, "Path to a config file in configs/.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and TensorBoard events.")
 flags.DEFINE_bool("take_over_lock", False, "Take over the workdir's lock when it was left by a "
                   "run on another host that cannot be checked from here (that run must be over).")
 cli.define_distributed_flags()
 cli.define_compilation_cache_flag()
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
+    if FLAGS.print_config:
+        cli.print_config(FLAGS.config)
+        return
     cli.start(argv)
     from sttn_jax import train_loop
 
@@ -39,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, required=("config", "workdir"))

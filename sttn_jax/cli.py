@@ -1,9 +1,10 @@
 """What the command-line tools share: absl flags for multi-host start-up, XLA's persistent
-compilation cache, one logging path (absl logging: --verbosity, and a log file in the workdir), and
-the expected errors as one line on stderr with exit status 2. Flags are spelled with underscores and
-listed by each tool's --help."""
+compilation cache, one logging path (absl logging: --verbosity, and a log file in the workdir; the
+native libraries' log lines only at --verbosity >= 1), the parsing of the command line with every
+mistake as one line (`sttn_jax.cli_parse`: run, define_config_flag, print_config,
+check_output_file, usage_error), and every expected error as one line `error: ...` on stderr with
+exit status 2."""
 import contextlib
-import json
 import logging as std_logging
 import os
 import re
@@ -13,9 +14,10 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sttn_jax.errors import EXPECTED, ConfigError
+from sttn_jax.cli_parse import (check_output_file, define_config_flag, print_config,  # noqa: F401
+                                run, usage_error)
+from sttn_jax.errors import EXPECTED, ArchMismatchError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 flags.disclaim_key_flags()  # the flags defined here belong to the tool: its --help lists them
 
 FLAGS = flags.FLAGS
@@ -40,7 +42,8 @@ def define_distributed_flags() -> None:
 def start(argv, distributed: bool = True) -> None:
     """A tool's first step: no positional arguments, logging set up, multi-host JAX if asked."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        usage_error(f"unexpected arguments: {' '.join(argv[1:])} (flags are spelled --name=value; "
+                    "--help lists them)")
     setup_logging()
     if distributed:
         init_distributed()
@@ -104,13 +107,27 @@ class _LostPeer(app.ExceptionHandler):
 
 def _own_lines_at_info(record) -> bool:
     """Below WARNING only sttn-jax's own lines, unless --verbosity >= 1 (Orbax and clu log every
-    step of their work at INFO through absl too)."""
-    return (record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
-            or "sttn_jax" in record.pathname or Path(record.pathname).name in TOOLS)
+    step of their work at INFO through absl too); TFDS's warnings about the folders it scans (a
+    version folder without dataset_info.json, ...) only at --verbosity >= 1 as well."""
+    if FLAGS.verbosity >= 1:
+        return True
+    if "tensorflow_datasets" in record.pathname:
+        return record.levelno >= std_logging.ERROR
+    return (record.levelno >= std_logging.WARNING or "sttn_jax" in record.pathname
+            or Path(record.pathname).name in TOOLS)
+
+
+def quiet_native_logs(verbosity: int) -> None:
+    """TensorFlow's (and so oneDNN's and XLA's) C++ log lines below FATAL only at --verbosity >= 1:
+    on a CPU they include an `E0000 ... oneDNN supports DT_UINT8 only on platforms with AVX-512`
+    that reads like a failure and is none. Read once, when TensorFlow or jaxlib is first loaded:
+    so called before either is imported. Numerics are untouched (this is logging only)."""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbosity >= 1 else "3"
 
 
 def setup_logging() -> None:
     """Our lines at --verbosity (INFO by default) on stderr; the libraries' from WARNING up."""
+    quiet_native_logs(FLAGS.verbosity)
     for name in QUIET_LOGGERS:
         std_logging.getLogger(name).setLevel(std_logging.WARNING)
     logging.get_absl_handler().addFilter(_own_lines_at_info)
@@ -119,27 +136,27 @@ def setup_logging() -> None:
 @contextlib.contextmanager
 def one_line_errors(exit_status: dict | None = None):
     """Expected failures print `error: <message>` and exit 2 (or their class's `exit_status`),
-    without a stack trace; the message is joined into one line, the last of stderr, whole."""
+    without a stack trace; the message is joined into one line, the last of stderr, whole. The
+    library's words for what a flag gives are turned into the flag's (`in_flag_words`)."""
     try:
         yield
     except EXPECTED as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        message = " ".join(line.strip() for line in in_flag_words(e).splitlines() if line.strip())
         print(f"error: {message or type(e).__name__}", file=sys.stderr, flush=True)
         sys.exit((exit_status or {}).get(type(e), 2))
 
 
-def _parse_flags(argv):
-    """absl's parsing, with an unknown `--config.KEY` as one line (it keeps the "did you mean")."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except AttributeError as e:  # ml_collections' locked config refuses the key
-        text = str(e).strip("\"'").replace("\\n", "\n").replace("\\'", "'")
-        key = text.splitlines()[0].strip("'\"")
-        given = next((a for a in argv if a.startswith(f"--config.{key}")), f"--config.{key}")
-        hint = re.search(r'Did you mean "([^"]+)"', text)
-        print(f"error: unknown config key {key!r} in {given}: the config file has no such key"
-              + (f"; did you mean --config.{hint.group(1)}?" if hint else ""), file=sys.stderr)
-        sys.exit(2)
+def in_flag_words(e: BaseException) -> str:
+    """The message of `e` as a command-line user needs it: the library names its parameters, the
+    tools name their flags (this is the one table between the two)."""
+    if isinstance(e, ArchMismatchError) and e.known:
+        if (e.found, e.wanted) == ("resnet18_bwx2", "resnet18_ter"):
+            fix = (f"merge it first (python merge.py --checkpoint {e.path} --out DST), or pass "
+                   f"--arch {e.found}")
+        else:
+            fix = f"pass --arch {e.found} or leave --arch out"
+        return f"{e.path}: holds a {e.found} model, not {e.wanted}; {fix}"
+    return str(e)
 
 
 def define_compilation_cache_flag() -> None:
@@ -154,32 +171,24 @@ def define_compilation_cache_flag() -> None:
         "that one, on any backend; '' or 'none': no cache. JAX_COMPILATION_CACHE_DIR, if set, wins.")
 
 
-def run(main, argv=None, legacy_flags: dict | None = None) -> None:
-    """app.run(main), accepting the old spellings of renamed flags ({"--old": "--new"})."""
-    argv = list(sys.argv if argv is None else argv)
-    for old, new in (legacy_flags or {}).items():
-        argv = [new + a[len(old):] if a == old or a.startswith(old + "=") else a for a in argv]
-    app.run(main, argv=argv, flags_parser=_parse_flags)
-
-
-def config_for(config_flag, source):
-    """The config to evaluate `source` with: the --config file if given, else the config.json of
-    the workdir `source` belongs to (over the defaults), else the defaults; then --config.KEY."""
+def config_for(config_flag, loaded):
+    """The config to evaluate the model `loaded` (a `model_io.LoadedModel`) with, and where it came
+    from: the --config file if given; else the config of the training run the model records (a
+    workdir's config.json, a merged model's or packed file's copy of it) over the defaults; else
+    the defaults. The --config.KEY overrides apply on top in every case."""
     if config_flag.present:
-        return config_flag.value
+        return config_flag.value, "--config"
     config = config_flag.value
-    path = Path(source or ".").absolute()
-    saved = next((p / "config.json" for p in (path, *path.parents[:3])
-                  if (p / "config.json").is_file()), None)
-    if saved is not None:
-        try:
-            values = json.loads(saved.read_text())
-        except ValueError:
-            raise ConfigError(f"{saved} is not valid JSON; pass the run's config file with "
-                              "--config") from None
+    recorded = loaded.run_config
+    if recorded:
         with config.unlocked():
-            config.update({k: v for k, v in values.items() if k in config})
-        logging.info("config: %s (from the training run)", saved)
-    for key, value in config_flags.get_override_values(config_flag).items():
-        config[key] = value
-    return config
+            config.update({k: v for k, v in recorded.items() if k in config})
+        for key, value in config_flags.get_override_values(config_flag).items():
+            config[key] = value
+        logging.info("config: the training run's, as %s records it (dataset %s, %dx%d, data_dir "
+                     "%s; --config FILE to use another)", loaded.path, config.dataset,
+                     config.image_size, config.image_size, config.data_dir)
+        return config, "recorded"
+    logging.info("config: %s (%s records no training config; --config FILE to use another)",
+                 config_flags.get_config_filename(config_flag), loaded.path)
+    return config, None

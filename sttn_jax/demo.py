@@ -4,7 +4,7 @@ Train resnet18_bwx2 (configs/demo.py) -> merge it into ternary kernels -> evalua
 and int8 on the held-out split -> print a short table, write `summary.json` beside the merge
 report and plots. Same TFDS pipeline, training, merge and evaluation code as ImageNet.
 
-  python -m sttn_jax.demo [--workdir runs/demo] [--config.key=value ...]
+  python -m sttn_jax.demo [--workdir runs/demo] [--config.key=value ...] [--print_config]
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
 
 from sttn_jax import cli
 
@@ -90,12 +89,14 @@ def format_summary(s: dict, workdir: Path) -> str:
 
 
 def main(argv=None):
-    config_flags.DEFINE_config_file("config", str(cli.DEFAULT_CONFIG.with_name("demo.py")),
-                                    "Demo config file.", lock_config=True)
+    cli.define_config_flag(str(cli.DEFAULT_CONFIG.with_name("demo.py")), "Demo config file.")
     flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes everything.")
     cli.define_compilation_cache_flag()
 
     def _main(args):
+        if flags.FLAGS.print_config:
+            cli.print_config(flags.FLAGS.config)
+            return
         cli.start(args, distributed=False)
         with cli.one_line_errors():
             run(flags.FLAGS.config, flags.FLAGS.workdir)

@@ -13,18 +13,20 @@ class CheckpointError(ValueError):
 
 class ArchMismatchError(CheckpointError):
     """A checkpoint holds another architecture than the one asked for. `found` may be one of
-    sttn-jax's archs or another model the file was recognised as (e.g. torchvision's resnet18)."""
+    sttn-jax's archs or another model the file was recognised as (e.g. torchvision's resnet18).
+    The message speaks of the `arch` parameter; the command-line tools say it in their flags
+    (`sttn_jax.cli.in_flag_words`)."""
 
     def __init__(self, path, found: str, wanted: str, known: bool = True):
         from sttn_jax import archs  # archs raises errors of this module
 
-        self.path, self.found, self.wanted = path, found, wanted
+        self.path, self.found, self.wanted, self.known = path, found, wanted, known
         if not known:
             fix = f"give a {wanted} checkpoint"
         elif (found, wanted) == (archs.BWX2, archs.TERNARY):
-            fix = f"merge it first (python merge.py --checkpoint {path} --out DST), or pass --arch {found}"
+            fix = f"merge it first (sttn_jax.merging), or ask for arch {found!r}"
         else:
-            fix = f"pass --arch {found} or leave --arch out"
+            fix = f"ask for arch {found!r}, or for none (arch=None: whatever the file holds)"
         super().__init__(f"{path}: holds a {found} model, not {wanted}; {fix}")
 
 

@@ -14,9 +14,11 @@ from absl import logging
 
 import ops
 from sttn_jax import archs, model_io, models, quantize, training
-from sttn_jax.data import pipeline, sources
+from sttn_jax.data import pipeline, sources, tf_import
 from sttn_jax.errors import CheckpointError, ConfigError
-from sttn_jax.metric_writers import Progress
+
+tf_import.tf()  # clu's metric writers import TensorFlow: through tf_import, quietly, after Triton
+from sttn_jax.metric_writers import Progress  # noqa: E402
 
 
 def eval_config(config, loaded, split: str | None):
@@ -31,7 +33,7 @@ def eval_config(config, loaded, split: str | None):
             f"{cfg.num_classes}; pass --config.num_classes={loaded.num_classes} (and a dataset "
             "whose labels fit)")
     if not cfg.eval_split:
-        raise ConfigError("no split to evaluate: pass --split or set --config.eval_split")
+        raise ConfigError("no split to evaluate: give a split or set config.eval_split")
     if problem := archs.inference_dtype_problem(loaded.arch, cfg.inference_dtype):
         raise ConfigError(f"config.inference_dtype={cfg.inference_dtype!r} for {loaded.path}: "
                           f"{problem}")
@@ -64,8 +66,10 @@ def evaluate_checkpoint(config, source, *, arch: str | None = None, split: str |
                                cfg.act_backend, inference_dtype="int8", stem_conv=cfg.stem_conv)
     variables = jax.device_put(jax.tree_util.tree_map(np.asarray, variables),
                                training.replicated(mesh))
-    logging.info("evaluating %s on %s/%s: %d batches of %d over %d device%s", loaded.describe(),
-                 cfg.dataset, cfg.eval_split, num_batches, cfg.eval_batch_size, mesh.devices.size,
+    logging.info("evaluating %s on %s/%s, %s: %d batches of %d over %d device%s",
+                 loaded.describe(), cfg.dataset, cfg.eval_split, _inference(cfg.inference_dtype,
+                                                                            cfg.dtype),
+                 num_batches, cfg.eval_batch_size, mesh.devices.size,
                  "" if mesh.devices.size == 1 else "s")
     bar = Progress(cfg.progress_bar if progress is None else progress, num_batches, 0,
                    unit="batch", desc=f"eval {cfg.eval_split}")
@@ -80,8 +84,14 @@ def evaluate_checkpoint(config, source, *, arch: str | None = None, split: str |
             "inference_dtype": cfg.inference_dtype, "source": loaded.info()}
 
 
+def _inference(inference_dtype: str, dtype: str) -> str:
+    return ("int8 inference (block convolutions in integers)" if inference_dtype == "int8"
+            else f"{dtype}")
+
+
 def format_result(result: dict) -> str:
-    return (f"{result['arch']} on {result['dataset']}/{result['split']} "
+    int8 = ", int8 inference" if result.get("inference_dtype") == "int8" else ""
+    return (f"{result['arch']}{int8} on {result['dataset']}/{result['split']} "
             f"({result['num_examples']} examples, {result['image_size']}x{result['image_size']}): "
             f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
             f"loss {result['loss']:.4f}")

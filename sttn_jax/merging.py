@@ -7,7 +7,7 @@ every other tensor (stem, BatchNorm, PReLU, fc) is copied.
   normal images, float32, eval mode; accepted when max|delta logit| / max|bwx2 logit| <= 1e-5.
 - `merge_checkpoint(source, out, ...)`: what `merge.py` does: load a bwx2 model (workdir, model
   checkpoint or .pth.tar), merge, check, and only then write the resnet18_ter model checkpoint,
-  its report (`sttn_jax.report`) and optionally the packed file and the original's format.
+  its report (`sttn_jax.merge_report`) and optionally the packed file and the original's format.
 
 Exactness: the merged kernel comes from the same jitted `ops.fold_binary_pair` the bwx2 forward
 runs, so it is bit-identical to the kernel the bwx2 model convolves with, and so are the logits
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -107,16 +108,50 @@ class MergeResult:
     plot: Path | None
 
 
-def _check_destination(out: Path, source_path: Path) -> None:
+def _check_destinations(out: Path, source_path: Path, files: dict) -> None:
+    """Refuses, before anything is computed or written, outputs that cannot be written: `out`
+    (the model checkpoint directory) over the source or over something that is not a model
+    checkpoint, the output files (`files`: parameter name -> path or None) on a directory or on
+    each other, anything in a directory that cannot be written, and a PyTorch output without
+    torch. The messages name the parameters and paths; the tools say them in their flags."""
     if out == source_path or out in source_path.parents:
-        raise CheckpointError(f"--out {out} would overwrite the source {source_path}; pick a new "
-                              "directory")
+        raise CheckpointError(f"the output directory {out} would overwrite the source "
+                              f"{source_path}; pick a new directory")
     if out.exists():
         if not out.is_dir():
-            raise CheckpointError(f"--out {out} is a file; give a directory for the model checkpoint")
+            raise CheckpointError(f"the output directory {out} is a file; give a directory for "
+                                  "the model checkpoint")
         if any(out.iterdir()) and not model_io.is_model_checkpoint(out):
-            raise CheckpointError(f"--out {out} exists and is not a model checkpoint; pick a new "
-                                  "directory (an existing model checkpoint is replaced)")
+            raise CheckpointError(f"the output directory {out} exists and is not a model "
+                                  "checkpoint; pick a new directory (an existing model checkpoint "
+                                  "is replaced)")
+    given = {name: Path(path).absolute() for name, path in files.items() if path is not None}
+    for name, path in given.items():
+        if path.is_dir():
+            raise CheckpointError(f"{name} {path} is a directory; give a file name")
+        if path == out or out in path.parents:
+            raise CheckpointError(f"{name} {path} lies in the output directory {out}, which is "
+                                  "replaced as a whole; give a path outside it")
+    if len(set(given.values())) < len(given):
+        raise CheckpointError(f"{' and '.join(given)} name the same file {next(iter(given.values()))}"
+                              "; give each its own")
+    for name, path in {"the output directory": out, **given}.items():
+        parent = next(p for p in path.parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{name} {path} cannot be written ({parent} is not a writable "
+                                  "directory); pick another place")
+    if given.get("torch_out") is not None:
+        try:
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"torch_out {given['torch_out']} (the original's PyTorch format) "
+                              f"needs torch: pip install 'sttn-jax[torch]', or leave it out "
+                              f"(import failed: {e})") from None
+
+
+def _staged(path: Path) -> Path:
+    """Where an output is written before it is complete: beside it, renamed into place at the end."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | None = None,
@@ -137,10 +172,7 @@ def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | No
         raise CheckpointError(f"{loaded.path}: holds a {loaded.arch} model ({what}), not "
                               f"{BWX2}; merge.py merges the binary pairs of a {BWX2} checkpoint")
     out = Path(out).absolute()
-    _check_destination(out, Path(loaded.path))
-    for flag, path in (("--torch_out", torch_out), ("--packed", packed)):
-        if path is not None and Path(path).is_dir():
-            raise CheckpointError(f"{flag} {path} is a directory; give a file name")
+    _check_destinations(out, Path(loaded.path), {"torch_out": torch_out, "packed": packed})
     if image_size is None:
         image_size = loaded.image_size or DEFAULT_IMAGE_SIZE
     echo(f"loaded {loaded.describe()}")
@@ -156,29 +188,47 @@ def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | No
             f"relative (max|dlogit| {check.max_abs_diff:.3e}), above the tolerance "
             f"{tolerance:g}: refusing to write {out}")
 
-    rep = merge_report.build_merge_report(loaded.variables["params"], merged, image_size=image_size,
-                                    source=loaded.info(), check=check.as_dict())
+    rep = merge_report.build_merge_report(loaded.variables["params"], merged,
+                                          image_size=image_size, source=loaded.info(),
+                                          check=check.as_dict())
     extra = {"merged_from": loaded.info(), "merge_check": check.as_dict(),
              "num_classes": loaded.num_classes, "report": REPORT_JSON}
-    if packed is not None:  # first: it refuses what its format cannot hold, writing nothing
-        packed_lib.write(packed, merged, TERNARY, meta=extra)
-        echo(f"wrote {packed} (packed 2-bit ternary model)")
-    if model_io.is_model_checkpoint(out):
-        shutil.rmtree(out)  # replaced as a whole: no stale report or plot from an earlier merge
-    model_io.save(out, merged, TERNARY, extra=extra)
-    json_io.write_json(rep, out / REPORT_JSON)
-    plot_path = None
-    if plot:
-        try:
-            plot_path = merge_report.save_plot(rep, out / REPORT_PNG)
-        except ImportError as e:
-            echo(f"warning: no plot ({e}); install matplotlib for {REPORT_PNG}")
-    (out / LAYER_TABLE).write_text(merge_report.layer_table(loaded.num_classes, image_size))
+    if loaded.run_config:  # what evaluating the merged model needs to know of its data
+        extra["config"] = loaded.run_config
+    outputs = {out: _staged(out)}
+    outputs.update({Path(f): _staged(Path(f)) for f in (packed, torch_out) if f is not None})
+    try:  # everything written aside first, renamed into place only when all of it is complete
+        if packed is not None:  # first: it refuses what its format cannot hold
+            packed_lib.write(outputs[Path(packed)], merged, TERNARY, meta=extra)
+        stage = outputs[out]
+        model_io.save(stage, merged, TERNARY, extra=extra)
+        json_io.write_json(rep, stage / REPORT_JSON)
+        plot_path = None
+        if plot:
+            try:
+                plot_path = merge_report.save_plot(rep, stage / REPORT_PNG)
+            except ImportError as e:
+                echo(f"warning: no plot ({e}); install matplotlib for {REPORT_PNG}")
+        (stage / LAYER_TABLE).write_text(merge_report.layer_table(loaded.num_classes, image_size))
+        if torch_out is not None:
+            interop.save_torch_checkpoint(merged, TERNARY, outputs[Path(torch_out)])
+        if model_io.is_model_checkpoint(out):
+            shutil.rmtree(out)  # replaced as a whole: no stale report or plot from an earlier merge
+        for final, staged in outputs.items():
+            os.replace(staged, final)
+    finally:
+        for staged in outputs.values():
+            if staged.is_dir():
+                shutil.rmtree(staged, ignore_errors=True)
+            else:
+                staged.unlink(missing_ok=True)
+    plot_path = plot_path and out / REPORT_PNG
     echo(merge_report.format_report(rep))
+    if packed is not None:
+        echo(f"wrote {packed} (packed 2-bit ternary model)")
     echo(f"wrote {out} ({TERNARY} model checkpoint, {REPORT_JSON}"
          f"{', ' + REPORT_PNG if plot_path else ''}, {LAYER_TABLE})")
     if torch_out is not None:
-        interop.save_torch_checkpoint(merged, TERNARY, torch_out)
         echo(f"wrote {torch_out} (the original's resnet18_ter format: {{'state_dict'}} with "
              "'module.' keys)")
     return MergeResult(out, torch_out and Path(torch_out), check, rep, loaded, plot_path)

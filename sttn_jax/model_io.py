@@ -49,9 +49,16 @@ class LoadedModel:
         return model_trees.num_classes_of(self.variables["params"])
 
     @property
+    def run_config(self) -> dict | None:
+        """The config of the training run the model comes from, where the source records it (a
+        workdir's config.json; the copy a merged model or packed file keeps), else None."""
+        recorded = self.config if self.kind == WORKDIR else self.meta.get("config")
+        return recorded if isinstance(recorded, dict) else None
+
+    @property
     def image_size(self) -> int | None:
-        """The training image size recorded with a workdir (None for other sources)."""
-        size = (self.config or {}).get("image_size")
+        """The training image size the source records (None where it records no config)."""
+        size = (self.run_config or {}).get("image_size")
         return int(size) if isinstance(size, int) else None
 
     def describe(self) -> str:
@@ -194,14 +201,15 @@ def _read(source, arch, step) -> LoadedModel:
     if arch is not None:
         archs.check_arch(arch)
     if source is None or str(source) == "":
-        raise CheckpointError("no checkpoint given: pass --checkpoint (a training workdir, a model "
-                              "checkpoint directory or a .pth/.pth.tar file)")
+        raise CheckpointError("no model source given: give a training workdir, a model checkpoint "
+                              "directory, a packed model file or a .pth/.pth.tar file")
     path = Path(source).absolute()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     parts = _workdir_parts(path) if path.is_dir() else None
     if parts is None and step is not None:
-        raise CheckpointError(f"{path}: holds one model; --step applies to training workdirs only")
+        raise CheckpointError(f"{path}: holds one model; a step can be chosen in training workdirs "
+                              "only (leave the step out)")
     if is_model_checkpoint(path):
         return _load_model_dir(path, arch)
     if parts is not None:

@@ -29,7 +29,7 @@ FORMAT, VERSION = "sttn-jax packed model", 1
 FIELD_OF_CODE = np.array([2, 3, 0, 3, 1], np.uint8)  # the 2-bit field of codes -2 .. 2
 CODE_OF_FIELD = np.array([0, 2, -2, 0], np.int8)      # and back (field 3: +-1, by its sign bit)
 SHIFTS = np.array([0, 2, 4, 6], np.uint8)
-REWRITE = "write it again with merge.py --packed (or sttn_jax.packed.write)"
+REWRITE = "write it again: merge the resnet18_bwx2 model again with a packed output (merge.py)"
 
 
 def layout(num_classes: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:

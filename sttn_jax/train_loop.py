@@ -5,6 +5,7 @@ The workdir holds `checkpoints/` (the last k steps and the best evaluated one), 
 `config.json`, `train.log` and, at the end, `final_metrics.json`. An interrupted run (killed,
 preempted, out of disk) resumes exactly: the state comes from the newest complete checkpoint, and
 the data stream is a pure function of (seed, epoch, data_shards), the batches seen skipped."""
+import json
 import signal
 import threading
 import time
@@ -18,6 +19,9 @@ from sttn_jax import archs, checkpoints, json_io, model_io, training, workdir as
 from sttn_jax.data import pipeline, sources
 from sttn_jax.errors import ArchMismatchError, CheckpointError, ConfigError
 from sttn_jax.metric_writers import MetricWriter, Progress, log_file
+
+
+FINAL_METRICS = "final_metrics.json"
 
 
 class Preempted(Exception):
@@ -69,6 +73,12 @@ def _train(config, workdir: Path, mesh, teacher) -> dict:
     sources.check(config)
     steps_per_epoch = sources.train_layout(config).steps_per_epoch
     total_steps = training.total_steps(config, steps_per_epoch)
+    finished = _finished_run(workdir, total_steps)
+    if finished is not None:  # nothing is written: its final metrics and events stay as they are
+        logging.info("%s: this run is finished (step %d of %d, final metrics in %s); nothing to "
+                     "do (to train longer, raise config.num_epochs or config.num_train_steps)",
+                     workdir, finished["step"], total_steps, workdir / FINAL_METRICS)
+        return finished
     learning_rate = training.learning_rate_fn(config, steps_per_epoch)
     tx = training.create_optimizer(config, learning_rate)
     abstract_state = training.abstract_train_state(config, mesh, tx)
@@ -87,10 +97,7 @@ def _train(config, workdir: Path, mesh, teacher) -> dict:
     train_step = training.make_train_step(config, mesh, tx, teacher)
     eval_step = training.make_eval_step(config, mesh)
     step = int(jax.device_get(state.step))
-    logging.info("training %s on %s: %d steps (%d per epoch), global batch %d over %d device%s, "
-                 "workdir %s", config.arch, config.dataset, total_steps, steps_per_epoch,
-                 config.batch_size, mesh.devices.size, "" if mesh.devices.size == 1 else "s",
-                 workdir)
+    _log_plan(config, workdir, mesh, total_steps, steps_per_epoch, step)
     writer = MetricWriter(workdir, config, total_steps)
     progress = Progress(config.progress_bar, total_steps, step)
     nonfinite = _NonFiniteWatch(config, workdir)
@@ -154,8 +161,33 @@ def _train(config, workdir: Path, mesh, teacher) -> dict:
     result = {"step": step, "train": last_train, "eval": meta.get("eval"),
               "best_top1": meta.get("best_top1"), "skipped_nonfinite_steps": nonfinite.skipped}
     if jax.process_index() == 0:
-        json_io.write_json(result, workdir / "final_metrics.json")
+        json_io.write_json(result, workdir / FINAL_METRICS)
     return result
+
+
+def _finished_run(workdir: Path, total_steps: int) -> dict | None:
+    """The final metrics of a run in `workdir` that reached `total_steps`, else None."""
+    try:
+        final = json.loads((workdir / FINAL_METRICS).read_text())
+        return final if int(final["step"]) >= total_steps else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _log_plan(config, workdir: Path, mesh, total_steps: int, steps_per_epoch: int, step: int):
+    """What the run is about to do, in a few lines."""
+    devices, hosts = mesh.devices.size, jax.process_count()
+    examples = sources.split_examples(sources.config_builder(config), config.train_split)
+    teacher = (f"{config.teacher_checkpoint} ({config.teacher_arch}, distillation)"
+               if config.teacher_checkpoint else "none (cross-entropy on labels)")
+    logging.info("training %s on %s/%s: %d examples, %d steps (%d per epoch)", config.arch,
+                 config.dataset, config.train_split, examples, total_steps, steps_per_epoch)
+    logging.info("global batch %d over %d devices (%s, %d host%s): %d per device; dtype %s",
+                 config.batch_size, devices, mesh.devices.flat[0].platform, hosts,
+                 "" if hosts == 1 else "s", config.batch_size // devices, config.dtype)
+    logging.info("teacher: %s", teacher)
+    logging.info("workdir %s: %s", workdir,
+                 f"resumes from step {step}" if step else "a new run from step 0")
 
 
 def _on_devices(mesh, batches, depth: int = 2):

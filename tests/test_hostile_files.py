@@ -185,8 +185,9 @@ def test_a_model_of_another_arch_is_refused_where_one_arch_is_wanted(
     sttn_model.json, before its variables are read) or merged; a bwx2 as the teacher."""
     resnet50 = other_arch_models[TEACHER]
     config = smoke_config(str(tmp_path / "no_data"))
-    match = "holds a resnet50 model, not resnet18_ter; pass --arch resnet50"
-    refused(lambda: model_io.load(resnet50, arch=TERNARY), resnet50, match, capsys)
+    match = "holds a resnet50 model, not resnet18_ter; ask for arch 'resnet50'"
+    line = refused(lambda: model_io.load(resnet50, arch=TERNARY), resnet50, match, capsys)
+    assert "pass --arch resnet50 or leave --arch out" in line  # the tools say it in their flag
     refused(lambda: evaluation.evaluate_checkpoint(config, resnet50, arch=TERNARY), resnet50,
             match, capsys)
     refused(lambda: merging.merge_checkpoint(resnet50, tmp_path / "out", echo=lambda _: None),
@@ -206,7 +207,7 @@ def test_the_tools_end_to_end(hostile, other_arch_models, tmp_path):
     out, teacher = tmp_path / "out", other_arch_models[BWX2]
     runs = [  # (source, what its error says, the command line)
         (hostile["nan.pth"], "non-finite values",
-         ("eval.py", "--checkpoint", hostile["nan.pth"], "--output", out / "eval.json")),
+         ("eval.py", "--checkpoint", hostile["nan.pth"], "--out", out / "eval.json")),
         (hostile["truncated.pth"], "truncated or damaged",
          ("merge.py", "--checkpoint", hostile["truncated.pth"], "--out", out / "merged",
           "--torch_out", out / "m.pth.tar", "--packed", out / "m.sttn")),

@@ -486,13 +486,20 @@ def test_cli_errors_are_one_line(files, tmp_path):
     line = assert_one_error_line(_cli("convert", files["resnet50", "bare"], tmp_path / "out",
                                       "--arch", "resnet18_ter"))
     assert "resnet50" in line and not (tmp_path / "out").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    line = assert_one_error_line(_cli("convert", files["resnet18_ter", "state_dict"],
+                                      tmp_path / "busy"))
+    assert "exists and is not a model checkpoint" in line
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "junk.pth"]  # nothing aside
 
 
 def test_cli_parity(files, tmp_path):
     src = str(files["resnet18_ter", "state_dict"])
     # A random model with unit-normal BatchNorm statistics: not realistic, but exact in float64.
     r = _cli("parity", "--checkpoint", src, "--batch", 2, "--image_size", 32,
-             "--output", tmp_path / "parity.json")
+             "--out", tmp_path / "parity.json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "float64" in r.stdout and "float32" in r.stdout and "PASS" in r.stdout
     report = json.loads((tmp_path / "parity.json").read_text())
@@ -508,7 +515,7 @@ def test_cli_parity(files, tmp_path):
     np.save(tmp_path / "inputs.npy", images)
     np.save(tmp_path / "logits.npy", logits * (1 + 1e-6))  # a wrong reference must fail
     r = _cli("parity", "--checkpoint", src, "--inputs", tmp_path / "inputs.npy",
-             "--reference-logits", tmp_path / "logits.npy")
+             "--reference_logits", tmp_path / "logits.npy")
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stderr[-2000:]
     line = assert_one_error_line(_cli("parity", "--checkpoint", src, "--reference_logits", "x.npy"))
     assert "needs --inputs" in line

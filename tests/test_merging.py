@@ -12,10 +12,10 @@ torch = pytest.importorskip("torch")
 
 import ops  # noqa: E402
 from sttn_jax import cli, merge_report, merging, model_io, packed  # noqa: E402
+from sttn_jax.archs import RESNET18_BLOCKS  # noqa: E402
 from sttn_jax.errors import ConfigError, MergeCheckError  # noqa: E402
 from sttn_jax.interop import parity, reference  # noqa: E402
-from sttn_jax.archs import RESNET18_BLOCKS  # noqa: E402
-from tests.conftest import REPO, ZEROED, run_cli  # noqa: E402
+from tests.conftest import REPO, ZEROED, assert_one_error_line, run_cli  # noqa: E402
 
 TER_PARAMS = 11_530_216
 TER_TERNARY = 10_985_472  # the 16 merged 3x3 kernels
@@ -171,7 +171,7 @@ def test_merge_cli_from_original_pth_and_torch_out(bwx2_pth, tmp_path):
         merging.check_merge(source.variables, ours, batch=4, image_size=16)
     print(f"\n.pth merge check: max|dlogit| {check.max_abs_diff:.3e} relative {check.relative_error:.3e}")
 
-    # --torch-out: the original's format, loaded by the PyTorch reference resnet18_ter
+    # --torch_out: the original's format, loaded by the PyTorch reference resnet18_ter
     obj = torch.load(tout, map_location="cpu", weights_only=True)
     assert set(obj) == {"state_dict"}
     sd = {k[len("module."):]: v for k, v in obj["state_dict"].items()}
@@ -204,6 +204,41 @@ def test_merge_cli_from_original_pth_and_torch_out(bwx2_pth, tmp_path):
             assert torch.equal(value, bsd[key]), key
 
 
+def test_merge_without_torch_refuses_torch_out_before_writing_anything(smoke_workdir, tmp_path):
+    """--torch_out where torch cannot be imported (the `make demo` environment): one line, and
+    neither the model directory nor the packed file is written."""
+    import os
+    import subprocess
+    import sys
+
+    no_torch = tmp_path / "no_torch"
+    (no_torch / "torch").mkdir(parents=True)
+    (no_torch / "torch" / "__init__.py").write_text("raise ImportError('no torch here')\n")
+    outs = tmp_path / "out"
+    outs.mkdir()
+    r = subprocess.run([sys.executable, str(REPO / "merge.py"), "--checkpoint", smoke_workdir,
+                        "--out", outs / "ter", "--packed", outs / "ter.sttn", "--torch_out",
+                        outs / "ter.pth.tar"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}"))
+    line = assert_one_error_line(r)
+    assert "needs torch" in line and "no torch here" in line
+    assert list(outs.iterdir()) == []
+
+
+def test_merge_refuses_clashing_or_unwritable_outputs_before_any_work(smoke_workdir, tmp_path):
+    from sttn_jax.errors import CheckpointError
+
+    out = tmp_path / "ter"
+    with pytest.raises(CheckpointError, match="name the same file"):
+        merging.merge_checkpoint(smoke_workdir, out, packed=tmp_path / "x", torch_out=tmp_path / "x")
+    with pytest.raises(CheckpointError, match="lies in the output directory"):
+        merging.merge_checkpoint(smoke_workdir, out, packed=out / "m.sttn")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(CheckpointError, match="cannot be written"):
+        merging.merge_checkpoint(smoke_workdir, out, packed=tmp_path / "a_file" / "m.sttn")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_merge_refuses_to_write_when_logits_differ(bwx2_pth, tmp_path, monkeypatch, capsys,
                                                    merge_main):
     real = merging.merge_variables
@@ -222,7 +257,7 @@ def test_merge_refuses_to_write_when_logits_differ(bwx2_pth, tmp_path, monkeypat
     assert not out.exists() and not tout.exists()
     # merge.py (in process, same patched library): exit status 1, the difference printed
     monkeypatch.setattr(cli, "setup_logging", lambda: None)
-    status = merge_main(["--checkpoint", bwx2_pth, "--out", out, "--image-size", 32, "--batch", 4])
+    status = merge_main(["--checkpoint", bwx2_pth, "--out", out, "--image_size", 32, "--batch", 4])
     captured = capsys.readouterr()
     assert status == 1 and "max|dlogit|" in captured.out and "FAIL" in captured.out
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]

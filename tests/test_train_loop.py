@@ -245,6 +245,28 @@ def test_train_cli_refuses_unknown_config_keys_and_bad_values(tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_a_finished_run_run_again_changes_nothing_and_says_so(smoke_workdir, smoke_data_dir,
+                                                              tmp_path):
+    """The same command on a finished run: "finished", its final metrics and events as they were,
+    and a quiet console (the start of a run reads its data through TensorFlow and TFDS)."""
+    import shutil
+    from pathlib import Path
+
+    from tests.test_evaluation import assert_quiet
+
+    workdir = tmp_path / "w"
+    shutil.copytree(smoke_workdir, workdir)
+    before = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    r = run_train(tmp_path, f"--config.data_dir={smoke_data_dir}", "--config.num_train_steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "this run is finished (step 3 of 3" in r.stderr
+    after = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    after.pop(Path("train.log"))  # the one line saying so is logged there too
+    before.pop(Path("train.log"), None)
+    assert after == before
+    assert_quiet(r.stderr)
+
+
 def test_train_cli_refuses_a_typo_in_the_eval_split(smoke_data_dir, tmp_path):
     line = assert_one_error_line(run_train(tmp_path, f"--config.data_dir={smoke_data_dir}",
                                            "--config.eval_split=validaton"))

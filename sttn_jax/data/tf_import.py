@@ -4,7 +4,39 @@ TensorFlow."""
 import contextlib
 import functools
 import os
+import re
 import sys
+import tempfile
+
+# What TensorFlow's native libraries print to stderr while they load, before its log level applies
+# (absl's C++ logging writes everything until it is initialised): the oneDNN notice, once per
+# library, and the CPU feature notes. Dropped unless TF_CPP_MIN_LOG_LEVEL is 0 (--verbosity >= 1).
+_LOAD_NOISE = re.compile(r"^(?:[IW]\d{4} .*\] |WARNING: All log messages before absl::InitializeLog"
+                         r"|To enable the following instructions: )")
+
+
+@contextlib.contextmanager
+def _native_stderr_filtered():
+    """stderr (the file descriptor) collected while the block runs, then written back without the
+    lines of _LOAD_NOISE when TensorFlow's log level asks for quiet."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(True)
+                    if not _LOAD_NOISE.match(line)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 
 @functools.cache
@@ -15,7 +47,8 @@ def tf():
     if "tensorflow" not in sys.modules:
         with contextlib.suppress(ImportError):
             import triton  # noqa: F401
-    import tensorflow
+    with _native_stderr_filtered():
+        import tensorflow
 
     with contextlib.suppress(Exception):  # already initialised, or no GPU support at all
         tensorflow.config.set_visible_devices([], "GPU")
@@ -25,6 +58,7 @@ def tf():
 @functools.cache
 def tfds():
     tf()
-    import tensorflow_datasets
+    with _native_stderr_filtered():
+        import tensorflow_datasets
 
     return tensorflow_datasets

@@ -4,20 +4,22 @@
   export SRC DST.pth.tar [--arch A]      any model source (model checkpoint, workdir, .pth) ->
                                          PyTorch file that the original code loads unchanged
   parity --checkpoint SRC [--arch A] [--batch N] [--image_size S] [--seed K]
-         [--reference_logits LOGITS.npy --inputs IMAGES.npy] [--output FILE.json]
+         [--reference_logits LOGITS.npy --inputs IMAGES.npy] [--out FILE.json]
                                          JAX vs the PyTorch reference on one batch, float64 and
                                          float32; exit 1 when float64 relative error > 1e-8
 
-Errors print one line `error: ...` and exit with status 2. (The hyphenated spellings
---image-size and --reference-logits of earlier versions still work.)
+Errors print one line `error: ...` and exit with status 2.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from sttn_jax import archs, cli
 
@@ -32,10 +34,8 @@ flags.DEFINE_string("inputs", None, "parity: images (.npy, NCHW as the original 
                     "accepted) instead of random ones.")
 flags.DEFINE_string("reference_logits", None, "parity: logits (.npy) of --inputs to compare "
                     "against instead of running PyTorch.")
-flags.DEFINE_string("output", None, "parity: also write the results as JSON to this file.")
+flags.DEFINE_string("out", None, "parity: also write the results as JSON to this file.")
 cli.define_compilation_cache_flag()
-flags.DEFINE_alias("image-size", "image_size")
-flags.DEFINE_alias("reference-logits", "reference_logits")
 FLAGS = flags.FLAGS
 
 
@@ -52,8 +52,20 @@ def convert(command, src, dst) -> int:
 
     loaded = model_io.load(src, arch=FLAGS.arch)
     if command == "convert":
-        out = model_io.save(dst, loaded.variables, loaded.arch,
-                            extra={"converted_from": loaded.path})
+        out = Path(dst).absolute()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) \
+                and not model_io.is_model_checkpoint(out):
+            raise ValueError(f"{dst} exists and is not a model checkpoint; give a new directory "
+                             "(an existing model checkpoint is replaced)")
+        staged = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:  # written aside, renamed into place once complete
+            model_io.save(staged, loaded.variables, loaded.arch,
+                          extra={"converted_from": loaded.path})
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staged, out)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
     else:
         out = interop.save_torch_checkpoint(loaded.variables, loaded.arch, dst)
     print(f"{command}ed {src} ({loaded.arch}) -> {out}")
@@ -80,18 +92,29 @@ def parity() -> int:
     source = (f"logits from {FLAGS.reference_logits}" if ref is not None
               else "the PyTorch reference (sttn_jax.interop.reference)")
     print(parity_lib.format_report(results, loaded.arch, images.shape, source))
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            json.dump(parity_lib.as_json(results, loaded.arch, images.shape, source), f, indent=2)
-        print(f"wrote {FLAGS.output}")
+    if FLAGS.out:
+        staged = Path(FLAGS.out).with_name(f".{Path(FLAGS.out).name}.{os.getpid()}.tmp")
+        try:  # whole or not at all
+            staged.write_text(json.dumps(parity_lib.as_json(results, loaded.arch, images.shape,
+                                                            source), indent=2))
+            os.replace(staged, FLAGS.out)
+        finally:
+            staged.unlink(missing_ok=True)
+        print(f"wrote {FLAGS.out}")
     return 0 if parity_lib.passed(results) else 1
 
 
 def main(argv):
     command, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
-    if command not in COMMANDS or len(args) != COMMANDS[command]:
-        raise app.UsageError(f"usage: python -m sttn_jax.interop {{{','.join(COMMANDS)}}} ... "
-                             "(see --help)")
+    if command not in COMMANDS:
+        cli.usage_error(f"give a command: python -m sttn_jax.interop {{{','.join(COMMANDS)}}} "
+                        "... (--help says what each takes)")
+    if len(args) != COMMANDS[command]:
+        what = {"convert": "SRC.pth.tar DST", "export": "SRC DST.pth.tar"}.get(command, "no")
+        cli.usage_error(f"{command} takes {what} arguments, got {len(args)}"
+                        f"{': ' + ' '.join(args) if args else ''} (--help says what each takes)")
+    if command == "parity":
+        cli.check_output_file(FLAGS.out, "out")
     cli.setup_logging()
     cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
     with cli.one_line_errors():
