@@ -32,6 +32,8 @@ try:  # Triton before anything imports TensorFlow (see sttn_jax/data/tf_import.p
 except ImportError:
     pass
 
+from tests.ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402, F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +44,7 @@ def has_cuda_gpu() -> bool:
         return False
 
 
-requires_gpu = pytest.mark.skipif(not has_cuda_gpu(), reason="needs a CUDA GPU")
+requires_gpu = pytest.mark.skipif(not has_cuda_gpu(), reason="needs a CUDA GPU")  # in ALLOWED_SKIPS
 
 
 @contextlib.contextmanager
