@@ -26,8 +26,7 @@ def fake_imagenet(tmp_path_factory):
     info = fabricate.fabricate_imagenet(root / "manual", num_classes=NUM_CLASSES,
                                         train_per_class=TRAIN_PER_CLASS,
                                         val_per_class=VAL_PER_CLASS)
-    seconds = fabricate.prepare_imagenet(root / "data", root / "manual", num_shards=3)
-    assert seconds < 60, f"preparing the fake ImageNet took {seconds:.1f} s"
+    fabricate.prepare_imagenet(root / "data", root / "manual", num_shards=3)
     info["data_dir"] = str(root / "data")
     return info
 
