@@ -251,10 +251,11 @@ def bwx2_reference_model(seed=0):
     import torch
 
     from sttn_jax.interop import reference
+    from tests import reference_training
 
     g = torch.Generator().manual_seed(seed)
     with seeded_torch(seed):
-        model = reference.init_like_original(reference.build("resnet18_bwx2"), g)
+        model = reference_training.init_like_original(reference.build("resnet18_bwx2"), g)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -291,9 +292,10 @@ def bwx2_pth(tmp_path_factory):
 def ter_pth(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from sttn_jax.interop import reference
+    from tests import reference_training
 
     with seeded_torch(1):
-        model = reference.init_like_original(reference.build("resnet18_ter"),
+        model = reference_training.init_like_original(reference.build("resnet18_ter"),
                                              torch.Generator().manual_seed(1))
     return save_original(model, tmp_path_factory.mktemp("pth") / "ter.pth.tar", "resnet18_ter")
 
