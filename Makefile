@@ -1,8 +1,11 @@
 # make demo  - the whole workflow on the embedded data set (installs what it needs into .venv first)
 # make test  - the test suite (installs the test dependencies into .venv first)
 # make install-gpu - CUDA JAX with a matching jax-triton and triton (Linux x86_64, CUDA GPU)
+# make install-tpu - JAX with the libtpu that matches it (run on every worker of a TPU VM slice)
 # make gpu-plan - XLA's plan of the training and inference steps for an H100 (memory, kernels, bytes
 #                moved), without a GPU
+# make tpu-plan - XLA's plan of the TPU config's training and evaluation steps for TPU slices
+#                (memory per chip, FLOPs, bytes, collectives), without a TPU
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +16,7 @@ XDIST ?= -n auto --maxprocesses 4 --dist worksteal
 DEMO_ARGS ?=
 PLAN_ARGS ?=
 
-.PHONY: install install-test install-gpu test demo gpu-plan clean
+.PHONY: install install-test install-gpu install-tpu test demo gpu-plan tpu-plan clean
 
 install: $(VENV)/.sttn-demo
 install-test: $(VENV)/.sttn-test
@@ -43,18 +46,28 @@ JAXLIB_VERSION = $$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')
 LOWERING_PACKAGES = "jax-cuda13-plugin==$(JAXLIB_VERSION)" "jax-cuda13-pjrt==$(JAXLIB_VERSION)" \
 	jax-triton==0.3.1
 
+# libtpu (the TPU compiler; the version the pinned jax asks for is pinned in constraints.txt) apart
+# from the test environment in $(VENV)/tpu-compile: tests/test_tpu.py and benchmarks/tpu_plan.py
+# compile for TPU slices through it, no TPU needed. Linux x86_64 only.
+TPU_COMPILE = $(VENV)/tpu-compile
+
 $(VENV)/.sttn-test: $(VENV)/.sttn-demo
-	@echo "installing the test dependencies into $(VENV) (PyTorch, Triton, JAX's CUDA plugins:" \
-	  "about 2 GB more; about a minute from pip's cache, longer while it downloads)"
+	@echo "installing the test dependencies into $(VENV) (PyTorch, Triton, JAX's CUDA plugins," \
+	  "libtpu: about 2.7 GB more; about a minute from pip's cache, longer while it downloads)"
 	$(PIP) -e ".[torch,dev]"
 	@if [ "$$(uname -sm)" = "Linux x86_64" ]; then \
 	  $(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/cuda-lowering \
 	    $(LOWERING_PACKAGES) || echo "warning: no $(VENV)/cuda-lowering: the CUDA lowering test" \
-	      "will skip (fail under CI)"; fi
+	      "will skip (fail under CI)"; \
+	  $(PIP) --no-deps --upgrade --target $(TPU_COMPILE) libtpu || echo "warning: no" \
+	    "$(TPU_COMPILE): the TPU compile test will skip (fail under CI)"; fi
 	@touch $@
 
 install-gpu: $(VENV)/.sttn-demo
 	$(PY) -m pip install --quiet -e ".[gpu]"
+
+install-tpu: $(VENV)/.sttn-demo
+	$(PIP) -e ".[tpu]"
 
 test: $(VENV)/.sttn-test
 	$(PY) -m pytest -q --durations=12 $(XDIST) $(PYTEST_ARGS)
@@ -62,6 +75,11 @@ test: $(VENV)/.sttn-test
 # XLA's memory plan of the benchmark's steps for an H100, compiled here without a GPU
 gpu-plan: $(VENV)/.sttn-test
 	PYTHONPATH=$(VENV)/cuda-lowering JAX_PLATFORMS=cpu $(PY) benchmarks/gpu_plan.py $(PLAN_ARGS)
+
+# XLA's plan of the TPU config's steps for TPU slices (v5e:2x2, v5e:4x4; PLAN_ARGS="--topology
+# v5p:2x2x2" for another), compiled here without a TPU; JSON into benchmarks/results
+tpu-plan: $(VENV)/.sttn-test
+	PYTHONPATH=$(TPU_COMPILE) JAX_PLATFORMS=cpu $(PY) benchmarks/tpu_plan.py $(PLAN_ARGS)
 
 demo: $(VENV)/.sttn-demo
 	$(PY) -m sttn_jax.demo --workdir runs/demo $(DEMO_ARGS)

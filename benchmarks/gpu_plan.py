@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import run as bench  # benchmarks/run.py: the measured steps' configuration
+import xla_plan
 from ops import ternary
-from sttn_jax import layers, merging, models, quantize, training
+from sttn_jax import layers, training
 
 TARGET = Path(__file__).resolve().parent / "h100_target.txtpb"
 TRAIN_CASES = [(dtype, backend, remat) for dtype in ("fp32", "bf16")
@@ -45,10 +43,6 @@ EVAL_CASES = [(mode, backend) for mode in bench.EVAL_MODES for backend in ("xla"
 # --smoke: the Triton kernel inside XLA's GPU pipeline (remat on, as on a GPU) and int8 inference
 SMOKE_TRAIN_CASES, SMOKE_EVAL_CASES = [("fp32", "triton", "on")], [("int8", "xla")]
 KERNEL_CALL = re.compile(r'custom_call_target="triton_kernel_call')
-GIB = 2 ** 30
-# `%name = type opcode(operands)` in the entry computation of XLA's optimized HLO text
-INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)(?:, |$)")
-ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
 NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
 
 
@@ -60,30 +54,17 @@ def h100():
                                         topology="1x1x1").devices[0]
 
 
-def abstract(tree, sharding):
-    return jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree)
-
-
-def _type_bytes(hlo_type: str) -> int:
-    """Bytes of an HLO array or tuple type such as `(f32[64]{0}, bf16[8,56,56,64]{3,2,1,0})`."""
-    bits = {"pred": 8}
-    return sum(math.prod(int(d) for d in dims.split(",") if d)
-               * (bits.get(dt) or int(re.sub(r"\D", "", dt))) // 8
-               for dt, dims in ARRAY.findall(hlo_type))
-
-
 def kernels_and_bytes(text: str) -> tuple[int, int]:
     """(kernels, bytes moved) of the entry computation of optimized HLO `text`."""
     entry = text[text.index("\nENTRY"):]
     entry = entry[:entry.index("\n}")]
     sizes, kernels, moved = {}, 0, 0
     for line in entry.splitlines()[1:]:
-        m = INSTRUCTION.match(line)
+        m = xla_plan.INSTRUCTION.match(line)
         if not m:
             continue
         name, hlo_type, opcode, operands = m.groups()
-        sizes[name] = _type_bytes(hlo_type)
+        sizes[name] = xla_plan.type_bytes(hlo_type)
         if opcode in NOT_KERNELS:
             continue
         read = sum(sizes.get(o, 0) for o in re.findall(r"%([\w.-]+)", operands))
@@ -93,13 +74,9 @@ def kernels_and_bytes(text: str) -> tuple[int, int]:
 
 
 def summary(compiled) -> dict:
-    m = compiled.memory_analysis()
     text = compiled.as_text()
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-            + m.temp_size_in_bytes)
     kernels, moved = kernels_and_bytes(text)
-    return {"planned_peak_gib": peak / GIB, "arguments_gib": m.argument_size_in_bytes / GIB,
-            "temp_gib": m.temp_size_in_bytes / GIB, "kernels": kernels, "moved_gb": moved / 1e9,
+    return {**xla_plan.memory(compiled), "kernels": kernels, "moved_gb": moved / 1e9,
             "kernel_calls": len(KERNEL_CALL.findall(text)),
             "cudnn_convs": text.count('custom_call_target="__cudnn$conv'),
             "cudnn_int8_convs": sum(1 for line in text.splitlines()
@@ -118,36 +95,17 @@ def plan_train(device, dtype: str, backend: str, remat: str, batch: int, image_s
                stem_conv: str = "conv") -> dict:
     """The training step of benchmarks/run.py (student, train-mode teacher, Adam) for `device`."""
     config = bench.train_config(dtype, backend, batch, image_size, remat, stem_conv)
-    mesh = training.make_mesh([device])
-    tx = training.create_optimizer(config, training.learning_rate_fn(config, 1000))
-    state = training.abstract_train_state(config, mesh, tx)
-    teacher_module = models.create(bench.TEACHER, bench.NUM_CLASSES)
-    teacher = abstract(jax.eval_shape(lambda: models.init_variables(
-        teacher_module, jax.random.PRNGKey(1))), training.replicated(mesh))
-    step = training.make_train_step(config, mesh, tx, teacher)
-    data = NamedSharding(mesh, P(training.DATA_AXIS))
-    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32, sharding=data)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)
-    compiled = step.jitted.lower(state, {"image": images, "label": labels}, teacher).compile()
-    return summary(compiled)
+    return summary(xla_plan.lower_train_step(config, training.make_mesh([device])).compile())
 
 
 def plan_eval(device, mode: str, backend: str, batch: int, image_size: int,
               stem_conv: str = "conv") -> dict:
     """resnet18_ter inference (a mode of EVAL_MODES) as benchmarks/run.py times it, for `device`."""
-    dtype, inference_dtype = bench.EVAL_MODES[mode]
-    module = models.create(bench.EVAL_ARCH, bench.NUM_CLASSES, dtype, backend,
-                           inference_dtype=inference_dtype, stem_conv=stem_conv)
-    student = jax.eval_shape(lambda: models.init_variables(
-        models.create(bench.STUDENT, bench.NUM_CLASSES), jax.random.PRNGKey(0)))
-    student = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), student)
-    variables = merging.merge_variables(student)
-    if inference_dtype == "int8":
-        variables = quantize.int8_variables(jax.device_get(variables))
+    module, variables = xla_plan.eval_model(mode, backend, stem_conv)
     placed = jax.sharding.SingleDeviceSharding(device)
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32, sharding=placed)
     fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
-    return summary(fn.lower(abstract(jax.device_get(variables), placed), images).compile())
+    return summary(fn.lower(xla_plan.abstract(variables, placed), images).compile())
 
 
 def parse_args(argv=None):
@@ -187,12 +145,10 @@ def main(argv=None) -> int:
              "a GPU; not a measurement)",
              f"{'step':<32}{'planned peak GiB':>17}{'temp GiB':>10}{'kernels':>9}{'moved GB':>10}"
              f"{'Triton calls':>14}{'int8 convs':>12}"]
-    for kind in ("train", "eval"):
-        for name, r in result[kind].items():
-            lines.append(f"{kind + ' ' + name:<32}{r['planned_peak_gib']:>17.2f}"
-                         f"{r['temp_gib']:>10.2f}{r['kernels']:>9}{r['moved_gb']:>10.2f}"
-                         f"{r['kernel_calls']:>14}"
-                         f"{r['cudnn_int8_convs']:>12}")
+    for step, r in xla_plan.steps(result):
+        lines.append(f"{step:<32}{r['planned_peak_gib']:>17.2f}{r['temp_gib']:>10.2f}"
+                     f"{r['kernels']:>9}{r['moved_gb']:>10.2f}{r['kernel_calls']:>14}"
+                     f"{r['cudnn_int8_convs']:>12}")
     print("\n".join(lines))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,6 @@ Only `triton` is imported here, never `jax_triton`: the same kernels are launche
 (`TRITON_INTERPRET=1`) in the tests, and compiled to PTX on any machine by `compile_ptx`, which is
 how CI checks it without a GPU.
 """
-import re
-
 import triton
 import triton.language as tl
 
@@ -89,25 +87,6 @@ def launch_args(n: int, itemsize: int) -> tuple[tuple, dict, tuple]:
     return (n // 16,), {**cfg, "N_REM_16": n % 16}, (triton.cdiv(n, cfg["BLOCK_SIZE"]),)
 
 
-def ternary_forward_torch(x, with_mask: bool = True):
-    """Runs a kernel on a torch tensor (a CPU tensor under TRITON_INTERPRET=1, or a CUDA one):
-    `ternary_forward_kernel` -> (y, keep), or with_mask=False `ternary_values_kernel` -> y.
-
-    Used by the tests to check the kernels against the XLA expression.
-    """
-    import torch
-
-    flat = x.contiguous().reshape(-1)
-    y = torch.empty_like(flat)
-    scalars, meta, grid = launch_args(flat.numel(), flat.element_size())
-    if not with_mask:
-        ternary_values_kernel[grid](flat, *scalars, y, **meta)  # jax-triton's order
-        return y.reshape(x.shape)
-    keep = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-    ternary_forward_kernel[grid](flat, *scalars, y, keep, **meta)
-    return y.reshape(x.shape), keep.reshape(x.shape)
-
-
 def compile_ptx(dtype: str, capability: int = 90, n: int = 1 << 20,
                 kernel=ternary_forward_kernel) -> str:
     """PTX of `kernel` (one of ARG_TYPES) for `dtype` ("float32", "bfloat16", "float16") on an
@@ -140,9 +119,3 @@ def compile_ptx(dtype: str, capability: int = 90, n: int = 1 << 20,
                                                       "N_REM_16": meta["N_REM_16"]}, attrs=attrs)
     compiled = triton.compile(source, target=target, options={"num_warps": meta["num_warps"]})
     return compiled.asm["ptx"]
-
-
-def global_access_widths(ptx: str) -> dict[str, set[str]]:
-    """{"ld": {...}, "st": {...}}: the global load and store instructions in `ptx`, such as
-    'ld.global.v4.b32' (four 32-bit words per thread: 128-bit accesses)."""
-    return {op: set(re.findall(rf"{op}\.global(?:\.[a-z0-9]+)+", ptx)) for op in ("ld", "st")}

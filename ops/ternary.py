@@ -92,10 +92,20 @@ def _values_triton(x):
 def triton_unavailable_reason() -> str | None:
     """None when the Triton backend can run here, else a sentence saying why not."""
     try:
-        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        devices = jax.devices()
     except RuntimeError:
-        gpus = []
-    if not gpus or "cuda" not in gpus[0].client.platform_version.lower():
+        devices = []
+    return triton_unavailable_on(devices[0] if devices else None)
+
+
+def triton_unavailable_on(device) -> str | None:
+    """None when the Triton backend can run on `device` (a jax Device, or None for none), else a
+    sentence saying why not."""
+    platform = getattr(device, "platform", None)
+    if platform == "tpu":  # the TPU compiler has no Triton (CUDA) kernels to call
+        return ("backend='triton' runs on CUDA GPUs only, not on a TPU; use backend='xla' "
+                "(or 'auto', which picks XLA there)")
+    if platform != "gpu" or "cuda" not in device.client.platform_version.lower():
         return ("backend='triton' needs a CUDA GPU, and JAX sees none here "
                 f"(default backend: {jax.default_backend()}); use backend='xla' or 'auto'")
     try:
@@ -116,6 +126,14 @@ def assume_cuda_gpu(capability: int) -> None:
 
     triton_unavailable_reason = lambda: None  # noqa: E731
     triton_lib.triton_kernel_call_lib.get_compute_capability = lambda device: capability
+
+
+def backend_problem(backend: str) -> str | None:
+    """Why `backend` cannot run here (an unknown name, or Triton without a CUDA GPU), else None:
+    for refusing a config before anything is traced or compiled."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+    return triton_unavailable_reason() if backend == "triton" else None
 
 
 def resolve_backend(backend: str, dtype) -> str:

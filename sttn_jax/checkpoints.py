@@ -50,7 +50,10 @@ class _Manager(ocp.CheckpointManager):
     """Orbax's manager, but a step whose metrics do not parse counts as one without metrics: a
     private method overridden, for want of a public option, because Orbax (0.12) reads them all on
     creation and raises for a damaged one, before `restore_newest_good` could set the step aside.
-    tests/test_checkpoints.py fails once Orbax stops raising, or stops calling `_get_metrics`."""
+    tests/test_checkpoints.py fails once Orbax stops raising, or stops calling `_get_metrics`.
+    `saving_step`: the step of the last save started (`save`), which a failure of it names."""
+
+    saving_step: int | None = None
 
     def _get_metrics(self, step: int):
         try:
@@ -85,7 +88,7 @@ def _write_errors(directory: Path, step: int):
 
 def save(mngr: ocp.CheckpointManager, state, meta: dict, metrics: dict | None = None) -> None:
     """Starts saving `state` and `meta` (and the evaluation's `metrics`) as the checkpoint of its
-    step; `wait` finishes it. An earlier save that failed surfaces here."""
+    step; `wait` finishes it. An earlier save that failed surfaces here, naming its own step."""
     step = int(jax.device_get(state.step))
     if mngr.latest_step() == step:
         return
@@ -94,15 +97,19 @@ def save(mngr: ocp.CheckpointManager, state, meta: dict, metrics: dict | None = 
     # processes, compiles a slice program per array shape to split the writing among them (56
     # programs: a one-step launch of two processes of 4 CPU devices took 72 to 76 s, not 49 to 60).
     state = jax.device_get(state)
+    wait(mngr)  # Orbax's save waits for the previous one too, but would not say which failed
     with _write_errors(Path(mngr.directory), step):
         mngr.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                                    META: ocp.args.JsonSave(meta)}),
                   metrics=metrics or {})
+    mngr.saving_step = step
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
-    """Blocks until every started save is on disk (CheckpointWriteError if one failed)."""
-    with _write_errors(Path(mngr.directory), mngr.latest_step() or 0):
+    """Blocks until every started save is on disk (CheckpointWriteError naming the step whose
+    save failed: the write runs in Orbax's background thread and fails there)."""
+    step = getattr(mngr, "saving_step", None)
+    with _write_errors(Path(mngr.directory), mngr.latest_step() or 0 if step is None else step):
         mngr.wait_until_finished()
 
 

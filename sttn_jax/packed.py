@@ -75,11 +75,6 @@ def payload_breakdown(variables) -> dict[str, int]:
     return {k: int(a.nbytes) for k, a in _pack(variables).items()}
 
 
-def payload_bytes(variables) -> int:
-    """The bytes of tensor data the packed file of `variables` holds (the file adds a header)."""
-    return sum(payload_breakdown(variables).values())
-
-
 def write(path, variables, arch: str = archs.TERNARY, meta: dict | None = None) -> Path:
     """Writes the merged `variables` as a packed file at `path` (atomically: the old file or the
     new one). Raises CheckpointError, writing nothing, for what the format cannot hold."""

@@ -55,12 +55,14 @@ def shard_batch(mesh: Mesh, batch: dict) -> dict:
 
 
 def check_model_config(config) -> None:
-    """What training and evaluation share: the dtype, the stem's form, the image and resize
-    sizes."""
+    """What training and evaluation share: the dtype, the activation's backend, the stem's form,
+    the image and resize sizes."""
     if config.dtype not in DTYPES:
         raise ConfigError(f"config.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}")
     if config.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError("config.dtype='float64' needs JAX_ENABLE_X64=1 in the environment")
+    if problem := ops.ternary.backend_problem(config.act_backend):
+        raise ConfigError(f"config.act_backend={config.act_backend!r}: {problem}")
     if problem := archs.stem_conv_problem(config.stem_conv):
         raise ConfigError(f"config.stem_conv={config.stem_conv!r}: {problem}")
     if problem := archs.image_size_problem(config.image_size, config.arch):

@@ -32,6 +32,8 @@ try:  # Triton before anything imports TensorFlow (see sttn_jax/data/tf_import.p
 except ImportError:
     pass
 
+from tests.ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402, F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +44,7 @@ def has_cuda_gpu() -> bool:
         return False
 
 
-requires_gpu = pytest.mark.skipif(not has_cuda_gpu(), reason="needs a CUDA GPU")
+requires_gpu = pytest.mark.skipif(not has_cuda_gpu(), reason="needs a CUDA GPU")  # in ALLOWED_SKIPS
 
 
 @contextlib.contextmanager
@@ -249,10 +251,11 @@ def bwx2_reference_model(seed=0):
     import torch
 
     from sttn_jax.interop import reference
+    from tests import reference_training
 
     g = torch.Generator().manual_seed(seed)
     with seeded_torch(seed):
-        model = reference.init_like_original(reference.build("resnet18_bwx2"), g)
+        model = reference_training.init_like_original(reference.build("resnet18_bwx2"), g)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -289,9 +292,10 @@ def bwx2_pth(tmp_path_factory):
 def ter_pth(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from sttn_jax.interop import reference
+    from tests import reference_training
 
     with seeded_torch(1):
-        model = reference.init_like_original(reference.build("resnet18_ter"),
+        model = reference_training.init_like_original(reference.build("resnet18_ter"),
                                              torch.Generator().manual_seed(1))
     return save_original(model, tmp_path_factory.mktemp("pth") / "ter.pth.tar", "resnet18_ter")
 

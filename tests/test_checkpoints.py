@@ -2,6 +2,7 @@
 the workdir and the fix, and the earlier checkpoints stay usable."""
 import errno
 import os
+import threading
 from types import SimpleNamespace
 
 import jax
@@ -107,3 +108,40 @@ def test_a_step_with_damaged_metrics_counts_as_one_without_metrics(tmp_path):
     mngr = checkpoints.manager(tmp_path, 2, read_only=True)
     assert mngr.all_steps() == [1, 2] and mngr.metrics(1) is None
     assert checkpoints.best_step(mngr) == 2
+
+
+@pytest.mark.parametrize("failing,surfaces_at", [(2, "the save of step 3"), (3, "the last wait")])
+def test_a_save_failing_in_the_background_stops_naming_its_step(
+        smoke_data_dir, tmp_path, monkeypatch, capsys, failing, surfaces_at):
+    """Orbax saves asynchronously: the write of step `failing` fails with ENOSPC in its background
+    thread, after `save` returned, and surfaces at the next save or at the final wait. The run
+    stops in one line naming that step (not the one being saved when it surfaced), and the
+    earlier checkpoints load."""
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    handler = json_checkpoint_handler.JsonCheckpointHandler
+    real_write, threads = handler._save_fn, []
+
+    async def write(self, x, directory):
+        if directory.parent.name.split(".")[0] == str(failing):
+            threads.append(threading.current_thread())
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return await real_write(self, x, directory)
+
+    monkeypatch.setattr(handler, "_save_fn", write)
+    workdir = tmp_path / "w"
+    config = smoke_config(smoke_data_dir, num_train_steps=3, checkpoint_every_steps=1,
+                          keep_checkpoints=3)
+    with pytest.raises(CheckpointWriteError) as info:
+        train_loop.train_and_evaluate(config, workdir)
+    assert threads and threading.main_thread() not in threads  # it failed in the background
+    line = one_line(info.value, capsys)
+    assert f"checkpoint of step {failing} in {workdir / 'checkpoints'} (No space left on device)" \
+        in line, (surfaces_at, line)
+    assert f"free some space on the disk of {workdir}" in line
+    manager = checkpoints.manager(workdir / checkpoints.LATEST, config.keep_checkpoints)
+    assert manager.all_steps() == list(range(1, failing))
+    mesh = training.make_mesh()
+    tx = training.create_optimizer(config, training.learning_rate_fn(config, 3))
+    state, meta = checkpoints.restore_newest_good(manager, training.abstract_train_state(config, mesh, tx))
+    assert int(state.step) == failing - 1 and meta["arch"] == "resnet18_bwx2"

@@ -23,6 +23,7 @@ STEPS = 3  # one epoch
 OVERRIDES = dict(arch="resnet18_ter", dtype="float64", data_shards=2, num_train_steps=STEPS,
                  checkpoint_every_steps=1)
 HEARTBEAT = 10  # s, not the default 30: a shorter wait if the kill is noticed by heartbeats
+DEFAULT_HEARTBEAT = 30  # s, --heartbeat_timeout_seconds' default (sttn_jax/cli.py)
 LATE = 45  # s a process is held before its first step: more than XLA's 30 s for Gloo to meet
 
 
@@ -112,7 +113,9 @@ def test_two_processes_preempted_killed_and_damaged_train_like_one_process_with_
         wait_for_checkpoint(checkpoint_dir, 2, procs)
         procs[1].proc.kill()
         killed = time.monotonic()
-        code = procs[0].finish(timeout=60)  # the bound: the heartbeat timeout and some margin
+        # the bound: the heartbeat timeout, plus a whole launch as this machine runs it now
+        # (launch 1: start, compile, a step, a save) for the step in progress and the exit
+        code = procs[0].finish(timeout=HEARTBEAT + times["1: preempted"])
         noticed = time.monotonic() - killed
     finally:
         for p in procs:
@@ -182,8 +185,10 @@ def test_two_processes_preempted_killed_and_damaged_train_like_one_process_with_
 def test_a_process_lost_outside_a_collective_aborts_the_others_naming_it():
     """A process SIGKILLed while no collective is under way: nothing fails at once, JAX's
     coordination service (in process 0) misses its heartbeats for --heartbeat_timeout_seconds and
-    aborts every other process (SIGABRT), stderr naming the task that went silent. The bound shows
-    that the tools pass the flag on (JAX's own default is 100 s, ours 30 s)."""
+    aborts every other process (SIGABRT), stderr naming the task that went silent. It stops before
+    the default timeout would have run out: the tools pass the flag on (JAX's own default is 100 s,
+    ours DEFAULT_HEARTBEAT). No other bound: the abort follows the timeout by what the service's
+    check interval and this machine's load make it."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     args = [f"--coordinator_address=localhost:{free_port()}", "--num_processes=2",
             f"--heartbeat_timeout_seconds={HEARTBEAT}"]
@@ -203,7 +208,8 @@ def test_a_process_lost_outside_a_collective_aborts_the_others_naming_it():
     assert code == -signal.SIGABRT, procs[0].log(n=200)
     assert re.search(r"stopped sending heartbeats\):\s+1\n", "".join(procs[0].lines)), \
         procs[0].log(n=200)
-    assert noticed < HEARTBEAT + 15, f"process 0 stopped {noticed:.1f} s after process 1's SIGKILL"
+    assert noticed < DEFAULT_HEARTBEAT, \
+        f"process 0 stopped {noticed:.1f} s after process 1's SIGKILL"
 
 
 def test_processes_that_do_not_share_the_workdir_are_refused_in_one_line(tmp_path):

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 from sttn_jax import interop, model_io  # noqa: E402
 from sttn_jax.errors import CheckpointError  # noqa: E402
 from sttn_jax.interop import names, reference  # noqa: E402
+from tests import reference_training  # noqa: E402
 from tests.conftest import assert_one_error_line, run_cli  # noqa: E402
 
 ARCHS = ("resnet18_bwx2", "resnet18_ter", "resnet50")
@@ -53,7 +54,7 @@ def write_checkpoint(model, path, layout):
         torch.save({"state_dict": sd}, path)
         return path
     model = copy.deepcopy(model)  # the Adam step below must not change the shared model
-    opt = reference.make_optimizer(model)
+    opt = reference_training.make_optimizer(model)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()  # an Adam state with tensors in it, as in a real checkpoint

@@ -454,7 +454,15 @@ def test_merged_ternary_model_gives_the_same_logits(variables32):
         v = {"params": v["params"], "batch_stats": upd["batch_stats"]}
     merged = merging.merge_variables(v)
     assert count(merged["params"]) == PARAM_COUNTS["resnet18_ter"]
-    a, b = bw.apply(v, x), ter.apply(merged, x)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+    # jitted, as merge.py's check and evaluation run them: the bwx2 forward folds each pair with
+    # the same jitted fold the merge used, so the kernels and the logits are the same bits (an
+    # eager forward folds op by op, in another summation order: ~2e-7 relative, which can move
+    # an activation at +-0.5 to the other level)
+    a = jax.jit(lambda v, x: bw.apply(v, x))(v, x)
+    b = jax.jit(lambda v, x: ter.apply(v, x))(merged, x)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(a, b)
+    else:  # another compiler may fuse the fold into the convolution: merge.py's tolerance
+        assert float(jnp.abs(a - b).max()) <= merging.MERGE_TOLERANCE * float(jnp.abs(a).max())
     with pytest.raises(ValueError, match="no binary pairs"):
         merging.merge_variables(merged)

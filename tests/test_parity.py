@@ -24,6 +24,7 @@ import optax  # noqa: E402
 import ops  # noqa: E402
 from sttn_jax import interop, models  # noqa: E402
 from sttn_jax.interop import parity, reference  # noqa: E402
+from tests import reference_training  # noqa: E402
 
 TOL = 1e-8
 nn = torch.nn
@@ -70,7 +71,7 @@ def realistic_model(arch, seed, image_size=224, warmup_batches=2, batch=4):
     g = torch.Generator().manual_seed(seed)
     model = reference.build(arch)
     if arch != "resnet50":
-        reference.init_like_original(model, g)
+        reference_training.init_like_original(model, g)
     randomize_affine(model, g)
     binop = reference.BinOp(model) if arch == "resnet18_bwx2" else None
     if binop is not None:  # latent weights of all sizes, some beyond the clamp
@@ -239,7 +240,7 @@ def training_model(seed=21):
     """float32 bwx2 with latent weights of all magnitudes (some beyond 1 before the clamp) and
     non-trivial BatchNorm statistics and counts."""
     g = torch.Generator().manual_seed(seed)
-    model = reference.init_like_original(reference.build("resnet18_bwx2"), g)
+    model = reference_training.init_like_original(reference.build("resnet18_bwx2"), g)
     randomize_affine(model, g)
     with torch.no_grad():
         for w in reference.BinOp(model).target_modules:
@@ -265,8 +266,9 @@ def test_training_step_matches_reference_float64(x64):
     binop = reference.BinOp(m64)
     assert len(binop.target_modules) == 32
     assert any(float(w.detach().abs().max()) > 1.0 for w in binop.target_modules)  # the clamp matters
-    optimizer = reference.make_optimizer(m64)
-    loss_t, grads_t = reference.reference_train_step(m64, optimizer, binop, images, teacher)
+    optimizer = reference_training.make_optimizer(m64)
+    loss_t, grads_t = reference_training.reference_train_step(m64, optimizer, binop, images,
+                                                              teacher)
     after_t = {k: v.detach().clone() for k, v in m64.state_dict().items()}
 
     # --- JAX: clamp, grad of the distillation loss through the train-mode apply, Adam
@@ -373,8 +375,8 @@ def test_trainer_step_with_teacher_matches_reference_float64(x64):
     with torch.no_grad():
         teacher_logits = teacher_t.train()(images)
     binop = reference.BinOp(m64)
-    loss_t, grads_t = reference.reference_train_step(m64, reference.make_optimizer(m64), binop,
-                                                     images, teacher_logits)
+    loss_t, grads_t = reference_training.reference_train_step(
+        m64, reference_training.make_optimizer(m64), binop, images, teacher_logits)
     after_t = {k: v.detach().clone() for k, v in m64.state_dict().items()}
 
     c = default.get_config()

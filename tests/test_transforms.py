@@ -19,6 +19,20 @@ STD = np.array(T.IMAGENET_STD, np.float32)
 FAST_MEAN_TOL, FAST_P99_TOL = 1.5, 8.0
 
 
+def train_crop(seed, height, width, *, image_size: int = 224, resize_size: int | None = None,
+               random_flip: bool = True):
+    """The (top, left, flip) `preprocess_for_train` chooses for an image of (height, width)."""
+    return T._geometry(seed, image_size, resize_size, random_flip)(height, width)[2:]
+
+
+def resize_window(image, out_h, out_w, top, left, crop_h: int, crop_w: int, flip=False):
+    """PIL's `Image.resize((out_w, out_h), BICUBIC)` cut to the crop_h x crop_w window at (top,
+    left), mirrored if `flip`, through the transforms' own window resampling (uint8 HWC)."""
+    shape = tf.shape(image)
+    win = resample.Window(shape[0], shape[1], out_h, out_w, top, left, crop_h, crop_w, flip)
+    return tf.cast(win.resample(win.region_of(image)), tf.uint8)
+
+
 def harsh(rng, h, w):
     """Noise with saturated blocks: every negative lobe and both clips of PIL's passes used."""
     a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -92,7 +106,7 @@ def test_resize_window_equals_pil():
             ch, cw = int(rng.integers(1, out_h + 1)), int(rng.integers(1, out_w + 1))
             top, left = int(rng.integers(0, out_h - ch + 1)), int(rng.integers(0, out_w - cw + 1))
             flip = bool(rng.integers(0, 2))
-            got = resample.resize_window(tf.constant(a), out_h, out_w, top, left, ch, cw, flip).numpy()
+            got = resize_window(tf.constant(a), out_h, out_w, top, left, ch, cw, flip).numpy()
             want = ref[top:top + ch, left:left + cw]
             want = want[:, ::-1] if flip else want
             assert got.shape == want.shape and got.dtype == np.uint8
@@ -131,7 +145,7 @@ def test_train_equals_torchvision_on_pil(jpegs):
         h, w = image.shape[:2]
         for s in range(3):
             seed = tf.constant([k, s], tf.int64)
-            top, left, flip = (v.numpy() for v in T.train_crop(seed, h, w))
+            top, left, flip = (v.numpy() for v in train_crop(seed, h, w))
             want = pil_train(encoded, top, left, flip)
             flips.add(bool(flip))
             for got in (T.preprocess_encoded_for_train(tf.constant(encoded), seed, normalize=None),
@@ -158,7 +172,7 @@ def test_small_image_size_equals_pil():
     for h, w in [(28, 28), (40, 33), (100, 64)]:
         encoded = encode(harsh(rng, h, w), quality=95)
         seed = tf.constant([5, h], tf.int64)
-        top, left, flip = (v.numpy() for v in T.train_crop(seed, h, w, image_size=32))
+        top, left, flip = (v.numpy() for v in train_crop(seed, h, w, image_size=32))
         got = T.preprocess_encoded_for_train(tf.constant(encoded), seed, image_size=32,
                                              normalize=None)
         differing += int((as_uint8(got) != pil_train(encoded, top, left, flip, 32, 37)).sum())
@@ -204,7 +218,7 @@ def test_fast_mode_close_to_exact():
         encoded = tf.constant(encode(smooth(rng, h, w), quality=90))
         for s in range(3):
             seed = tf.constant([9, 3 * k + s], tf.int64)
-            flips.add(bool(T.train_crop(seed, h, w)[2]))
+            flips.add(bool(train_crop(seed, h, w)[2]))
             exact = T.preprocess_encoded_for_train(encoded, seed, normalize=None)
             fast = T.preprocess_encoded_for_train(encoded, seed, normalize=None, mode="fast")
             diffs.append(np.abs(np.asarray(fast) - np.asarray(exact)) * 255)
@@ -253,13 +267,13 @@ def test_no_flip_and_crop_ranges():
     tops, lefts = set(), set()
     for s in range(200):
         seed = tf.constant([3, s], tf.int64)
-        top, left, flip = (int(v) for v in T.train_crop(seed, 260, 300, random_flip=False))
+        top, left, flip = (int(v) for v in train_crop(seed, 260, 300, random_flip=False))
         assert not flip
         tops.add(top)
         lefts.add(left)
     assert min(tops) == 0 and max(tops) == 32 and min(lefts) == 0 and max(lefts) == 71  # 256x295
     seed = tf.constant([7, 7], tf.int64)
-    assert [int(v) for v in T.train_crop(seed, 375, 500)] == [int(v) for v in T.train_crop(
+    assert [int(v) for v in train_crop(seed, 375, 500)] == [int(v) for v in train_crop(
         seed, 375, 500)]
 
 

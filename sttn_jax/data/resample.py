@@ -96,13 +96,3 @@ class Window:
     def region_of(self, image):
         """The source region, cut from the whole image."""
         return image[self.row0:self.row0 + self.num_rows, self.col0:self.col0 + self.num_cols]
-
-
-def resize_window(image, out_h, out_w, top, left, crop_h: int, crop_w: int, flip=False):
-    """PIL's `Image.resize((out_w, out_h), BICUBIC)` cut to the crop_h x crop_w window at (top,
-    left), mirrored if `flip`, computing only that window (uint8 HWC in and out). A side that keeps
-    its size gets the identity pass (weights exactly 0, 1, 0), as PIL skips it."""
-    tf = _tf()
-    shape = tf.shape(image)
-    win = Window(shape[0], shape[1], out_h, out_w, top, left, crop_h, crop_w, flip)
-    return tf.cast(win.resample(win.region_of(image)), tf.uint8)

@@ -86,12 +86,6 @@ def _geometry(seed, image_size: int, resize_size: int | None, random_flip: bool 
     return geometry
 
 
-def train_crop(seed, height, width, *, image_size: int = 224, resize_size: int | None = None,
-               random_flip: bool = True):
-    """The (top, left, flip) `preprocess_for_train` chooses for an image of (height, width)."""
-    return _geometry(seed, image_size, resize_size, random_flip)(height, width)[2:]
-
-
 def _decode_jpeg_region(encoded, win, width):
     """The source region a window reads, decoding only that region of the JPEG. Widened by one
     column on each side and cut back: chroma upsampling treats a cropped decode's edges as image

@@ -1,6 +1,6 @@
 """The PyTorch reference of the original STTN code (docs/original.md) that parity is judged
-against: its models (`reference_modules`), `util.BinOp`, the distillation loss and main.py's train
-and validate steps. Deliberately unoptimised: it mirrors the original's arithmetic (two convolutions
+against: its models (`reference_modules`), `util.BinOp` and main.py's validate step (its training
+step, for the tests: tests/reference_training.py). Deliberately unoptimised: it mirrors the original's arithmetic (two convolutions
 per pair, in-place clamp/binarize/restore, the gradient rule on `.grad`). torch: on first use."""
 from __future__ import annotations
 
@@ -25,16 +25,6 @@ def build(arch: str, num_classes: int = 1000, device=None):
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(makers)}")
     with c.torch.device(device or "cpu"):
         return makers[arch]()
-
-
-def init_like_original(model, generator=None):
-    """main.py's student init: every Conv2d/Linear weight ~ Normal(0, std = 1 / fan_in)."""
-    c = _classes()
-    with c.torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (c.nn.Conv2d, c.nn.Linear)):
-                m.weight.normal_(0.0, 1.0 / float(m.weight[0].nelement()), generator=generator)
-    return model
 
 
 class BinOp:
@@ -99,40 +89,6 @@ class BinOp:
             m = w.grad.data
             m[weight.lt(-GRADIENT_CUTOFF) | weight.gt(GRADIENT_CUTOFF)] = 0
             w.grad.data = m.add(m_add)
-
-
-def distillation_loss(teacher_logits, student_logits):
-    """util.TS_Loss(..., 'mean'): batch mean of -sum(softmax(teacher) * log_softmax(student))."""
-    c = _classes()
-    if teacher_logits.requires_grad:
-        raise ValueError("teacher logits must not require gradients")
-    t = c.F.softmax(teacher_logits, dim=1).unsqueeze(1)
-    s = c.F.log_softmax(student_logits, dim=1).unsqueeze(2)
-    return (-c.torch.bmm(t, s)).mean()
-
-
-def make_optimizer(model, lr: float = 0.005):
-    """main.py's optimizer: Adam over all parameters, its default lr, betas, eps, no decay."""
-    return _classes().torch.optim.Adam(model.parameters(), lr, betas=(0.9, 0.999), eps=1e-8,
-                                       weight_decay=0)
-
-
-def reference_train_step(model, optimizer, binop, images, teacher_logits):
-    """One step of main.py's `train()`: clamp + binarize, forward in train mode, distillation loss
-    against `teacher_logits`, backward, restore, gradient rule, optimizer step (`binop` None: a
-    model without pairs). Returns (loss, {parameter name: gradient after the rule})."""
-    model.train()
-    if binop is not None:
-        binop.binarization()
-    loss = distillation_loss(teacher_logits.detach(), model(images))
-    optimizer.zero_grad()
-    loss.backward()
-    if binop is not None:
-        binop.restore()
-        binop.updateBinaryGradWeight()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    optimizer.step()
-    return float(loss.item()), grads
 
 
 def evaluate(model, images, binop=None):
