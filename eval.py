@@ -15,13 +15,13 @@ integers. Uses every device of every process. Prints top-1, top-5 and the mean c
 """
 from absl import flags
 
-from sttn_jax import cli, models
+from sttn_jax import archs, cli
 
 cli.define_config_flag(str(cli.DEFAULT_CONFIG), "Config file (default: the config of the run "
                        "the model came from, where it records one, else configs/default.py).")
 flags.DEFINE_string("checkpoint", None, "The model: a training workdir, a model checkpoint "
                     "directory (converted, merged), a packed .sttn file or a .pth/.pth.tar file.")
-flags.DEFINE_enum("arch", None, list(models.ARCHS), "The arch SRC must hold (default: any).")
+flags.DEFINE_enum("arch", None, list(archs.ARCHS), "The arch SRC must hold (default: any).")
 flags.DEFINE_string("split", None, "TFDS split (default: config.eval_split).")
 flags.DEFINE_integer("step", None, "Workdir only: evaluate the checkpoint of this step.")
 flags.DEFINE_string("out", None, "Write the metrics as JSON to this file.")
@@ -46,7 +46,7 @@ def main(argv):
         if FLAGS.print_config:
             cli.print_config(config)
             return
-        from sttn_jax import evaluation  # after the model is read: it imports TensorFlow
+        from sttn_jax import evaluation, json_io  # after the model is read: it imports TensorFlow
         try:
             result = evaluation.evaluate_checkpoint(config, FLAGS.checkpoint, split=FLAGS.split,
                                                     loaded=loaded)
@@ -59,7 +59,7 @@ def main(argv):
     if jax.process_index() == 0:
         print(evaluation.format_result(result))
         if FLAGS.out:
-            evaluation.write_result(result, FLAGS.out)
+            json_io.write_json(result, FLAGS.out)
             print(f"wrote {FLAGS.out}")
 
 

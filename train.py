@@ -1,4 +1,5 @@
-"""Train STTN ResNet-18 from a config file.
+"""Train STTN ResNet-18 from a config file: the command line of
+`sttn_jax.train_loop.train_and_evaluate` (library code calls that).
 
   python train.py --config configs/imagenet_resnet18_bwx2.py --workdir DIR [--config.key=value ...]
 

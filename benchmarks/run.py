@@ -71,7 +71,7 @@ import numpy as np  # noqa: E402
 import ops  # noqa: E402
 from configs import default as default_config  # noqa: E402
 from ops import ternary as ternary_mod  # noqa: E402
-from sttn_jax import layers, merging, models, quantize, training  # noqa: E402
+from sttn_jax import archs, layers, merging, models, quantize, training  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SECTIONS = ("train", "eval", "stem", "act", "copy", "input")
@@ -141,7 +141,7 @@ def parse_args(argv=None):
     args.only = [s for s in SECTIONS if s in only]
     if args.steps < 1 or args.warmup < 0 or args.batch < 2:
         p.error("need --steps >= 1, --warmup >= 0 and --batch >= 2 (BatchNorm in training)")
-    if problem := models.image_size_problem(args.image_size):
+    if problem := archs.image_size_problem(args.image_size):
         p.error(f"--image-size {args.image_size}: {problem}")
     if args.backend == "triton" and ternary_mod.triton_unavailable_reason():
         p.error(ternary_mod.triton_unavailable_reason())

@@ -3,8 +3,7 @@ the last k steps and the step of the best top-1 (saved with the evaluation's met
 holds the items "state" (the TrainState) and "meta" (JSON: arch, best top-1, last evaluation).
 Saves are asynchronous; each step is written into `<step>.orbax-checkpoint-tmp*`, renamed to
 `<step>` when complete, so a run killed mid-save leaves no half-written step to load. A step that
-does not read back is moved aside and the next older one used. (Earlier versions kept the best
-step in `WORKDIR/best`; it still loads.)"""
+does not read back is moved aside and the next older one used."""
 import contextlib
 import errno
 import logging as std_logging
@@ -27,7 +26,7 @@ from sttn_jax import processes
 from sttn_jax.errors import CheckpointError, CheckpointWriteError, ConfigError
 
 STATE, META = "state", "meta"
-LATEST, BEST = "checkpoints", "best"  # BEST: the best step's directory in earlier versions
+LATEST = "checkpoints"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 NO_METRIC = float("-inf")
 
@@ -48,8 +47,10 @@ def manager(directory, keep: int, read_only: bool = False) -> ocp.CheckpointMana
 
 
 class _Manager(ocp.CheckpointManager):
-    """Orbax's manager, but a step whose metrics do not parse counts as one without metrics: Orbax
-    reads them all on creation and would fail before `restore_newest_good` sets the step aside.
+    """Orbax's manager, but a step whose metrics do not parse counts as one without metrics: a
+    private method overridden, for want of a public option, because Orbax (0.12) reads them all on
+    creation and raises for a damaged one, before `restore_newest_good` could set the step aside.
+    tests/test_checkpoints.py fails once Orbax stops raising, or stops calling `_get_metrics`.
     `saving_step`: the step of the last save started (`save`), which a failure of it names."""
 
     saving_step: int | None = None
@@ -117,7 +118,9 @@ def quiet_orphaned_reads() -> None:
     each printing a traceback long after the error was raised (hundreds for three reads of
     truncated files, at random): TensorStore's callbacks into Orbax's closed event loop, Orbax's
     read coroutines finalised with their error, asyncio's "exception was never retrieved" for its
-    tasks. From the first call on, this process drops exactly those reports."""
+    tasks. From the first call on, this process drops exactly those reports: process-wide, where
+    Python reports them after the restore returned; Orbax (0.12) cannot wait for or cancel them.
+    tests/test_hostile_files.py fails once a failed read leaves none, or they are printed."""
     if not getattr(sys.unraisablehook, "drops_orbax_orphans", False):
         previous = sys.unraisablehook
 

@@ -17,7 +17,7 @@ from sttn_jax import cli
 
 
 def run(config, workdir="runs/demo") -> dict:
-    from sttn_jax import evaluation, merging, report, train_loop
+    from sttn_jax import evaluation, json_io, merging, train_loop
 
     workdir = Path(workdir)
     t0 = time.perf_counter()
@@ -51,7 +51,7 @@ def run(config, workdir="runs/demo") -> dict:
         "packed_file": str(packed_file), "packed_file_bytes": packed_file.stat().st_size,
         "bwx2_checkpoint": str(train_dir), "ternary_checkpoint": str(merged_dir),
     }
-    report.save_json(summary, workdir / "summary.json")
+    json_io.write_json(summary, workdir / "summary.json")
     print(format_summary(summary, workdir))
     return summary
 

@@ -18,10 +18,12 @@ class ArchMismatchError(CheckpointError):
     (`sttn_jax.cli.in_flag_words`)."""
 
     def __init__(self, path, found: str, wanted: str, known: bool = True):
+        from sttn_jax import archs  # archs raises errors of this module
+
         self.path, self.found, self.wanted, self.known = path, found, wanted, known
         if not known:
             fix = f"give a {wanted} checkpoint"
-        elif (found, wanted) == ("resnet18_bwx2", "resnet18_ter"):
+        elif (found, wanted) == (archs.BWX2, archs.TERNARY):
             fix = f"merge it first (sttn_jax.merging), or ask for arch {found!r}"
         else:
             fix = f"ask for arch {found!r}, or for none (arch=None: whatever the file holds)"

@@ -8,27 +8,17 @@ model and its merged ternary model give the same logits.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import jax
 import numpy as np
 from absl import logging
 
 import ops
-from sttn_jax import model_io, models, quantize, report, training
+from sttn_jax import archs, model_io, models, quantize, training
 from sttn_jax.data import pipeline, sources, tf_import
 from sttn_jax.errors import CheckpointError, ConfigError
 
 tf_import.tf()  # clu's metric writers import TensorFlow: through tf_import, quietly, after Triton
 from sttn_jax.metric_writers import Progress  # noqa: E402
-
-
-def evaluate(config, mesh, eval_step, variables, split=None, progress=None) -> dict:
-    """Top-1/top-5, loss and count of `variables` over `split` (default config.eval_split)."""
-    batches = pipeline.make_eval_dataset(config, split)
-    return training.evaluate(eval_step, mesh, variables, pipeline.numpy_batches(batches),
-                             progress)
 
 
 def eval_config(config, loaded, split: str | None):
@@ -44,12 +34,9 @@ def eval_config(config, loaded, split: str | None):
             "whose labels fit)")
     if not cfg.eval_split:
         raise ConfigError("no split to evaluate: give a split or set config.eval_split")
-    if cfg.inference_dtype not in ("float", "int8"):
-        raise ConfigError(f"config.inference_dtype={cfg.inference_dtype!r}: choose float or int8")
-    if cfg.inference_dtype == "int8" and loaded.arch != models.TERNARY:
-        raise ConfigError(f"config.inference_dtype='int8' runs merged ternary models, and "
-                          f"{loaded.path} holds a {loaded.arch}; merge it first (merge.py) or "
-                          "evaluate it with --config.inference_dtype=float")
+    if problem := archs.inference_dtype_problem(loaded.arch, cfg.inference_dtype):
+        raise ConfigError(f"config.inference_dtype={cfg.inference_dtype!r} for {loaded.path}: "
+                          f"{problem}")
     training.check_model_config(cfg)
     return cfg
 
@@ -87,8 +74,9 @@ def evaluate_checkpoint(config, source, *, arch: str | None = None, split: str |
     bar = Progress(cfg.progress_bar if progress is None else progress, num_batches, 0,
                    unit="batch", desc=f"eval {cfg.eval_split}")
     try:
-        metrics = evaluate(cfg, mesh, training.make_eval_step(cfg, mesh, module), variables,
-                           progress=bar.advance)
+        metrics = training.evaluate(training.make_eval_step(cfg, mesh, module), mesh, variables,
+                                    pipeline.numpy_batches(pipeline.make_eval_dataset(cfg)),
+                                    bar.advance)
     finally:
         bar.close()
     return {**metrics, "arch": loaded.arch, "checkpoint": loaded.path, "split": cfg.eval_split,
@@ -107,15 +95,3 @@ def format_result(result: dict) -> str:
             f"({result['num_examples']} examples, {result['image_size']}x{result['image_size']}): "
             f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
             f"loss {result['loss']:.4f}")
-
-
-def write_result(result: dict, path) -> Path:
-    """The result as indented JSON at `path`, whole or not at all (written aside, then renamed)."""
-    path = Path(path)
-    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        report.save_json(result, staged)
-        os.replace(staged, path)
-    finally:
-        staged.unlink(missing_ok=True)
-    return path

@@ -7,7 +7,7 @@ every other tensor (stem, BatchNorm, PReLU, fc) is copied.
   normal images, float32, eval mode; accepted when max|delta logit| / max|bwx2 logit| <= 1e-5.
 - `merge_checkpoint(source, out, ...)`: what `merge.py` does: load a bwx2 model (workdir, model
   checkpoint or .pth.tar), merge, check, and only then write the resnet18_ter model checkpoint,
-  its report (`sttn_jax.report`) and optionally the packed file and the original's format.
+  its report (`sttn_jax.merge_report`) and optionally the packed file and the original's format.
 
 Exactness: the merged kernel comes from the same jitted `ops.fold_binary_pair` the bwx2 forward
 runs, so it is bit-identical to the kernel the bwx2 model convolves with, and so are the logits
@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 import ops
-from sttn_jax import interop, model_io, models, report, report_format
+from sttn_jax import archs, interop, json_io, merge_report, model_io, model_trees, models
 from sttn_jax import packed as packed_lib
 from sttn_jax.errors import CheckpointError, ConfigError, MergeCheckError
 from sttn_jax.interop import parity
@@ -38,7 +38,7 @@ from sttn_jax.interop import parity
 MERGE_TOLERANCE = 1e-5        # max|delta logit| / max|bwx2 logit|, float32
 DEFAULT_CHECK_BATCH = 8
 DEFAULT_IMAGE_SIZE = 224
-BWX2, TERNARY = models.BWX2, models.TERNARY
+BWX2, TERNARY = archs.BWX2, archs.TERNARY
 REPORT_JSON = "merge_report.json"
 REPORT_PNG = "merge_report.png"
 LAYER_TABLE = "layers.txt"  # the merged network module by module (flax tabulate): 140 columns
@@ -86,11 +86,11 @@ def check_merge(bwx2_variables, ternary_variables, *, batch: int = DEFAULT_CHECK
     logits against the bwx2 ones, passed when max|delta| / max|bwx2| <= tolerance."""
     if batch < 1:
         raise ConfigError(f"the merge check needs a batch of at least 1 image, got {batch}")
-    if problem := models.image_size_problem(image_size):
+    if problem := archs.image_size_problem(image_size):
         raise ConfigError(f"the merge check's image size {image_size}: {problem}")
     images = np.random.default_rng(seed).standard_normal((batch, image_size, image_size, 3),
                                                          dtype=np.float32)
-    num_classes = models.num_classes_of(bwx2_variables["params"])
+    num_classes = model_trees.num_classes_of(bwx2_variables["params"])
     bw = {"params": ops.clamp_latent_kernels(bwx2_variables["params"]),
           "batch_stats": bwx2_variables.get("batch_stats", {})}
     a = np.asarray(_apply_fn(BWX2, num_classes, act_backend)(bw, images))
@@ -188,8 +188,9 @@ def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | No
             f"relative (max|dlogit| {check.max_abs_diff:.3e}), above the tolerance "
             f"{tolerance:g}: refusing to write {out}")
 
-    rep = report.build_merge_report(loaded.variables["params"], merged, image_size=image_size,
-                                    source=loaded.info(), check=check.as_dict())
+    rep = merge_report.build_merge_report(loaded.variables["params"], merged,
+                                          image_size=image_size, source=loaded.info(),
+                                          check=check.as_dict())
     extra = {"merged_from": loaded.info(), "merge_check": check.as_dict(),
              "num_classes": loaded.num_classes, "report": REPORT_JSON}
     if loaded.run_config:  # what evaluating the merged model needs to know of its data
@@ -201,14 +202,14 @@ def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | No
             packed_lib.write(outputs[Path(packed)], merged, TERNARY, meta=extra)
         stage = outputs[out]
         model_io.save(stage, merged, TERNARY, extra=extra)
-        report.save_json(rep, stage / REPORT_JSON)
+        json_io.write_json(rep, stage / REPORT_JSON)
         plot_path = None
         if plot:
             try:
-                plot_path = report_format.save_plot(rep, stage / REPORT_PNG)
+                plot_path = merge_report.save_plot(rep, stage / REPORT_PNG)
             except ImportError as e:
                 echo(f"warning: no plot ({e}); install matplotlib for {REPORT_PNG}")
-        (stage / LAYER_TABLE).write_text(report_format.layer_table(loaded.num_classes, image_size))
+        (stage / LAYER_TABLE).write_text(merge_report.layer_table(loaded.num_classes, image_size))
         if torch_out is not None:
             interop.save_torch_checkpoint(merged, TERNARY, outputs[Path(torch_out)])
         if model_io.is_model_checkpoint(out):
@@ -222,7 +223,7 @@ def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | No
             else:
                 staged.unlink(missing_ok=True)
     plot_path = plot_path and out / REPORT_PNG
-    echo(report_format.format_report(rep))
+    echo(merge_report.format_report(rep))
     if packed is not None:
         echo(f"wrote {packed} (packed 2-bit ternary model)")
     echo(f"wrote {out} ({TERNARY} model checkpoint, {REPORT_JSON}"

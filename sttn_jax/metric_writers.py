@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-import ops
+from sttn_jax import training
 from sttn_jax.data import tf_import
 
 tf_import.tf()  # before clu imports TensorFlow: TensorFlow must never see (and take) a GPU
@@ -20,12 +19,6 @@ from clu import metric_writers, periodic_actions  # noqa: E402
 
 HPARAMS = ("arch", "dataset", "dtype", "batch_size", "learning_rate", "num_epochs", "image_size",
            "teacher_arch", "teacher_checkpoint", "sync_batch_stats", "seed", "data_shards")
-
-
-@jax.jit  # one program; eagerly each op is compiled per kernel shape (first call 1.7 s, not 0.23)
-def _zero_fractions(params) -> dict:
-    return {f"sparsity/{path}": jnp.mean(ops.folded_zeros(p["kernel_1"], p["kernel_2"]))
-            for path, p in ops.binary_pairs(params)}
 
 
 class MetricWriter:
@@ -56,8 +49,8 @@ class MetricWriter:
     def write_sparsity(self, step: int, params) -> None:
         """The fraction of zeros of every ternary kernel the binary pairs fold into (counted where
         the parameters are: only the fractions leave the devices)."""
-        fractions = jax.device_get(_zero_fractions(params))
-        self.writer.write_scalars(step, {k: float(v) for k, v in fractions.items()})
+        fractions = jax.device_get(training.ternary_zero_fraction(params, per_kernel=True))
+        self.writer.write_scalars(step, {f"sparsity/{k}": float(v) for k, v in fractions.items()})
 
     def close(self) -> None:
         self.writer.close()

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sttn_jax import checkpoints, models, packed
+from sttn_jax import archs, checkpoints, json_io, model_trees, packed
 from sttn_jax.errors import ArchMismatchError, CheckpointError
 from sttn_jax.interop import torch_io
 
@@ -30,7 +30,6 @@ MODEL_METADATA = "sttn_model.json"
 MODEL_ITEM = "variables"
 WORKDIR, MODEL_CHECKPOINT, PYTORCH = "training workdir", "model checkpoint", "pytorch checkpoint"
 PACKED = "packed model file"
-_MANAGER_DIRS = (checkpoints.BEST, checkpoints.LATEST)
 
 
 @dataclasses.dataclass
@@ -47,7 +46,7 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int:
-        return models.num_classes_of(self.variables["params"])
+        return model_trees.num_classes_of(self.variables["params"])
 
     @property
     def run_config(self) -> dict | None:
@@ -81,14 +80,14 @@ class LoadedModel:
 def save(path, variables, arch: str, extra: dict | None = None) -> Path:
     """Writes `variables` ({"params", "batch_stats"}) of `arch` as a model checkpoint directory at
     `path` (replaced if it exists) with `sttn_model.json` naming the arch. Returns the path."""
-    models.check_arch(arch)
+    archs.check_arch(arch)
     path = Path(path).absolute()
     tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / MODEL_ITEM, jax.tree_util.tree_map(np.asarray, tree), force=True)
     if jax.process_index() == 0:
         meta = {"arch": arch, "format": "sttn-jax model", **(extra or {})}
-        (path / MODEL_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+        json_io.write_json(meta, path / MODEL_METADATA)
     return path
 
 
@@ -105,11 +104,11 @@ def _load_model_dir(path: Path, arch) -> LoadedModel:
     try:
         meta = json.loads((path / MODEL_METADATA).read_text())
         found = meta["arch"]
-        if found not in models.ARCHS:
+        if found not in archs.ARCHS:
             raise KeyError(found)
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{path / MODEL_METADATA}: damaged (not the JSON sttn-jax writes, "
-                              f"naming one of {', '.join(models.ARCHS)}); rewrite the model "
+                              f"naming one of {', '.join(archs.ARCHS)}); rewrite the model "
                               "checkpoint (convert or merge it again)") from None
     _check(path, found, arch)
     checkpoints.quiet_orphaned_reads()
@@ -126,57 +125,51 @@ def _load_model_dir(path: Path, arch) -> LoadedModel:
 
 
 def _workdir_parts(path: Path):
-    """(workdir, manager dir or None, step or None) when `path` is a workdir, one of its manager
-    directories or a step directory inside one; else None."""
+    """(workdir, newest: whether `path` names its checkpoints/, step or None) when `path` is a
+    workdir, its checkpoints/ or a step directory in it; else None."""
     def is_workdir(p):
-        return p.is_dir() and any((p / d).is_dir() for d in _MANAGER_DIRS)
+        return p.is_dir() and (p / checkpoints.LATEST).is_dir()
 
     if is_workdir(path) and not is_model_checkpoint(path):
-        return path, None, None
-    if path.name in _MANAGER_DIRS and is_workdir(path.parent):
-        return path.parent, path.name, None
-    if path.name.isdigit() and path.parent.name in _MANAGER_DIRS:
-        return path.parent.parent, path.parent.name, int(path.name)
+        return path, False, None
+    if path.name == checkpoints.LATEST and is_workdir(path.parent):
+        return path.parent, True, None
+    if path.name.isdigit() and path.parent.name == checkpoints.LATEST:
+        return path.parent.parent, True, int(path.name)
     return None
 
 
-def _select(workdir: Path, which, step):
-    """(manager dir, step, how): `step` if given (in checkpoints/, else an earlier version's
-    best/), else the best evaluated step, else the newest."""
-    kept = {d: checkpoints.steps(workdir / d) for d in _MANAGER_DIRS}
-    listing = ", ".join(f"{d}/: {kept[d] or 'none'}" for d in _MANAGER_DIRS if (workdir / d).is_dir())
-    order = [which] if which else [checkpoints.LATEST, checkpoints.BEST]
+def _select(workdir: Path, newest: bool, step):
+    """(step, how): `step` if given, else the best evaluated step (unless `newest`), else the
+    newest."""
+    kept = checkpoints.steps(workdir / checkpoints.LATEST)
+    listing = f"{checkpoints.LATEST}/: {kept or 'none'}"
     if step is not None:
-        for d in order:
-            if step in kept[d]:
-                return d, step, "step"
+        if step in kept:
+            return step, "step"
         raise CheckpointError(f"{workdir}: no checkpoint of step {step} ({listing}); pick one of "
                               "those steps")
-    if which in (None, checkpoints.BEST) and kept[checkpoints.BEST]:
-        return checkpoints.BEST, kept[checkpoints.BEST][-1], "best"
-    if which in (None, checkpoints.LATEST) and kept[checkpoints.LATEST]:
-        best = None if which else checkpoints.best_step(
-            checkpoints.manager(workdir / checkpoints.LATEST, 1, read_only=True))
-        if best is not None:
-            return checkpoints.LATEST, best, "best"
-        return checkpoints.LATEST, kept[checkpoints.LATEST][-1], "latest"
-    raise CheckpointError(f"{workdir}: a training workdir without checkpoints ({listing}); train "
-                          "first, or give a model checkpoint or a .pth file")
+    if not kept:
+        raise CheckpointError(f"{workdir}: a training workdir without checkpoints ({listing}); "
+                              "train first, or give a model checkpoint or a .pth file")
+    best = None if newest else checkpoints.best_step(
+        checkpoints.manager(workdir / checkpoints.LATEST, 1, read_only=True))
+    return (best, "best") if best is not None else (kept[-1], "latest")
 
 
 def _load_workdir(path: Path, parts, arch, step) -> LoadedModel:
-    workdir, which, dir_step = parts
+    workdir, newest, dir_step = parts
     if dir_step is not None:
         if step is not None and step != dir_step:
             raise CheckpointError(f"{path}: is the checkpoint of step {dir_step}, but step {step} "
                                   "was asked for")
         step = dir_step
-    which, step, how = _select(workdir, which, step)
-    variables, meta = checkpoints.read_variables(workdir / which, step)
-    found = models.arch_of(variables["params"])
+    step, how = _select(workdir, newest, step)
+    variables, meta = checkpoints.read_variables(workdir / checkpoints.LATEST, step)
+    found = model_trees.arch_of(variables["params"])
     if found is None:
-        raise CheckpointError(f"{workdir / which / str(step)}: its parameters are not those of "
-                              f"any of {', '.join(models.ARCHS)}")
+        raise CheckpointError(f"{workdir / checkpoints.LATEST / str(step)}: its parameters are "
+                              f"not those of any of {', '.join(archs.ARCHS)}")
     _check(path, found, arch)
     try:
         config = json.loads((workdir / "config.json").read_text())
@@ -192,7 +185,7 @@ def load(source, arch: str | None = None, step: int | None = None) -> LoadedMode
     (tree, shapes, finite values): no tool computes with or derives from a damaged model."""
     loaded = _read(source, arch, step)
     where = loaded.path if loaded.kind != WORKDIR else f"{loaded.path} (step {loaded.step})"
-    models.check_variables(where, loaded.variables, loaded.arch)
+    model_trees.check_variables(where, loaded.variables, loaded.arch)
     return loaded
 
 
@@ -206,7 +199,7 @@ def _is_packed(path: Path) -> bool:
 
 def _read(source, arch, step) -> LoadedModel:
     if arch is not None:
-        models.check_arch(arch)
+        archs.check_arch(arch)
     if source is None or str(source) == "":
         raise CheckpointError("no model source given: give a training workdir, a model checkpoint "
                               "directory, a packed model file or a .pth/.pth.tar file")

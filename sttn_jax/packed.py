@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from flax import traverse_util
 
-from sttn_jax import models, quantize
+from sttn_jax import archs, model_trees, quantize
 from sttn_jax.errors import CheckpointError
 
 FORMAT, VERSION = "sttn-jax packed model", 1
@@ -35,19 +35,20 @@ REWRITE = "write it again: merge the resnet18_bwx2 model again with a packed out
 def layout(num_classes: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """(name, shape, dtype) of every tensor of a resnet18_ter model, in the model's order."""
     return [(k, tuple(v.shape), np.dtype(v.dtype))
-            for k, v in models.variable_shapes(models.TERNARY, num_classes).items()]
+            for k, v in model_trees.variable_shapes(archs.TERNARY, num_classes).items()]
 
 
-TERNARY = {f"params/{path}/kernel" for path in quantize.ternary_conv_paths()}
+# The names of the 16 ternary kernels, stored as 2-bit codes and alphas.
+TERNARY_KERNELS = {f"params/{path}/kernel" for path in quantize.ternary_conv_paths()}
 
 
 def _pack(variables) -> dict[str, np.ndarray]:
     """The archive's arrays (all but the header); ValueError for what the format cannot hold."""
     flat = traverse_util.flatten_dict({k: dict(variables.get(k, {}))
                                        for k in ("params", "batch_stats")}, sep="/")
-    want = layout(models.num_classes_of(variables["params"]))
+    want = layout(model_trees.num_classes_of(variables["params"]))
     if set(flat) != {name for name, _, _ in want}:
-        raise ValueError(f"these variables are not a merged {models.TERNARY} model; "
+        raise ValueError(f"these variables are not a merged {archs.TERNARY} model; "
                          f"{quantize.MERGE_FIX}")
     fields, signs, alphas, floats, ints = [], [], [], [], []
     for name, shape, dtype in want:
@@ -55,7 +56,7 @@ def _pack(variables) -> dict[str, np.ndarray]:
         if leaf.shape != shape or leaf.dtype != dtype:
             raise ValueError(f"{name} is {leaf.dtype}{list(leaf.shape)}, not {dtype}{list(shape)} "
                              "(merge.py writes float32 models)")
-        if name in TERNARY:
+        if name in TERNARY_KERNELS:
             codes, scale = quantize.ternary_codes(leaf, name=name)
             fields.append(FIELD_OF_CODE[codes.ravel().astype(np.int64) + 2])
             signs.append(codes[np.abs(codes) == 1] < 0)
@@ -74,17 +75,17 @@ def payload_breakdown(variables) -> dict[str, int]:
     return {k: int(a.nbytes) for k, a in _pack(variables).items()}
 
 
-def write(path, variables, arch: str = models.TERNARY, meta: dict | None = None) -> Path:
+def write(path, variables, arch: str = archs.TERNARY, meta: dict | None = None) -> Path:
     """Writes the merged `variables` as a packed file at `path` (atomically: the old file or the
     new one). Raises CheckpointError, writing nothing, for what the format cannot hold."""
     path = Path(path)
-    if arch != models.TERNARY:
-        raise CheckpointError(f"{path}: the packed format holds {models.TERNARY} models, not "
+    if arch != archs.TERNARY:
+        raise CheckpointError(f"{path}: the packed format holds {archs.TERNARY} models, not "
                               f"{arch}; merge a resnet18_bwx2 first (merge.py)")
     try:
         arrays = _pack(variables)
         header = json.dumps({"format": FORMAT, "version": VERSION, "arch": arch, "meta": meta or {},
-                             "num_classes": models.num_classes_of(variables["params"])},
+                             "num_classes": model_trees.num_classes_of(variables["params"])},
                             allow_nan=False).encode()
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: not written: {e}") from None
@@ -112,26 +113,27 @@ def is_packed_file(path) -> bool:
 
 def _unpack(arrays: dict, num_classes: int) -> dict:
     want = layout(num_classes)
-    ternary = [(n, s) for n, s, _ in want if n in TERNARY]
+    ternary = [(n, s) for n, s, _ in want if n in TERNARY_KERNELS]
     n_weights = sum(int(np.prod(s)) for _, s in ternary)
     fields = ((arrays["codes"][:, None] >> SHIFTS) & 3).reshape(-1)
     halves = fields[:n_weights] == 3
     sizes = {"codes": (n_weights + 3) // 4, "alphas": sum(s[-1] for _, s in ternary),
              "half_signs": (int(halves.sum()) + 7) // 8,
-             "float32": sum(int(np.prod(s)) for n, s, d in want if n not in TERNARY and d == np.float32),
+             "float32": sum(int(np.prod(s)) for n, s, d in want
+                            if n not in TERNARY_KERNELS and d == np.float32),
              "int32": sum(int(np.prod(s)) for n, s, d in want if d == np.int32)}
     wrong = [k for k, n in sizes.items() if arrays[k].ndim != 1 or arrays[k].size != n]
     if wrong or arrays["alphas"].dtype != np.float32 or arrays["float32"].dtype != np.float32 \
             or arrays["int32"].dtype != np.int32 or arrays["codes"].dtype != np.uint8:
         raise ValueError(f"its {', '.join(wrong) or 'dtypes'} do not fit a {num_classes}-class "
-                         f"{models.TERNARY} model")
+                         f"{archs.TERNARY} model")
     codes = CODE_OF_FIELD[fields[:n_weights]]
     codes[halves] = np.where(np.unpackbits(arrays["half_signs"])[:int(halves.sum())], -1, 1)
     offsets = {"codes": 0, "alphas": 0, "float32": 0, "int32": 0}
     flat = {}
     for name, shape, dtype in want:
         n = int(np.prod(shape))
-        if name in TERNARY:
+        if name in TERNARY_KERNELS:
             c = codes[offsets["codes"]:offsets["codes"] + n].reshape(shape)
             a = arrays["alphas"][offsets["alphas"]:offsets["alphas"] + shape[-1]]
             flat[name] = quantize.kernel_from_codes(c, a, dtype)
@@ -152,7 +154,7 @@ def read(path) -> tuple[dict, str, dict]:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
         header = json.loads(arrays.pop("header").tobytes())
-        if header.get("format") != FORMAT or header.get("arch") != models.TERNARY:
+        if header.get("format") != FORMAT or header.get("arch") != archs.TERNARY:
             raise ValueError("not a packed sttn-jax model")
         if header.get("version") != VERSION:
             raise ValueError(f"format version {header.get('version')!r}; this sttn-jax reads "

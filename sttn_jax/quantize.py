@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from flax import traverse_util
 
-from sttn_jax.models import FIRST_BLOCK_INDEX, RESNET18_BLOCKS
+from sttn_jax.archs import FIRST_BLOCK_INDEX, RESNET18_BLOCKS
 
 MAX_CODE = 2
 CODES, SCALE = "codes", "scale"  # parameter names of `layers.Int8TernaryConv`

@@ -1,4 +1,5 @@
-"""`train_and_evaluate(config, workdir)`: the whole training run, resumable.
+"""`train_and_evaluate(config, workdir)`: the whole training run, resumable; what train.py calls,
+built from the steps of `sttn_jax.training`.
 
 The workdir holds `checkpoints/` (the last k steps and the best evaluated one), `tensorboard/`,
 `config.json`, `train.log` and, at the end, `final_metrics.json`. An interrupted run (killed,
@@ -14,7 +15,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from sttn_jax import checkpoints, evaluation, model_io, models, training, workdir as workdir_lib
+from sttn_jax import archs, checkpoints, json_io, model_io, training, workdir as workdir_lib
 from sttn_jax.data import pipeline, sources
 from sttn_jax.errors import ArchMismatchError, CheckpointError, ConfigError
 from sttn_jax.metric_writers import MetricWriter, Progress, log_file
@@ -30,8 +31,8 @@ class Preempted(Exception):
 def load_teacher(config):
     """The teacher's variables, refused before training: another arch or classes, or damaged."""
     path, want = config.teacher_checkpoint, config.teacher_arch
-    if want not in models.ARCHS:
-        raise ConfigError(f"config.teacher_arch={want!r}: choose one of {list(models.ARCHS)} "
+    if want not in archs.ARCHS:
+        raise ConfigError(f"config.teacher_arch={want!r}: choose one of {list(archs.ARCHS)} "
                           "(the usual teacher is --config.teacher_arch=resnet50)")
     if not Path(path).exists():
         raise ConfigError(f"config.teacher_checkpoint={path!r} does not exist")
@@ -40,7 +41,7 @@ def load_teacher(config):
     except ArchMismatchError as e:
         fix = f"set --config.teacher_checkpoint to a {want} checkpoint"
         fix += " (e.g. torchvision's resnet50-0676ba61.pth)" if want == "resnet50" else ""
-        if e.found in models.ARCHS:
+        if e.found in archs.ARCHS:
             fix += f", or --config.teacher_arch={e.found} if this model is the teacher you mean"
         raise CheckpointError(f"teacher checkpoint {path} holds a {e.found} model but "
                               f"config.teacher_arch={want!r}; {fix}") from None
@@ -131,8 +132,9 @@ def _train(config, workdir: Path, mesh, teacher) -> dict:
                 evaluated = None
                 if epoch_end and (step == total_steps or
                                   (step // steps_per_epoch) % config.eval_every_epochs == 0):
-                    evaluated = evaluation.evaluate(config, mesh, eval_step,
-                                                    training.eval_variables(state))
+                    evaluated = training.evaluate(
+                        eval_step, mesh, training.eval_variables(state),
+                        pipeline.numpy_batches(pipeline.make_eval_dataset(config)))
                     writer.write_scalars(step, "eval", evaluated)
                     writer.write_sparsity(step, state.params)
                     logging.info("eval after step %d (epoch %d): %s", step, epoch + 1,
@@ -159,7 +161,7 @@ def _train(config, workdir: Path, mesh, teacher) -> dict:
     result = {"step": step, "train": last_train, "eval": meta.get("eval"),
               "best_top1": meta.get("best_top1"), "skipped_nonfinite_steps": nonfinite.skipped}
     if jax.process_index() == 0:
-        (workdir / FINAL_METRICS).write_text(json.dumps(result, indent=2) + "\n")
+        json_io.write_json(result, workdir / FINAL_METRICS)
     return result
 
 

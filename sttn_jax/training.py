@@ -1,4 +1,6 @@
-"""The training state, the train step and the eval step (in the shape of Flax's examples/imagenet).
+"""The pieces of one training step: the state, the optimizer, the train step and the eval step
+(in the shape of Flax's examples/imagenet); `sttn_jax.train_loop.train_and_evaluate` runs them for a
+whole training run, and train.py is its command line.
 
 A training step is the original algorithm (docs/original.md, "Weight binarization"): clamp the
 latent kernels to [-1, 1] (persistently), run teacher and student, take the gradient of the
@@ -7,6 +9,7 @@ gradient rule), average it over the data axis, let Adam update the latent weight
 over the mesh axis "data" (every device of every process) replicates parameters and splits
 batches; BatchNorm statistics are synchronised over it with config.sync_batch_stats, else each
 device normalises its own shard (as the original's DataParallel)."""
+import functools
 import math
 from typing import Any, Callable
 
@@ -18,13 +21,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import ops
-from sttn_jax import layers, models, processes
+from sttn_jax import archs, models, processes
 from sttn_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 REMAT = ("auto", "on", "off")
-TRAINABLE_ARCHS = ("resnet18_bwx2", "resnet18_ter")
 
 
 @flax.struct.dataclass
@@ -61,10 +63,9 @@ def check_model_config(config) -> None:
         raise ConfigError("config.dtype='float64' needs JAX_ENABLE_X64=1 in the environment")
     if problem := ops.ternary.backend_problem(config.act_backend):
         raise ConfigError(f"config.act_backend={config.act_backend!r}: {problem}")
-    if config.stem_conv not in layers.CONV_FORMS:
-        raise ConfigError(f"config.stem_conv={config.stem_conv!r}: choose one of "
-                          f"{', '.join(layers.CONV_FORMS)}")
-    if problem := models.image_size_problem(config.image_size, config.arch):
+    if problem := archs.stem_conv_problem(config.stem_conv):
+        raise ConfigError(f"config.stem_conv={config.stem_conv!r}: {problem}")
+    if problem := archs.image_size_problem(config.image_size, config.arch):
         raise ConfigError(f"config.image_size={config.image_size}: {problem} "
                           "(--config.image_size=...)")
     if config.resize_size < config.image_size:
@@ -94,9 +95,9 @@ def check_batch(config, key: str, num_devices: int) -> None:
 
 def check_config(config, num_devices: int) -> None:
     """Refuses a training config that cannot work, each problem in one line naming the fix."""
-    if config.arch not in TRAINABLE_ARCHS:
-        raise ConfigError(f"config.arch={config.arch!r}: train.py trains 'resnet18_bwx2' (or "
-                          "'resnet18_ter' as a plain network); set --config.arch=resnet18_bwx2")
+    if config.arch not in archs.TRAINABLE:
+        raise ConfigError(f"config.arch={config.arch!r}: train.py trains {archs.BWX2!r} (or "
+                          f"{archs.TERNARY!r} as a plain network); set --config.arch={archs.BWX2}")
     check_model_config(config)
     use_remat(config)
     for key in ("batch_size", "eval_batch_size"):
@@ -172,14 +173,18 @@ def topk_correct(logits, labels, k: int):
     return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-@jax.jit  # one program; eagerly each operation is compiled per kernel shape
-def ternary_zero_fraction(params):
-    """Fraction of zeros in the ternary kernels the pairs fold into (sign W1 = -sign W2). Not a
-    metric of the train step (XLA's H100 plan: 82 more kernels per bfloat16 step there): a
-    property of the state, which the training loop counts when it logs."""
-    pairs = [p for _, p in ops.binary_pairs(params)]
-    zeros = [jnp.sum(ops.folded_zeros(p["kernel_1"], p["kernel_2"])) for p in pairs]
-    return sum(zeros) / sum(p["kernel_1"].size for p in pairs) if pairs else jnp.zeros(())
+@functools.partial(jax.jit, static_argnames="per_kernel")  # one program, not one per kernel shape
+def ternary_zero_fraction(params, per_kernel: bool = False):
+    """Fraction of zeros in the ternary kernels the pairs fold into (sign W1 = -sign W2), over all
+    of them, or {path: fraction} with `per_kernel`. A property of the state, counted where the
+    parameters are when the loop logs or evaluates, not a metric of the train step (XLA would add
+    kernels to every step for it)."""
+    pairs = dict(ops.binary_pairs(params))
+    zeros = {k: jnp.sum(ops.folded_zeros(p["kernel_1"], p["kernel_2"])) for k, p in pairs.items()}
+    if per_kernel:
+        return {k: zeros[k] / p["kernel_1"].size for k, p in pairs.items()}
+    total = sum(p["kernel_1"].size for p in pairs.values())
+    return sum(zeros.values()) / total if pairs else jnp.zeros(())
 
 
 def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:

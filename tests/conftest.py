@@ -180,7 +180,7 @@ def uninterrupted_smoke_run(smoke_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_workdir(smoke_data_dir, tmp_path_factory):
-    """A real training workdir: 3 steps = one epoch, so best/ holds step 3 and checkpoints/ 2, 3."""
+    """A real training workdir: 3 steps = one epoch; checkpoints/ keeps 2 and 3 (the best)."""
     from sttn_jax import train_loop
 
     def train(w):

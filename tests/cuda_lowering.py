@@ -15,14 +15,15 @@ lowered, by name}, "ptx": {"CAP/KERNEL/DTYPE": PTX}, "activation_size": the numb
 activation's PTX was compiled for}.
 """
 import atexit
-import collections
 import glob
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
+import zlib
 
 DUMP = tempfile.mkdtemp(prefix="jax-triton-dump-")
 atexit.register(shutil.rmtree, DUMP, ignore_errors=True)
@@ -30,10 +31,10 @@ os.environ["JAX_TRITON_DUMP_DIR"] = DUMP  # read when jax_triton is imported: PT
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax_triton import triton_lib  # noqa: E402
+import triton  # noqa: E402
 
 from configs import default  # noqa: E402
-from ops import ternary  # noqa: E402
+from ops import kernels, ternary  # noqa: E402
 from sttn_jax import training  # noqa: E402
 
 # The kernel call is a custom call without export's compatibility guarantee: allowed here, where
@@ -45,34 +46,32 @@ CALL = "stablehlo.custom_call @triton_kernel_call"
 ACTIVATION_SHAPE = (8, 56, 56, 64)  # a ResNet-18 stage-1 activation at batch 8
 
 
-LOWERED = collections.Counter()  # kernel name -> lowerings, by the wrapper below
+# The kernel a custom call runs: jax-triton puts its compiled kernel (name, PTX) into the call's
+# payload, zlib-compressed (jaxlib's runtime reads it there): `backend_config` in 0.3, the `opaque`
+# attribute in 0.4. MLIR prints its bytes with \\ for a backslash and \XX for the unprintable.
+PAYLOAD = re.compile(r'(?:backend_config|opaque) = "(x\\9C(?:[^"\\]|\\\\|\\[0-9A-F]{2})*)"')
+# the kernels ops.kernels launches (its @triton.jit helpers, named _*, are inlined into them)
+KERNELS = [name for name, fn in vars(kernels).items()
+           if isinstance(fn, triton.JITFunction) and not name.startswith("_")]
 
 
-def _recording(get_or_create):
-    def wrapper(*args, **kwargs):
-        # the @triton.jit function among the arguments, or in the one that holds it (`.fn`)
-        kernel = next(k for a in (*args, *kwargs.values()) for k in (a, getattr(a, "fn", None))
-                      if hasattr(k, "arg_names"))
-        LOWERED[kernel.__name__] += 1
-        return get_or_create(*args, **kwargs)
-    return wrapper
+def _payload(escaped: str) -> bytes:
+    raw = re.sub(r"\\(\\|[0-9A-F]{2})", lambda m: "\\" if m[1] == "\\" else chr(int(m[1], 16)),
+                 escaped)
+    return zlib.decompress(raw.encode("latin-1"))
 
 
-# jax-triton's lowering rule asks this for every call's compiled kernel (cached or not): in 0.3 a
-# function, in 0.4 a method of the TritonFunction that wraps the kernel
-if hasattr(triton_lib, "get_or_create_triton_kernel"):
-    triton_lib.get_or_create_triton_kernel = _recording(triton_lib.get_or_create_triton_kernel)
-else:
-    triton_lib.TritonFunction.get_or_create_kernel = _recording(
-        triton_lib.TritonFunction.get_or_create_kernel)
+def lowered_kernels(module: str) -> list[str]:
+    """The names of the Triton kernels the custom calls of an exported `module` (text) run."""
+    payloads = [_payload(m[1]) for m in PAYLOAD.finditer(module)]
+    return sorted({name for p in payloads for name in KERNELS if name.encode() in p})
 
 
 def export_for_cuda(fn, *specs) -> tuple[int, list[str]]:
     """(number of Triton kernel calls, names of the kernels lowered) of `fn` lowered for CUDA."""
     fn = fn if hasattr(fn, "trace") else jax.jit(fn)
-    LOWERED.clear()
-    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=CHECKS)(*specs)
-    return exported.mlir_module().count(CALL), sorted(LOWERED)
+    module = jax.export.export(fn, platforms=["cuda"], disabled_checks=CHECKS)(*specs).mlir_module()
+    return module.count(CALL), lowered_kernels(module)
 
 
 def activation_grad(x):

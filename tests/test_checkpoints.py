@@ -87,6 +87,29 @@ def test_save_recognises_the_write_errors_orbax_raises(tmp_path):
     assert info.value is other
 
 
+def test_a_step_with_damaged_metrics_counts_as_one_without_metrics(tmp_path):
+    """checkpoints._Manager's reason to be: Orbax's own manager refuses to open a directory in
+    which one step's metrics do not parse. If this test fails at the first `raises`, Orbax no
+    longer does: drop _Manager. If it fails after, the override is no longer called."""
+    mngr = checkpoints.manager(tmp_path, keep=2)
+    for step, top1 in ((1, 0.5), (2, 0.25)):
+        mngr.save(step, args=ocp.args.Composite(**{
+            checkpoints.STATE: ocp.args.StandardSave({"w": np.full(3, step, np.float32)}),
+            checkpoints.META: ocp.args.JsonSave({})}), metrics={"top1": top1})
+    mngr.wait_until_finished()
+    mngr.close()
+    assert checkpoints.best_step(checkpoints.manager(tmp_path, 2, read_only=True)) == 1
+    metrics = tmp_path / "1" / "metrics" / "metrics"
+    assert metrics.is_file()
+    metrics.write_bytes(b"\0garbage")
+    with pytest.raises(ValueError):
+        ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(read_only=True),
+                              item_names=(checkpoints.STATE, checkpoints.META))
+    mngr = checkpoints.manager(tmp_path, 2, read_only=True)
+    assert mngr.all_steps() == [1, 2] and mngr.metrics(1) is None
+    assert checkpoints.best_step(mngr) == 2
+
+
 @pytest.mark.parametrize("failing,surfaces_at", [(2, "the save of step 3"), (3, "the last wait")])
 def test_a_save_failing_in_the_background_stops_naming_its_step(
         smoke_data_dir, tmp_path, monkeypatch, capsys, failing, surfaces_at):

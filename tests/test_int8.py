@@ -225,7 +225,7 @@ def test_non_ternary_kernels_are_refused(bwx2, merged):
 def test_create_refuses_what_has_no_int8_form(merged):
     with pytest.raises(ValueError, match="'resnet18_ter'.*merge"):
         models.create(BWX2, inference_dtype="int8")
-    with pytest.raises(ValueError, match="unknown inference_dtype"):
+    with pytest.raises(ValueError, match="inference_dtype=.int4.: choose"):
         models.create(TER, inference_dtype="int4")
     module = models.create(TER, NUM_CLASSES, inference_dtype="int8")
     x = images(2, 32, 0)

@@ -39,3 +39,13 @@ def test_an_unsupported_python_is_refused_in_one_line_before_the_venv(tmp_path, 
 
 def test_the_python_running_the_tests_is_one_the_makefile_accepts():
     assert "%d.%d" % sys.version_info[:2] in supported_pythons()
+
+
+def test_the_package_version_is_pyprojects():
+    """`sttn_jax.__version__` comes from the installed metadata, which pyproject.toml sets."""
+    import tomllib
+
+    import sttn_jax
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        assert sttn_jax.__version__ == tomllib.load(f)["project"]["version"]

@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import ops  # noqa: E402
-from sttn_jax import cli, merging, model_io, packed, report, report_format  # noqa: E402
+from sttn_jax import cli, merge_report, merging, model_io, packed  # noqa: E402
+from sttn_jax.archs import RESNET18_BLOCKS  # noqa: E402
 from sttn_jax.errors import ConfigError, MergeCheckError  # noqa: E402
 from sttn_jax.interop import parity, reference  # noqa: E402
-from sttn_jax.models import RESNET18_BLOCKS  # noqa: E402
 from tests.conftest import REPO, ZEROED, assert_one_error_line, run_cli  # noqa: E402
 
 TER_PARAMS = 11_530_216
@@ -96,7 +96,7 @@ def test_merge_report_adds_up(merged_smoke):
     assert rep["size_bytes"]["float32"] == 4 * TER_PARAMS
     png = (merged_smoke.out / merging.REPORT_PNG).read_bytes()
     assert png[:8] == PNG_SIGNATURE and len(png) > 20_000
-    text = report_format.format_report(rep)
+    text = merge_report.format_report(rep)
     assert "features.11.conv2" in text and "11,530,216" in text
     table = (merged_smoke.out / merging.LAYER_TABLE).read_text()
     assert "features_11" in table and "fc" in table and "\x1b[" not in table  # no colour codes
@@ -118,7 +118,7 @@ def theoretical_macs(size):
 def test_report_at_224_counts_sizes_macs_and_half_levels(bwx2_pth, tmp_path):
     source = model_io.load(bwx2_pth)
     ter = merging.merge_variables(source.variables)
-    rep = report.build_merge_report(source.variables["params"], ter, image_size=224)
+    rep = merge_report.build_merge_report(source.variables["params"], ter, image_size=224)
     p = rep["parameters"]
     assert (p["ternary"], p["full_precision"], p["total"]) == (TER_TERNARY, TER_PARAMS - TER_TERNARY, TER_PARAMS)
     assert p["alphas"] == 2 * sum(cout for _, cout, _ in RESNET18_BLOCKS)  # 3,840

@@ -36,13 +36,6 @@ def test_workdir_checkpoint_selection(smoke_workdir, tmp_path):
     shutil.copytree(smoke_workdir / "checkpoints" / "2", other / "2")
     shutil.rmtree(other / "2" / "metrics", ignore_errors=True)
     assert (model_io.load(other.parent).step, model_io.load(other.parent).selected) == (2, "latest")
-    # an earlier version's workdir kept its best step in best/
-    old = tmp_path / "old"
-    (old / "best").mkdir(parents=True)
-    shutil.copytree(smoke_workdir / "checkpoints" / "2", old / "best" / "2")
-    shutil.copytree(smoke_workdir / "checkpoints" / "3", old / "checkpoints" / "3")
-    legacy = model_io.load(old)
-    assert (legacy.step, legacy.selected) == (2, "best")
     with pytest.raises(CheckpointError, match=r"no checkpoint of step 7 \(checkpoints/: \[2, 3\]\)"):
         model_io.load(smoke_workdir, step=7)
     with pytest.raises(CheckpointError, match="no such file"):

@@ -13,7 +13,7 @@ from jax.ad_checkpoint import print_saved_residuals
 import pytest
 
 import ops
-from sttn_jax import layers, merging, models
+from sttn_jax import archs, layers, merging, models
 
 PARAM_COUNTS = {"resnet18_bwx2": 22_519_528, "resnet18_ter": 11_530_216, "resnet50": 25_557_032}
 STATE_KEYS = {"resnet18_bwx2": 249, "resnet18_ter": 217, "resnet50": 320}  # torch state_dict sizes
@@ -22,14 +22,14 @@ STATE_KEYS = {"resnet18_bwx2": 249, "resnet18_ter": 217, "resnet50": 320}  # tor
 @pytest.fixture(scope="module")
 def variables32():
     return {arch: models.init_variables(models.create(arch), jax.random.PRNGKey(0))
-            for arch in models.ARCHS}
+            for arch in archs.ARCHS}
 
 
 def count(tree):
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-@pytest.mark.parametrize("arch", models.ARCHS)
+@pytest.mark.parametrize("arch", archs.ARCHS)
 def test_parameter_counts_equal_the_original(arch, variables32):
     v = variables32[arch]
     assert count(v["params"]) == PARAM_COUNTS[arch]
@@ -37,7 +37,7 @@ def test_parameter_counts_equal_the_original(arch, variables32):
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(v["params"]))
 
 
-@pytest.mark.parametrize("arch", models.ARCHS)
+@pytest.mark.parametrize("arch", archs.ARCHS)
 def test_output_shapes_at_32_and_224(arch, variables32):
     module = models.create(arch, num_classes=1000)
     v = variables32[arch]  # the same variables serve any input size: pooling is global
@@ -65,11 +65,11 @@ def test_odd_map_problem_names_exactly_the_sides_the_blocks_cannot_add(monkeypat
         return False
 
     with monkeypatch.context() as m:
-        m.setattr(models, "odd_map_problem", lambda side: None)
+        m.setattr(archs, "odd_map_problem", lambda side: None)
         failing = [side for side in range(32, 97) if shape_error(side, 32)]
-    assert failing == [side for side in range(32, 97) if models.odd_map_problem(side)]
+    assert failing == [side for side in range(32, 97) if archs.odd_map_problem(side)]
     assert 80 in failing and not {45, 48, 64, 96} & set(failing)
-    assert all(bool(models.odd_map_problem(s)) == bool(models.odd_map_problem(s - 32))
+    assert all(bool(archs.odd_map_problem(s)) == bool(archs.odd_map_problem(s - 32))
                for s in range(81, 513))  # 49-80, checked above, repeats
     v = models.init_variables(module, jax.random.PRNGKey(0))
     for h, w in ((112, 32), (32, 112)):
@@ -118,15 +118,15 @@ def test_initialisation_is_one_program_whatever_the_computation(variables32, x64
     (float64 runs cast them afterwards) and whatever the module's computation settings, from the
     program variables32 compiled: nothing is compiled again (at most loaded from XLA's persistent
     cache, which tests/conftest.py sets up)."""
-    modules = [models.create(models.TERNARY),
-               models.create(models.TERNARY, dtype=jnp.bfloat16, act_backend="xla",
+    modules = [models.create(archs.TERNARY),
+               models.create(archs.TERNARY, dtype=jnp.bfloat16, act_backend="xla",
                              bn_axis_name="batch", remat=True, stem_conv="im2col")]
     for module in modules:
         with caplog.at_level(logging.DEBUG, logger="jax._src.compiler"):
             v = models.init_variables(module, jax.random.PRNGKey(0))
         lines = [r.getMessage() for r in caplog.records if "'jit__lambda'" in r.getMessage()]
         assert all(line.startswith("Persistent compilation cache hit") for line in lines), lines
-        want = variables32[models.TERNARY]
+        want = variables32[archs.TERNARY]
         assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(want)
         for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(want)):
             assert a.dtype == b.dtype and a.dtype != jnp.float64
@@ -137,12 +137,12 @@ def test_initialisation_traced_first_inside_eval_shape_keeps_no_tracer(variables
     """The first init_variables of a module in a process may come inside a trace (training's
     abstract_train_state, under jax.eval_shape); the traced-once program kept for later calls
     must hold no value of that trace. (The program is in XLA's cache since variables32.)"""
-    module = models.create(models.TERNARY)
+    module = models.create(archs.TERNARY)
     models._init_program.cache_clear()  # as in a new process
     shapes = jax.eval_shape(lambda: models.init_variables(module, jax.random.PRNGKey(0)))
     v = models.init_variables(module, jax.random.PRNGKey(0))
     assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(v)
-    want = variables32[models.TERNARY]
+    want = variables32[archs.TERNARY]
     for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(want)):
         np.testing.assert_array_equal(a, b)
     # a module that cannot be a cache key (a list field) is traced for each call instead
@@ -237,11 +237,11 @@ def test_remat_keeps_conv_outputs_block_sums_and_statistics_only(dtype, variable
     """remat=True: the training backward pass keeps the stage inputs and the values named in
     SAVED_FOR_BACKWARD, all in the computation dtype (no float32 BatchNorm copies in bfloat16), no
     masks, under a third of what plain autodiff keeps; the rest is recomputed."""
-    v = variables32[models.BWX2]
+    v = variables32[archs.BWX2]
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 64, 64, 3))
 
     def loss(params, remat):
-        module = models.create(models.BWX2, dtype=dtype, act_backend="xla", remat=remat)
+        module = models.create(archs.BWX2, dtype=dtype, act_backend="xla", remat=remat)
         logits, _ = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
                                  train=True, mutable=["batch_stats"])
         return jnp.sum(logits.astype(jnp.float32))
@@ -261,12 +261,12 @@ def test_remat_keeps_conv_outputs_block_sums_and_statistics_only(dtype, variable
 def test_remat_gives_the_same_gradients_and_statistics(x64):
     """Recomputing instead of storing changes no value: float64 gradients and batch statistics of
     a training step agree with and without remat."""
-    v = models.init_variables(models.create(models.BWX2, 10), jax.random.PRNGKey(0))
+    v = models.init_variables(models.create(archs.BWX2, 10), jax.random.PRNGKey(0))
     v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, v)
     x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3), jnp.float64)
 
     def loss(params, remat):
-        module = models.create(models.BWX2, 10, jnp.float64, "xla", remat=remat)
+        module = models.create(archs.BWX2, 10, jnp.float64, "xla", remat=remat)
         logits, updates = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
                                        train=True, mutable=["batch_stats"])
         return jnp.sum(jnp.sin(3 * logits)), updates
@@ -296,11 +296,11 @@ def test_the_triton_backend_path_runs_under_remat(monkeypatch):
 
     monkeypatch.setattr(ternary, "_triton_call", stand_in)
     monkeypatch.setattr(ternary, "triton_unavailable_reason", lambda: None)
-    v = models.init_variables(models.create(models.BWX2, 10), jax.random.PRNGKey(0))
+    v = models.init_variables(models.create(archs.BWX2, 10), jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
 
     def grads(backend):
-        module = models.create(models.BWX2, 10, act_backend=backend, remat=True)
+        module = models.create(archs.BWX2, 10, act_backend=backend, remat=True)
 
         def loss(params):
             logits, _ = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
@@ -312,7 +312,7 @@ def test_the_triton_backend_path_runs_under_remat(monkeypatch):
         np.testing.assert_array_equal(b, a)
 
     def infer(backend):  # the variables as an argument: as constants, each compile took 6 s
-        module = models.create(models.BWX2, 10, act_backend=backend)
+        module = models.create(archs.BWX2, 10, act_backend=backend)
         one = lambda variables, images: module.apply(variables, images, train=False)  # noqa: E731
         return (jax.jit(one)(v, x),
                 jax.jit(jax.vmap(one, in_axes=(None, 0)))(v, x.reshape(2, 2, 32, 32, 3)))
@@ -365,7 +365,7 @@ def test_stem_conv_reaches_the_stems_and_nothing_else(x64, variables32):
 
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)))
     with nn.intercept_methods(record):
-        for arch in (models.BWX2, models.TEACHER):
+        for arch in (archs.BWX2, archs.TEACHER):
             module = models.create(arch, 10, jnp.float64, stem_conv="im2col")
             jax.eval_shape(lambda m=module: m.init(jax.random.PRNGKey(0), x, train=False))
     assert ("features_0", "im2col") in seen and ("conv1", "im2col") in seen
@@ -373,14 +373,14 @@ def test_stem_conv_reaches_the_stems_and_nothing_else(x64, variables32):
     assert len({path for path, _ in seen}) == 54  # 1 student stem, 53 teacher convolutions
 
     v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a,
-                               variables32[models.BWX2])
-    outs = [models.create(models.BWX2, 1000, jnp.float64, stem_conv=form).apply(
+                               variables32[archs.BWX2])
+    outs = [models.create(archs.BWX2, 1000, jnp.float64, stem_conv=form).apply(
         v, x, train=True, mutable=["batch_stats"]) for form in layers.CONV_FORMS]
     for out in outs[1:]:
         for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(outs[0])):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="unknown stem_conv 'fft'; choose one of conv, "):
-        models.create(models.BWX2, stem_conv="fft")
+        models.create(archs.BWX2, stem_conv="fft")
 
 
 def test_prelu_matches_torch():

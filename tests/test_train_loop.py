@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ops
-from sttn_jax import checkpoints, model_io, models, train_loop, workdir as workdir_lib
+from sttn_jax import archs, checkpoints, model_io, models, train_loop, workdir as workdir_lib
 from sttn_jax.errors import CheckpointError, ConfigError, DatasetNotPreparedError
 from tests.conftest import (assert_one_error_line, latest_checkpoint, one_line, refused,  # noqa: F401
                             run_cli, smoke_config)
@@ -144,7 +144,7 @@ def test_teacher_of_the_wrong_arch_is_refused_before_training(
                    f"holds a {found} model but config.teacher_arch='resnet50'", capsys)
     assert str(path) in line and "--config.teacher_checkpoint" in line
     assert "resnet50-0676ba61.pth" in line and "--arch " not in line
-    if found in models.ARCHS:
+    if found in archs.ARCHS:
         assert f"--config.teacher_arch={found}" in line
 
 

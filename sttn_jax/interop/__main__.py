@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from absl import flags
 
-from sttn_jax import cli, models
+from sttn_jax import archs, cli
 
 COMMANDS = {"convert": 2, "export": 2, "parity": 0}  # command -> number of arguments
-flags.DEFINE_enum("arch", None, list(models.ARCHS), "The arch the source must hold (default: "
+flags.DEFINE_enum("arch", None, list(archs.ARCHS), "The arch the source must hold (default: "
                   "whatever it holds).")
 flags.DEFINE_string("checkpoint", None, "parity: model checkpoint directory, workdir or .pth file.")
 flags.DEFINE_integer("batch", 2, "parity: number of random images.")
@@ -83,7 +83,7 @@ def parity() -> int:
     if FLAGS.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {FLAGS.batch}")
     loaded = model_io.load(FLAGS.checkpoint, arch=FLAGS.arch)
-    if not FLAGS.inputs and (problem := models.image_size_problem(FLAGS.image_size, loaded.arch)):
+    if not FLAGS.inputs and (problem := archs.image_size_problem(FLAGS.image_size, loaded.arch)):
         raise ValueError(f"--image_size {FLAGS.image_size}: {problem}")
     images = (parity_lib.as_nchw(_load_npy(FLAGS.inputs, "inputs")) if FLAGS.inputs
               else parity_lib.random_images(FLAGS.batch, FLAGS.image_size, FLAGS.seed))

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import re
 
-from sttn_jax import models
+from sttn_jax import archs, model_trees
 
 # How an array is laid out on each side: HWIO <-> OIHW, (in, out) <-> (out, in), the same, and
 # BatchNorm's num_batches_tracked, an int32 scalar in Flax and an int64 scalar in torch.
@@ -74,9 +74,9 @@ def _entry(collection: str, path: tuple[str, ...], shape: tuple[int, ...]) -> En
 @functools.lru_cache(maxsize=None)
 def entries(arch: str, num_classes: int = 1000) -> tuple[Entry, ...]:
     """Every tensor of `arch`, in the Flax tree's order (params, then batch_stats)."""
-    models.check_arch(arch)
+    archs.check_arch(arch)
     return tuple(_entry(key.split("/")[0], tuple(key.split("/")[1:]), tuple(leaf.shape))
-                 for key, leaf in models.variable_shapes(arch, num_classes).items())
+                 for key, leaf in model_trees.variable_shapes(arch, num_classes).items())
 
 
 def by_torch_key(arch: str, num_classes: int = 1000) -> dict[str, Entry]:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ops
-from sttn_jax import models
+from sttn_jax import model_trees, models
 
 FLOAT64_TOLERANCE = 1e-8
 DTYPES = ("float64", "float32")
@@ -81,7 +81,7 @@ def jax_logits(variables, arch: str, images_nchw, dtype: str = "float64",
     dtype = np.dtype(dtype)
     x = np.ascontiguousarray(as_nchw(images_nchw).transpose(0, 2, 3, 1)).astype(dtype)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    num_classes = models.num_classes_of(variables["params"])
+    num_classes = model_trees.num_classes_of(variables["params"])
     with jax.enable_x64(dtype == np.float64):
         v = cast_floats(variables, dtype)
         if arch == "resnet18_bwx2":  # the original clamps before it binarizes, also to evaluate

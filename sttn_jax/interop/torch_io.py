@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from flax import traverse_util
 
-from sttn_jax import models
+from sttn_jax import archs
 from sttn_jax.errors import ArchMismatchError, CheckpointError
 from sttn_jax.interop import names
 from sttn_jax.interop.names import BATCH_STATS, COUNT, PARAMS, TORCH_AXES
@@ -174,13 +174,13 @@ def _convert(state_dict, arch, path, num_classes):
     found = names.infer_arch(keys)
     other = None if found else names.torchvision_resnet(keys)
     if arch is not None:
-        models.check_arch(arch)
+        archs.check_arch(arch)
         if (found or other) not in (None, arch):
             raise ArchMismatchError(path, found or other, arch, known=found is not None)
     elif found is None:
         what = f"a torchvision {other}, which sttn-jax does not model" if other else (
             f"keys such as {_listing(keys[:4], 4)}")
-        raise CheckpointError(f"{path}: not a checkpoint of {' / '.join(models.ARCHS)} ({what}); "
+        raise CheckpointError(f"{path}: not a checkpoint of {' / '.join(archs.ARCHS)} ({what}); "
                               "give a checkpoint of one of those")
     arch = arch or found
     if num_classes is None:
@@ -222,6 +222,6 @@ def load_torch_checkpoint_with_info(path, arch: str | None = None):
 
 
 def load_torch_checkpoint(path, arch: str | None = None, num_classes: int | None = None):
-    """Flax variables {"params", "batch_stats"} of `arch` (one of models.ARCHS, or None: from the
+    """Flax variables {"params", "batch_stats"} of `arch` (one of archs.ARCHS, or None: from the
     keys) from an original PyTorch checkpoint; num_classes None: from fc.weight."""
     return state_dict_to_variables(read_state_dict(path)[0], arch, path, num_classes)

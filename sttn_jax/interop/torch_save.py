@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from flax import traverse_util
 
-from sttn_jax import models
+from sttn_jax import archs, model_trees
 from sttn_jax.errors import CheckpointError
 from sttn_jax.interop import names, reference
 from sttn_jax.interop.names import BATCH_STATS, COUNT, PARAMS, TORCH_AXES
@@ -31,14 +31,14 @@ def variables_to_state_dict(variables, arch: str, prefix: str = DATA_PARALLEL_PR
     "batch_stats"} (only the parameters, a gradient tree maybe, without statistics or with
     params_only). Floats keep their dtype; num_batches_tracked becomes an int64 scalar."""
     torch = _import_torch()
-    models.check_arch(arch)
+    archs.check_arch(arch)
     if not hasattr(variables, "get") or PARAMS not in variables:
         raise CheckpointError(f"{where}: expected a dict {{'params': ..., 'batch_stats': ...}}, "
                               f"got {type(variables).__name__}")
     if params_only is None:
         params_only = not variables.get(BATCH_STATS)
     try:
-        num_classes = models.num_classes_of(variables[PARAMS])
+        num_classes = model_trees.num_classes_of(variables[PARAMS])
     except (KeyError, TypeError, IndexError):
         num_classes = 1000  # no classifier: the key check below names what is missing
     flat = traverse_util.flatten_dict({c: dict(variables.get(c) or {}) for c in

@@ -1,4 +1,5 @@
-"""The merge report: what the merged ternary network looks like, as a JSON-able dict.
+"""The merge report: what the merged ternary network looks like, as a JSON-able dict, as text and
+as a plot.
 
 `build_merge_report(bwx2_params, ternary_variables, image_size=224)` gives
 - `layers`: per merged convolution (the 16 binary pairs), the fraction of its weights at each level
@@ -11,22 +12,23 @@
 - `size_bytes`: the float32 parameters vs the packed model file's tensor data (`sttn_jax.packed`,
   BatchNorm running statistics included);
 - `macs`: per image at `image_size`, ternary (the merged convolutions) vs full precision (stem, fc).
-`sttn_jax.report_format` prints and plots it.
+`format_report` prints it as text tables, `save_plot` draws it (matplotlib's Agg backend: no
+display needed), `layer_table` lists the merged network module by module (`flax.linen.tabulate`).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import flax.linen as nn
+import humanize
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 import ops
-from sttn_jax import layers, models, packed
+from sttn_jax import archs, layers, model_trees, models, packed
 from sttn_jax.interop.names import torch_module_name
 
 LEVELS = ("-2a", "-a", "0", "+a", "+2a")
@@ -99,8 +101,8 @@ def build_merge_report(bwx2_params, ternary_variables, *, image_size: int = 224,
                        source: dict | None = None, check: dict | None = None) -> dict:
     """The report of a merge: `bwx2_params` the latent model's parameters (for the levels and
     alphas), `ternary_variables` the merged model (for the counts)."""
-    num_classes = models.num_classes_of(ternary_variables["params"])
-    calls = {c["path"]: c for c in layer_calls(models.TERNARY, num_classes, image_size)}
+    num_classes = model_trees.num_classes_of(ternary_variables["params"])
+    calls = {c["path"]: c for c in layer_calls(archs.TERNARY, num_classes, image_size)}
     pairs = dict(ops.binary_pairs(bwx2_params))
     if not pairs:
         raise ValueError("the bwx2 parameters hold no binary pairs")
@@ -148,7 +150,7 @@ def build_merge_report(bwx2_params, ternary_variables, *, image_size: int = 224,
     macs = {"image_size": image_size, "ternary": tern_macs, "full_precision": fp_macs,
             "total": tern_macs + fp_macs, "ternary_fraction": tern_macs / (tern_macs + fp_macs)}
     return {
-        "format": REPORT_FORMAT, "version": 1, "arch": models.TERNARY, "num_classes": num_classes,
+        "format": REPORT_FORMAT, "version": 1, "arch": archs.TERNARY, "num_classes": num_classes,
         "image_size": image_size, "source": source or {}, "check": check or {},
         "layers": layers_out, "overall": overall,
         "parameters": {"ternary": ternary, "full_precision": total - ternary, "total": total,
@@ -158,8 +160,98 @@ def build_merge_report(bwx2_params, ternary_variables, *, image_size: int = 224,
     }
 
 
-def save_json(rep: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rep, indent=2) + "\n")
-    return path
+def _size(n: float) -> str:
+    return humanize.naturalsize(n, binary=True, format="%.2f")
+
+
+def layer_table(num_classes: int, image_size: int) -> str:
+    """The merged network module by module: shapes, parameters and FLOPs per image."""
+    module = models.create(archs.TERNARY, num_classes)
+    return nn.tabulate(module, jax.random.key(0), depth=1, compute_flops=True,
+                       console_kwargs={"force_terminal": False, "width": 140})(
+        jnp.zeros((1, image_size, image_size, 3)), train=False)
+
+
+def format_report(rep: dict) -> str:
+    """The report as text tables (what merge.py prints)."""
+    src = rep.get("source") or {}
+    head = f"merge report: {rep['arch']} ({rep['num_classes']} classes)"
+    if src:
+        step = f" step {src['step']}" if src.get("step") is not None else ""
+        head += f" from {src.get('arch', '?')} {src.get('path', '')}{step}"
+    lines = [head, "", "ternary weights per merged convolution: T = alpha (sign W1 + sign W2)",
+             f"  {'layer':18s} {'shape (O,I,H,W)':>17s} {'-2a':>7s} {'-a':>7s} {'0':>7s} "
+             f"{'+a':>7s} {'+2a':>7s} {'alpha mean':>11s} {'min':>10s} {'max':>10s}"]
+    for layer in rep["layers"]:
+        f, a = layer["fractions"], layer["alpha"]
+        shape = "x".join(str(d) for d in layer["torch_shape"])
+        lines.append(f"  {layer['name']:18s} {shape:>17s} " + " ".join(
+            f"{100 * f[lv]:6.2f}%" for lv in LEVELS)
+            + f" {a['mean']:11.4e} {a['min']:10.3e} {a['max']:10.3e}")
+    o = rep["overall"]
+    lines.append(f"  {'all 16':18s} {o['ternary_weights']:>17,d} " + " ".join(
+        f"{100 * o['fractions'][lv]:6.2f}%" for lv in LEVELS))
+    lines += [f"  overall sparsity (weights at 0): {100 * o['sparsity']:.2f}%"
+              + ("" if o["half_levels"] == 0 else
+                 f"; {o['half_levels']:,d} weights at +-alpha (a latent weight exactly 0)"), ""]
+    p = rep["parameters"]
+    lines.append(f"parameters: {p['total']:,d} = {p['ternary']:,d} ternary "
+                 f"({100 * p['ternary'] / p['total']:.2f}%) + {p['full_precision']:,d} full precision")
+    lines += [f"  {k:38s} {v:>12,d}" for k, v in p["full_precision_breakdown"].items()]
+    lines.append(f"  (not parameters: {p['alphas']:,d} alphas, {p['batchnorm_running_stats']:,d} "
+                 "BatchNorm running statistics)")
+    s, pb = rep["size_bytes"], rep["size_bytes"]["packed_breakdown"]
+    lines.append(f"model size: {_size(s['float32'])} of float32 parameters, "
+                 f"{_size(s['packed_ternary'])} packed ({_size(pb['codes'])} 2-bit kernels + "
+                 f"{_size(pb['alphas'])} alphas + {_size(pb['half_signs'])} +-alpha signs + "
+                 f"{_size(pb['float32'] + pb['int32'])} the rest, BatchNorm statistics included): "
+                 f"{s['compression']:.2f}x smaller")
+    m = rep["macs"]
+    lines.append(f"MACs per {m['image_size']}x{m['image_size']} image: {m['total'] / 1e9:.3f} G = "
+                 f"{m['ternary'] / 1e9:.3f} G ternary ({100 * m['ternary_fraction']:.2f}%) + "
+                 f"{m['full_precision'] / 1e9:.3f} G full precision")
+    return "\n".join(lines)
+
+
+def save_plot(rep: dict, path) -> Path:
+    """A PNG (matplotlib's Agg backend, pyplot's global state untouched): the ternary levels of
+    every merged convolution with its sparsity, its alphas, and the model's size and MACs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    convs, x = rep["layers"], np.arange(len(rep["layers"]))
+    names = [layer["name"].replace("features.", "").replace(".conv", ".") for layer in convs]
+    fig = Figure(figsize=(13, 9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    (levels, sizes), (alphas, macs) = fig.subplots(2, 2, gridspec_kw={"width_ratios": [3, 1]})
+    bottom = np.zeros(len(convs))
+    for lv, colour in zip(LEVELS, ("#2b6cb0", "#90cdf4", "#cbd5e0", "#fbb6ce", "#c53030")):
+        values = np.array([layer["fractions"][lv] for layer in convs])
+        levels.bar(x, values, bottom=bottom, color=colour, label=lv.replace("a", "α"))
+        bottom += values
+    for xi, layer in zip(x, convs):
+        levels.text(xi, 0.5, f"{100 * layer['sparsity']:.0f}%", ha="center", fontsize=7)
+    levels.legend(loc="upper center", fontsize=8, ncol=5, frameon=False)
+    levels.set(ylim=(0, 1.1), ylabel="fraction of weights", title="ternary levels per merged "
+               f"convolution (overall sparsity {100 * rep['overall']['sparsity']:.1f}%)")
+    mean, lo, hi = (np.array([layer["alpha"][k] for layer in convs]) for k in ("mean", "min", "max"))
+    alphas.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="o", capsize=3, color="#2d3748")
+    alphas.set(ylabel="α per output channel", title="α: mean, min–max over output channels",
+               yscale="log" if np.all(lo > 0) else "linear")
+    for ax in (levels, alphas):
+        ax.set_xticks(x, names, rotation=60, fontsize=8)
+    s, m = rep["size_bytes"], rep["macs"]
+    for ax, labels, values, unit, title in (
+            (sizes, ["float32", "packed"], [s["float32"] / 2**20, s["packed_ternary"] / 2**20],
+             "MiB", f"model size ({s['compression']:.1f}x smaller)"),
+            (macs, ["ternary", "full\nprecision"], [m["ternary"] / 1e6, m["full_precision"] / 1e6],
+             "MMACs", f"MACs per image at {m['image_size']}x{m['image_size']}")):
+        bars = ax.bar(labels, values, color=["#718096", "#2f855a"])
+        ax.bar_label(bars, [f"{v:,.2f} {unit}" for v in values], fontsize=8)
+        ax.set(ylabel=unit, title=title)
+    p = rep["parameters"]
+    fig.suptitle(f"{rep['arch']}: {p['total']:,d} parameters = {p['ternary']:,d} ternary + "
+                 f"{p['full_precision']:,d} full precision")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return Path(path)
