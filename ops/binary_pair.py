@@ -6,7 +6,6 @@ pair) and adds two convolutions; by linearity one convolution with T = alpha * (
 is the same, and dL/dB1 = dL/dB2 = dL/dT = G. The latent kernels get the original's gradient
 G (zeroed where |W| > 1.96) + sign(W) * mean(sign(W) * G). Kernels have the output channel last.
 """
-from __future__ import annotations
 
 import math
 
@@ -15,8 +14,7 @@ import jax.numpy as jnp
 
 # Names of the latent binary kernels in the models' parameter trees (`sttn_jax.layers`).
 LATENT_KERNEL_NAMES = ("kernel_1", "kernel_2")
-# The original zeroes the gradient of latent weights beyond this magnitude; after the clamp to
-# [-1, 1] that happens every step it never fires, but it keeps the op faithful without the clamp.
+# The original zeroes the gradient of latent weights beyond this (never, after the usual clamp).
 GRADIENT_CUTOFF = 1.96
 
 
@@ -74,15 +72,13 @@ def _is_latent_kernel(path) -> bool:
 
 
 def clamp_latent_kernels(params):
-    """Clamps exactly the latent binary kernels of a parameter tree to [-1, 1], as the original
-    does in place before every step; everything else is returned untouched."""
+    """Clamps only the latent binary kernels to [-1, 1], as the original does before every step."""
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: jnp.clip(leaf, -1, 1) if _is_latent_kernel(path) else leaf, params)
 
 
 def binary_pairs(params, _path=()):
-    """Yields ('features_4/conv1', {"kernel_1", "kernel_2", "bias_1", "bias_2"}) for every binary
-    pair of a parameter tree (nested mappings), in the tree's order."""
+    """Yields ('features_4/conv1', {"kernel_1", "kernel_2", "bias_1", "bias_2"}) for every pair."""
     if not hasattr(params, "items"):
         return
     if all(name in params for name in LATENT_KERNEL_NAMES):

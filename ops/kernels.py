@@ -15,17 +15,15 @@ TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 @triton.jit
 def _load_block(x_ptr, n_div_16, BLOCK_SIZE: tl.constexpr, N_REM_16: tl.constexpr):
-    """(offsets, in_bounds, x in float32) of this program's block of x. The size comes as
-    n = 16 * n_div_16 + N_REM_16 so the compiler sees n divisible by 16 and vectorises (jax-triton
-    declares no divisibility for scalars)."""
+    """(offsets, in_bounds, x in float32) of this program's block. n = 16 * n_div_16 + N_REM_16
+    lets the compiler see n divisible by 16 and vectorise (jax-triton declares it for no scalar)."""
     # int64 offsets: large batches of activations overflow int32.
     n_elements = n_div_16.to(tl.int64) * 16 + N_REM_16
     pid = tl.program_id(axis=0).to(tl.int64)
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     in_bounds = offsets < n_elements
     x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0)
-    # Compare and build the levels in float32 (exact for every 16-bit float: no boundary moves),
-    # then cast back; Triton's interpreter also needs it to see a bfloat16 NaN.
+    # The levels in float32 (exact for 16-bit floats), which Triton's interpreter needs for NaN.
     return offsets, in_bounds, x.to(tl.float32)
 
 
@@ -36,8 +34,7 @@ def _levels(xf):
     return tl.where(xf != xf, xf, y)
 
 
-# The kernels' parameters come in jax-triton's order: the inputs (arrays, then scalars) as passed
-# to `triton_call`, then one pointer per output; every launcher follows it.
+# The kernels' parameters in jax-triton's order: inputs (arrays, then scalars), then outputs.
 @triton.jit
 def ternary_forward_kernel(x_ptr, n_div_16, y_ptr, keep_ptr, BLOCK_SIZE: tl.constexpr,
                            N_REM_16: tl.constexpr):
@@ -78,9 +75,8 @@ def launch_args(n: int, itemsize: int) -> tuple[tuple, dict, tuple]:
 
 def compile_ptx(dtype: str, capability: int = 90, n: int = 1 << 20,
                 kernel=ternary_forward_kernel) -> str:
-    """PTX of `kernel` (one of ARG_TYPES) for `dtype` ("float32", "bfloat16", "float16") on an
-    NVIDIA GPU of compute `capability` (80: A100, 90: H100), compiled here, GPU or not; arguments
-    specialized as jax-triton does at launch (pointers 16-byte aligned, scalars not)."""
+    """PTX of `kernel` for `dtype` on an NVIDIA GPU of compute `capability` (90: H100), compiled
+    here, GPU or not, its arguments specialized as jax-triton does at launch."""
     import types
 
     from triton._C.libtriton import native_specialize_impl

@@ -1,11 +1,8 @@
-"""`max_pool`: PyTorch's MaxPool2d (NHWC) with a gradient that needs no scatter.
-
-The gradient goes to the first maximum of each window in row-major order (PyTorch's rule, and
-JAX's). JAX's `select_and_scatter` becomes a costly scatter on GPUs; here the forward pass keeps,
-per output, the window position of that maximum (int8) and the backward pass gathers: each input
-adds the output gradients of the windows that chose it, a fused elementwise pass.
+"""`max_pool`: PyTorch's MaxPool2d (NHWC) with a gradient that needs no scatter. The gradient goes
+to the first maximum of each window (PyTorch's rule, and JAX's), but JAX's `select_and_scatter`
+is a costly scatter on GPUs: here the forward pass keeps, per output, the window position of that
+maximum (int8), and each input gathers the gradients of the windows that chose it.
 """
-from __future__ import annotations
 
 import functools
 
@@ -38,8 +35,7 @@ def _pool(x, window: int, stride: int, padding: int):
 
 
 def max_pool(x, window: int, stride: int, padding: int = 0):
-    """nn.MaxPool2d(window, stride, padding) on an NHWC map: padding counts as -inf, floor output
-    size; the gradient goes to each window's first maximum."""
+    """nn.MaxPool2d(window, stride, padding) on an NHWC map (padding -inf, floor output size)."""
     if min(output_size(x, window, stride, padding)) < 1:
         raise ValueError(f"max_pool: a {window}x{window} window (padding {padding}) does not fit a "
                          f"{x.shape[1]}x{x.shape[2]} map; use a larger image")

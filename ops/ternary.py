@@ -1,14 +1,12 @@
 """`ternary_activation`: STTN's ternary activation as a `jax.custom_vjp`.
 
-Forward: x < -0.5 -> -1, -0.5 <= x < 0.5 -> 0, x >= 0.5 -> +1, in the input's dtype; NaN stays
-NaN (the original turns it into +1, hiding a diverged run). Backward (straight-through, inclusive
+Forward: x < -0.5 -> -1, -0.5 <= x < 0.5 -> 0, x >= 0.5 -> +1, in the input's dtype; NaN stays NaN
+(the original turns it into +1, hiding a diverged run). Backward (straight-through, inclusive
 bounds): grad_in = grad_out where -1 <= x <= 1, else 0; only that boolean mask is saved, not x.
 
-Backends: "xla" fuses with its neighbours; "triton" runs `ops.kernels` through jax-triton (CUDA
-GPUs only), writing the mask only where the call is differentiated; "auto" is XLA (faster in the
-models, docs/performance.md). Both give bit-identical outputs and masks.
+Backends, bit-identical: "xla" fuses with its neighbours; "triton" runs `ops.kernels` through
+jax-triton (CUDA GPUs; the mask only where differentiated); "auto" is XLA (faster in the models).
 """
-from __future__ import annotations
 
 import functools
 
@@ -108,9 +106,8 @@ def triton_unavailable_on(device) -> str | None:
 
 
 def assume_cuda_gpu(capability: int) -> None:
-    """For lowering ahead of time without a GPU, for the rest of the process: "triton" passes the
-    check above and jax-triton compiles for compute `capability` (e.g. 90) without the driver;
-    call jax.clear_caches() before lowering again for another capability."""
+    """For lowering ahead of time without a GPU (for the rest of the process): jax-triton compiles
+    for compute `capability`; call jax.clear_caches() before lowering for another."""
     global triton_unavailable_reason
     from jax_triton import triton_lib
 
@@ -119,8 +116,7 @@ def assume_cuda_gpu(capability: int) -> None:
 
 
 def backend_problem(backend: str) -> str | None:
-    """Why `backend` cannot run here (an unknown name, or Triton without a CUDA GPU), else None:
-    for refusing a config before anything is traced or compiled."""
+    """Why `backend` cannot run here (unknown, or Triton without a CUDA GPU), else None."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
     return triton_unavailable_reason() if backend == "triton" else None

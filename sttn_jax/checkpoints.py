@@ -44,9 +44,8 @@ def manager(directory, keep: int, read_only: bool = False) -> ocp.CheckpointMana
 
 
 class _Manager(ocp.CheckpointManager):
-    """Orbax's manager, but a step whose metrics do not parse counts as one without metrics (Orbax
-    reads them all on creation and would raise before `restore_newest_good` could set it aside; no
-    public option). `saving_step`: the step of the last save started, which a failure names."""
+    """Orbax's manager, but unparsable metrics count as none (Orbax reads all on creation and would
+    raise before `restore_newest_good` could act). `saving_step`: the last save's, for failures."""
 
     saving_step: int | None = None
 
@@ -82,8 +81,7 @@ def _write_errors(directory: Path, step: int):
 
 
 def save(mngr: ocp.CheckpointManager, state, meta: dict, metrics: dict | None = None) -> None:
-    """Starts saving `state` and `meta` (and the evaluation's `metrics`) as the checkpoint of its
-    step; `wait` finishes it. An earlier save that failed surfaces here, naming its own step."""
+    """Starts saving the checkpoint of `state`'s step (`wait` ends it); raises earlier failures."""
     step = int(jax.device_get(state.step))
     if mngr.latest_step() == step:
         return
@@ -106,10 +104,9 @@ def wait(mngr: ocp.CheckpointManager) -> None:
 
 
 def quiet_orphaned_reads() -> None:
-    """Called before a restore. When one fails, the reads Orbax still has in flight fail later,
-    each printing a traceback long after the error was raised (closed event loop, finalised
-    coroutines, "exception was never retrieved"); Orbax cannot wait for or cancel them. From the
-    first call on, this process drops exactly those reports."""
+    """Called before a restore. When one fails, the reads Orbax still has in flight fail later, each
+    printing a traceback long after (Orbax cannot wait for or cancel them); from the first call on,
+    this process drops exactly those reports."""
     if not getattr(sys.unraisablehook, "drops_orbax_orphans", False):
         previous = sys.unraisablehook
 
@@ -144,8 +141,7 @@ def _not_an_orbax_orphan(record: std_logging.LogRecord) -> bool:
 
 
 def _os_error_code(e: Exception) -> int | None:
-    """The errno of a failed write: an OSError's own, or the one tensorstore (under Orbax) puts in
-    the text of its ValueError ("... [os_error_code='28']"); None when the disk is not the cause."""
+    """The errno of a failed write (an OSError's, or in tensorstore's ValueError), else None."""
     if isinstance(e, OSError):
         return e.errno if e.errno is not None else errno.EIO
     if match := re.search(r"os_error_code='?(\d+)", str(e)):
@@ -163,9 +159,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
 
 
 def restore_newest_good(mngr: ocp.CheckpointManager, abstract_state):
-    """(state, meta) of the newest checkpoint that reads back, or None when there is none; a
-    damaged one is moved to `unreadable_checkpoints/`. With several processes, process 0 alone
-    finds the step and broadcasts it (a restore failing on one would hang the others)."""
+    """(state, meta) of the newest checkpoint that reads back (a damaged one is moved aside), or
+    None; with several processes, process 0 finds the step (a failure on one would hang all)."""
     if jax.process_count() > 1:
         step = _newest_readable_step(mngr)
         mngr.reload()  # the steps process 0 moved aside are gone from every listing now
@@ -243,8 +238,7 @@ def steps(directory) -> list[int]:
 
 
 def read_variables(directory, step: int):
-    """(variables, meta) of `step` without its config: {"params", "batch_stats"} as numpy arrays
-    exactly as saved (latent kernels unclamped, no Adam moments), on any number of devices."""
+    """(variables, meta) of `step`: {"params", "batch_stats"} as numpy arrays exactly as saved."""
     directory = Path(directory).absolute()
     if step not in steps(directory):
         raise CheckpointError(f"{directory}: no checkpoint of step {step}; steps there: "
