@@ -1,6 +1,5 @@
-"""`make demo`: STTN ResNet-18 (bwx2, ternary activations) on the embedded `sttn_digits` set
-(scikit-learn's 8x8 handwritten digits upsampled to 32x32 RGB; built into data_dir on first use),
-cross-entropy on labels (no teacher offline). Sized for a few minutes on 2 CPU cores.
+"""`make demo`: STTN ResNet-18 (bwx2) on the embedded `sttn_digits` set (built into data_dir on
+first use), cross-entropy on labels (no teacher offline). A few minutes on 2 CPU cores.
 """
 from configs import default
 

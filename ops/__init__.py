@@ -1,8 +1,5 @@
-"""STTN's custom operators, usable from any JAX code.
-
-Note: `ops` is a generic top-level name (PyPI has an unrelated package called `ops`); the
-project's layout fixes it. Install sttn-jax into its own environment.
-"""
+"""STTN's custom operators, usable from any JAX code. (`ops` is a generic top-level name, also
+an unrelated PyPI package: install sttn-jax into its own environment.)"""
 from ops.binary_pair import (LATENT_KERNEL_NAMES, binary_pairs, clamp_latent_kernels,
                              fold_binary_pair, folded_zeros, latent_kernel_paths, pair_alpha)
 from ops.pooling import max_pool

@@ -1,16 +1,11 @@
 """`fold_binary_pair`: STTN's two latent binary kernels -> one ternary kernel, with the original
 gradient rule as its VJP.
 
-The original (`util.BinOp`) binarizes each kernel of a pair to `alpha * sign(W)` with one alpha per
-output channel shared by the pair, runs two convolutions and adds them. Convolution is linear, so
-one convolution with T = B1 + B2 = alpha * (sign W1 + sign W2) gives the same output at half the
-cost, and dL/dB1 = dL/dB2 = dL/dT = G. The latent kernels then get the original's
-`updateBinaryGradWeight` gradient: G (zeroed where |W| > 1.96) + sign(W) * mean(sign(W) * G).
-
-Kernels are HWIO (or any layout with the output channel last): alpha and the means run over every
-axis but the last.
+The original binarizes each kernel to `alpha * sign(W)` (alpha per output channel, shared by the
+pair) and adds two convolutions; by linearity one convolution with T = alpha * (sign W1 + sign W2)
+is the same, and dL/dB1 = dL/dB2 = dL/dT = G. The latent kernels get the original's gradient
+G (zeroed where |W| > 1.96) + sign(W) * mean(sign(W) * G). Kernels have the output channel last.
 """
-from __future__ import annotations
 
 import math
 
@@ -19,8 +14,7 @@ import jax.numpy as jnp
 
 # Names of the latent binary kernels in the models' parameter trees (`sttn_jax.layers`).
 LATENT_KERNEL_NAMES = ("kernel_1", "kernel_2")
-# The original zeroes the gradient of latent weights beyond this magnitude; after the clamp to
-# [-1, 1] that happens every step it never fires, but it keeps the op faithful without the clamp.
+# The original zeroes the gradient of latent weights beyond this (never, after the usual clamp).
 GRADIENT_CUTOFF = 1.96
 
 
@@ -78,16 +72,13 @@ def _is_latent_kernel(path) -> bool:
 
 
 def clamp_latent_kernels(params):
-    """Clamps exactly the latent binary kernels of a parameter tree to [-1, 1], as the original
-    does in place before every step (the clamp persists in the latent weights). Everything else
-    (stem, biases, BatchNorm, PReLU, fc, ternary kernels) is returned untouched."""
+    """Clamps only the latent binary kernels to [-1, 1], as the original does before every step."""
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: jnp.clip(leaf, -1, 1) if _is_latent_kernel(path) else leaf, params)
 
 
 def binary_pairs(params, _path=()):
-    """Yields ('features_4/conv1', {"kernel_1", "kernel_2", "bias_1", "bias_2"}) for every binary
-    pair of a parameter tree (nested mappings), in the tree's order."""
+    """Yields ('features_4/conv1', {"kernel_1", "kernel_2", "bias_1", "bias_2"}) for every pair."""
     if not hasattr(params, "items"):
         return
     if all(name in params for name in LATENT_KERNEL_NAMES):

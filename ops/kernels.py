@@ -1,17 +1,11 @@
-"""Triton kernels for the ternary activation (with the backward pass's mask, or without it for
-inference), their launch configuration, and their ahead-of-time compilation for a real GPU.
-
-Only `triton` is imported here, never `jax_triton`: the same kernels are launched from JAX on a GPU
-(through jax-triton, see `ops.ternary`), from torch CPU tensors under Triton's interpreter
-(`TRITON_INTERPRET=1`) in the tests, and compiled to PTX on any machine by `compile_ptx`, which is
-how CI checks it without a GPU.
+"""Triton kernels for the ternary activation (with or without the backward pass's mask), their
+launch configuration and ahead-of-time PTX compilation. Only `triton` is imported, never
+`jax_triton`: the tests also run them under Triton's interpreter and compile them without a GPU.
 """
 import triton
 import triton.language as tl
 
-# Block size and warps per element size, chosen so that each thread moves 16 bytes of x and y per
-# access (`ld.global.v4.b32`); with the default 4 warps the kernel ran at 60 % (float32) / 32 %
-# (bfloat16) of copy bandwidth on an H100 (docs/performance.md).
+# Block size and warps per element size: each thread moves 16 bytes of x and y per access.
 LAUNCH_CONFIG = {
     4: {"BLOCK_SIZE": 2048, "num_warps": 16},  # float32: 4 elements per thread
     2: {"BLOCK_SIZE": 2048, "num_warps": 8},  # bfloat16, float16: 8 elements per thread
@@ -21,20 +15,15 @@ TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 @triton.jit
 def _load_block(x_ptr, n_div_16, BLOCK_SIZE: tl.constexpr, N_REM_16: tl.constexpr):
-    """(offsets, in_bounds, x in float32) of this program's block of x.
-
-    The size comes as n = 16 * n_div_16 + N_REM_16: jax-triton declares no divisibility for scalar
-    arguments, and a bound of unknown divisibility makes every masked access scalar. Written this
-    way the compiler sees n divisible by 16 whenever N_REM_16 is 0 (every activation of the
-    models), and vectorises."""
-    # int64 offsets: a 256x56x56x64 activation has 51M elements, and larger batches overflow int32.
+    """(offsets, in_bounds, x in float32) of this program's block. n = 16 * n_div_16 + N_REM_16
+    lets the compiler see n divisible by 16 and vectorise (jax-triton declares it for no scalar)."""
+    # int64 offsets: large batches of activations overflow int32.
     n_elements = n_div_16.to(tl.int64) * 16 + N_REM_16
     pid = tl.program_id(axis=0).to(tl.int64)
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     in_bounds = offsets < n_elements
     x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0)
-    # Compare and build the levels in float32 (exact for every 16-bit float: no boundary moves),
-    # then cast back; Triton's interpreter also needs it to see a bfloat16 NaN.
+    # The levels in float32 (exact for 16-bit floats), which Triton's interpreter needs for NaN.
     return offsets, in_bounds, x.to(tl.float32)
 
 
@@ -45,13 +34,11 @@ def _levels(xf):
     return tl.where(xf != xf, xf, y)
 
 
-# The kernels' parameters come in jax-triton's order: the inputs (arrays, then scalars) as passed
-# to `triton_call`, then one pointer per output; every launcher follows it.
+# The kernels' parameters in jax-triton's order: inputs (arrays, then scalars), then outputs.
 @triton.jit
 def ternary_forward_kernel(x_ptr, n_div_16, y_ptr, keep_ptr, BLOCK_SIZE: tl.constexpr,
                            N_REM_16: tl.constexpr):
-    """y = the ternary levels of x, and keep = (-1 <= x <= 1), the mask the backward pass
-    multiplies the gradient by: what a differentiated call needs."""
+    """y = the ternary levels of x, and keep = (-1 <= x <= 1), the backward pass's mask."""
     offsets, in_bounds, xf = _load_block(x_ptr, n_div_16, BLOCK_SIZE, N_REM_16)
     tl.store(y_ptr + offsets, _levels(xf).to(y_ptr.dtype.element_ty), mask=in_bounds)
     tl.store(keep_ptr + offsets, (xf >= -1.0) & (xf <= 1.0), mask=in_bounds)
@@ -60,8 +47,7 @@ def ternary_forward_kernel(x_ptr, n_div_16, y_ptr, keep_ptr, BLOCK_SIZE: tl.cons
 @triton.jit
 def ternary_values_kernel(x_ptr, n_div_16, y_ptr, BLOCK_SIZE: tl.constexpr,
                           N_REM_16: tl.constexpr):
-    """y alone, for calls nothing differentiates (inference): XLA cannot drop an output of a
-    custom call it does not read, so a mask written there would cost a byte per element."""
+    """y alone, for inference: XLA cannot drop an unread output of a custom call."""
     offsets, in_bounds, xf = _load_block(x_ptr, n_div_16, BLOCK_SIZE, N_REM_16)
     tl.store(y_ptr + offsets, _levels(xf).to(y_ptr.dtype.element_ty), mask=in_bounds)
 
@@ -89,11 +75,8 @@ def launch_args(n: int, itemsize: int) -> tuple[tuple, dict, tuple]:
 
 def compile_ptx(dtype: str, capability: int = 90, n: int = 1 << 20,
                 kernel=ternary_forward_kernel) -> str:
-    """PTX of `kernel` (one of ARG_TYPES) for `dtype` ("float32", "bfloat16", "float16") on an
-    NVIDIA GPU of compute `capability` (80: A100, 90: H100), compiled here, GPU or not.
-
-    The arguments are specialized as jax-triton 0.3.1 does at launch: every array pointer
-    16-byte aligned (`tt.divisibility` 16), scalars not specialized."""
+    """PTX of `kernel` for `dtype` on an NVIDIA GPU of compute `capability` (90: H100), compiled
+    here, GPU or not, its arguments specialized as jax-triton does at launch."""
     import types
 
     from triton._C.libtriton import native_specialize_impl

@@ -1,15 +1,8 @@
-"""`max_pool`: PyTorch's MaxPool2d (NHWC) with a gradient that needs no scatter.
-
-The gradient of a max pool goes to the first maximum of each window, in the window's row-major
-order (PyTorch's rule, and JAX's). JAX differentiates `reduce_window` through `select_and_scatter`,
-which XLA's GPU backend rewrites into a pass that writes four int32 coordinates per output and a
-scatter that adds them back: for the stem's 3x3 pool of a batch of 256 at 224x224 in bfloat16,
-1.0 GB written and 1.7 GB read (XLA's H100 plan of the training step). Here the forward pass
-also keeps, per output, which of the k*k window positions holds that first maximum (int8), and the
-backward pass gathers: each input adds the output gradients of the windows that chose it, a fused
-elementwise pass.
+"""`max_pool`: PyTorch's MaxPool2d (NHWC) with a gradient that needs no scatter. The gradient goes
+to the first maximum of each window (PyTorch's rule, and JAX's), but JAX's `select_and_scatter`
+is a costly scatter on GPUs: here the forward pass keeps, per output, the window position of that
+maximum (int8), and each input gathers the gradients of the windows that chose it.
 """
-from __future__ import annotations
 
 import functools
 
@@ -26,8 +19,7 @@ def output_size(x, window: int, stride: int, padding: int) -> tuple[int, int]:
 
 def window_views(x, window: int, stride: int, padding: int, pad_value=0):
     """The window*window strided views of NHWC `x` padded with `pad_value`, in the window's
-    row-major order: view i * window + j holds, for every output, its window's element (i, j).
-    What a convolution or a pooling combines, as separate arrays."""
+    row-major order: view i * window + j holds, for every output, its window's element (i, j)."""
     n, _, _, c = x.shape
     oh, ow = output_size(x, window, stride, padding)
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
@@ -38,15 +30,12 @@ def window_views(x, window: int, stride: int, padding: int, pad_value=0):
 
 
 def _pool(x, window: int, stride: int, padding: int):
-    # The maximum of the window's views rather than `reduce_window`, which XLA's GPU compiler
-    # computed in float32 in bfloat16 models and left in float32 (XLA's H100 plan of the bfloat16
-    # training step: the stem's pooled map written and read back at twice its size).
+    # Not `reduce_window`, which XLA's GPU compiler computes and leaves in float32 for bfloat16.
     return functools.reduce(jnp.maximum, window_views(x, window, stride, padding, -jnp.inf))
 
 
 def max_pool(x, window: int, stride: int, padding: int = 0):
-    """nn.MaxPool2d(window, stride, padding) on an NHWC map: padding counts as -inf, floor output
-    size; the gradient goes to each window's first maximum."""
+    """nn.MaxPool2d(window, stride, padding) on an NHWC map (padding -inf, floor output size)."""
     if min(output_size(x, window, stride, padding)) < 1:
         raise ValueError(f"max_pool: a {window}x{window} window (padding {padding}) does not fit a "
                          f"{x.shape[1]}x{x.shape[2]} map; use a larger image")

@@ -1,20 +1,12 @@
 """`ternary_activation`: STTN's ternary activation as a `jax.custom_vjp`.
 
-Forward (the original CUDA extension `TerActivateFunc`): x < -0.5 -> -1, -0.5 <= x < 0.5 -> 0,
-x >= 0.5 -> +1, in the input's dtype. One deliberate difference: NaN stays NaN (the extension
-turns it into +1, which hides a diverged run behind plausible activations).
+Forward: x < -0.5 -> -1, -0.5 <= x < 0.5 -> 0, x >= 0.5 -> +1, in the input's dtype; NaN stays NaN
+(the original turns it into +1, hiding a diverged run). Backward (straight-through, inclusive
+bounds): grad_in = grad_out where -1 <= x <= 1, else 0; only that boolean mask is saved, not x.
 
-Backward (straight-through estimator with the extension's inclusive bounds):
-grad_in = grad_out where -1 <= x <= 1, else 0. Only that boolean mask is saved for the backward
-pass, not x: a quarter of the memory in float32, half in bfloat16.
-
-Backends: "xla" is an elementwise expression that XLA fuses with its neighbours; "triton" runs
-`ops.kernels` through jax-triton (CUDA GPUs only), a pass of its own: the kernel that also writes
-the mask where the call is differentiated, the one that writes only y where it is not
-(inference); "auto" is XLA, which made the models' steps faster on a GPU (docs/performance.md). Both give
-bit-identical outputs and masks on every input.
+Backends, bit-identical: "xla" fuses with its neighbours; "triton" runs `ops.kernels` through
+jax-triton (CUDA GPUs; the mask only where differentiated); "auto" is XLA (faster in the models).
 """
-from __future__ import annotations
 
 import functools
 
@@ -50,16 +42,14 @@ def _triton_call(flat, with_mask: bool):
 
 
 def _varying_like(out, x):
-    """`out` typed as varying over the shard_map axes that `x` varies over. jax-triton's outputs
-    carry no such axes, and inside shard_map a custom_vjp's backward pass must return a cotangent
-    typed like its input: without this, every gradient through the kernel fails there."""
+    """`out` typed as varying over the shard_map axes `x` varies over: jax-triton's outputs carry
+    none, and inside shard_map a custom_vjp's cotangent must be typed like its input."""
     varying = lambda a: jax.typeof(a).mat.varying  # noqa: E731  (jax 0.10 and 0.11)
     return jax.lax.pcast(out, tuple(sorted(varying(x) - varying(out))), to="varying")
 
 
 def _elementwise_batching(fn):
-    """`fn` (array -> array or tuple of arrays, elementwise) with a vmap rule: the batched array
-    is just a bigger array. (jax-triton has no batching rule.)"""
+    """Elementwise `fn` with a vmap rule (jax-triton has none): a batch is just a bigger array."""
     fn = jax.custom_batching.custom_vmap(fn)
 
     @fn.def_vmap
@@ -99,8 +89,7 @@ def triton_unavailable_reason() -> str | None:
 
 
 def triton_unavailable_on(device) -> str | None:
-    """None when the Triton backend can run on `device` (a jax Device, or None for none), else a
-    sentence saying why not."""
+    """None when the Triton backend can run on `device` (or None), else a sentence saying why."""
     platform = getattr(device, "platform", None)
     if platform == "tpu":  # the TPU compiler has no Triton (CUDA) kernels to call
         return ("backend='triton' runs on CUDA GPUs only, not on a TPU; use backend='xla' "
@@ -117,10 +106,8 @@ def triton_unavailable_on(device) -> str | None:
 
 
 def assume_cuda_gpu(capability: int) -> None:
-    """For lowering and compiling ahead of time on a machine without a GPU (tests/cuda_lowering.py,
-    benchmarks/gpu_plan.py): backend "triton" passes the check above, and jax-triton compiles the
-    kernel for compute `capability` (e.g. 90) instead of asking the CUDA driver. For the rest of
-    the process; call jax.clear_caches() before lowering again for another capability."""
+    """For lowering ahead of time without a GPU (for the rest of the process): jax-triton compiles
+    for compute `capability`; call jax.clear_caches() before lowering for another."""
     global triton_unavailable_reason
     from jax_triton import triton_lib
 
@@ -129,8 +116,7 @@ def assume_cuda_gpu(capability: int) -> None:
 
 
 def backend_problem(backend: str) -> str | None:
-    """Why `backend` cannot run here (an unknown name, or Triton without a CUDA GPU), else None:
-    for refusing a config before anything is traced or compiled."""
+    """Why `backend` cannot run here (unknown, or Triton without a CUDA GPU), else None."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
     return triton_unavailable_reason() if backend == "triton" else None
@@ -149,9 +135,8 @@ def resolve_backend(backend: str, dtype) -> str:
             raise TypeError(f"backend='triton' supports float32, bfloat16 and float16, not "
                             f"{dtype}; use backend='xla'")
         return "triton"
-    # auto: XLA. In the models it fuses the activation into the BatchNorm or sum that computes
-    # its input; the Triton kernel reads and writes that tensor once more. Measured on an H200:
-    # training steps 1.4-3.0 % faster with XLA's activation (docs/performance.md).
+    # auto: XLA fuses the activation into the BatchNorm or sum that computes its input; the
+    # Triton kernel reads and writes that tensor once more.
     return "xla"
 
 
@@ -175,10 +160,8 @@ _ternary.defvjp(_ternary_fwd, _ternary_bwd)
 
 
 def ternary_activation(x, backend: str = "auto"):
-    """Ternarizes `x` to {-1, 0, +1} (same shape and dtype) with STTN's straight-through gradient.
-
-    backend: "auto" (XLA), "triton" (the Triton kernel; error without a CUDA GPU) or "xla".
-    """
+    """Ternarizes `x` to {-1, 0, +1} (same shape and dtype) with STTN's straight-through gradient;
+    backend: "auto" (XLA), "triton" (error without a CUDA GPU) or "xla"."""
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"ternary_activation takes a floating-point array, not {x.dtype}")

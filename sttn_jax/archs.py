@@ -1,7 +1,5 @@
-"""The architectures by name (the one list every tool accepts), the STTN ResNet-18's blocks, and
-the rules for what each takes: image sides, `models.create`'s options. A rule is a `*_problem`
-function (None, or why not and what fits): a config, a flag and a module refuse alike."""
-from __future__ import annotations
+"""The architectures by name, the STTN ResNet-18's blocks, and the rules for what each takes, as
+`*_problem` functions (None, or why not and what fits): configs, flags and modules refuse alike."""
 
 from sttn_jax.errors import ConfigError
 from sttn_jax.layers import CONV_FORMS
@@ -26,11 +24,8 @@ def check_arch(arch: str) -> None:
 
 
 def image_size_problem(side: int, arch: str = BWX2) -> str | None:
-    """Why `arch` cannot take images `side` pixels high or wide, naming sides that fit; None if
-    it can. Every model halves the image five times; the STTN ResNet-18's stride-2 blocks must
-    also add their two paths (`odd_map_problem`), which also bounds its teacher, as that sees the
-    student's images. ResNet-50 on its own takes any side of 32 or more: its shortcuts are
-    strided convolutions, which halve as its main path does."""
+    """Why `arch` cannot take images `side` pixels high or wide, naming sides that fit; None if it
+    can (every model halves the image five times; the STTN ResNet-18 has `odd_map_problem` too)."""
     if side < MIN_IMAGE_SIZE:
         return (f"images must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} (the network "
                 f"downsamples 32x), a side of {side} is less; multiples of 32 fit, e.g. 32 or 64")
@@ -38,10 +33,8 @@ def image_size_problem(side: int, arch: str = BWX2) -> str | None:
 
 
 def odd_map_problem(side: int) -> str | None:
-    """Why the STTN ResNet-18 cannot take images `side` pixels high or wide, and which sides it
-    can; None if it can. A stride-2 block adds its convolution's output, whose side is the half
-    rounded up, to its 2x2 max-pool shortcut, rounded down: an odd side there cannot be added, in
-    the original either (except 3, where the 1-pixel shortcut broadcasts, as in PyTorch)."""
+    """Why the STTN ResNet-18 cannot take images of `side`, else None: a stride-2 block adds its
+    conv's output (half, rounded up) to its max-pool shortcut (rounded down): no odd side but 3."""
     m = -(-side // 4)  # the stem's stride-2 convolution and max pool each round the half up
     for *_, stride in RESNET18_BLOCKS:
         if stride == 2:
@@ -55,8 +48,7 @@ def odd_map_problem(side: int) -> str | None:
 
 
 def check_images(x, arch: str) -> None:
-    """Refuses input that is not a batch of NHWC RGB images whose sides `arch` takes, naming the
-    fix; the shape error JAX would raise instead names neither the cause nor the fix."""
+    """Refuses what is not a batch of NHWC RGB images of sides `arch` takes, naming the fix."""
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected NHWC images with 3 channels (batch, height, width, 3), got shape "
                          f"{tuple(x.shape)}; transpose NCHW input with x.transpose(0, 2, 3, 1)")

@@ -1,9 +1,6 @@
-"""The checkpoints of a training run: one Orbax `CheckpointManager` in `WORKDIR/checkpoints` keeps
-the last k steps and the step of the best top-1 (saved with the evaluation's metrics). Each step
-holds the items "state" (the TrainState) and "meta" (JSON: arch, best top-1, last evaluation).
-Saves are asynchronous; each step is written into `<step>.orbax-checkpoint-tmp*`, renamed to
-`<step>` when complete, so a run killed mid-save leaves no half-written step to load. A step that
-does not read back is moved aside and the next older one used."""
+"""A training run's checkpoints: one Orbax `CheckpointManager` in `WORKDIR/checkpoints` keeps the
+last k steps and the best top-1, each step with items "state" (the TrainState) and "meta" (JSON).
+Orbax renames a step into place when complete, so a killed save leaves nothing half-written."""
 import contextlib
 import errno
 import logging as std_logging
@@ -47,11 +44,8 @@ def manager(directory, keep: int, read_only: bool = False) -> ocp.CheckpointMana
 
 
 class _Manager(ocp.CheckpointManager):
-    """Orbax's manager, but a step whose metrics do not parse counts as one without metrics: a
-    private method overridden, for want of a public option, because Orbax (0.12) reads them all on
-    creation and raises for a damaged one, before `restore_newest_good` could set the step aside.
-    tests/test_checkpoints.py fails once Orbax stops raising, or stops calling `_get_metrics`.
-    `saving_step`: the step of the last save started (`save`), which a failure of it names."""
+    """Orbax's manager, but unparsable metrics count as none (Orbax reads all on creation and would
+    raise before `restore_newest_good` could act). `saving_step`: the last save's, for failures."""
 
     saving_step: int | None = None
 
@@ -87,15 +81,12 @@ def _write_errors(directory: Path, step: int):
 
 
 def save(mngr: ocp.CheckpointManager, state, meta: dict, metrics: dict | None = None) -> None:
-    """Starts saving `state` and `meta` (and the evaluation's `metrics`) as the checkpoint of its
-    step; `wait` finishes it. An earlier save that failed surfaces here, naming its own step."""
+    """Starts saving the checkpoint of `state`'s step (`wait` ends it); raises earlier failures."""
     step = int(jax.device_get(state.step))
     if mngr.latest_step() == step:
         return
-    # A host copy (the state is replicated): Orbax writes each array once, from process 0. From
-    # device arrays it picks one replica of each (2.1 s, not 0.85 s, on 8 CPUs) and, with several
-    # processes, compiles a slice program per array shape to split the writing among them (56
-    # programs: a one-step launch of two processes of 4 CPU devices took 72 to 76 s, not 49 to 60).
+    # A host copy (the state is replicated), written once from process 0: from device arrays Orbax
+    # would pick replicas and compile a slice program per array shape, which is much slower.
     state = jax.device_get(state)
     wait(mngr)  # Orbax's save waits for the previous one too, but would not say which failed
     with _write_errors(Path(mngr.directory), step):
@@ -106,21 +97,16 @@ def save(mngr: ocp.CheckpointManager, state, meta: dict, metrics: dict | None = 
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
-    """Blocks until every started save is on disk (CheckpointWriteError naming the step whose
-    save failed: the write runs in Orbax's background thread and fails there)."""
+    """Blocks until every started save is on disk; CheckpointWriteError names a failed step."""
     step = getattr(mngr, "saving_step", None)
     with _write_errors(Path(mngr.directory), mngr.latest_step() or 0 if step is None else step):
         mngr.wait_until_finished()
 
 
 def quiet_orphaned_reads() -> None:
-    """Called before a restore. When one fails, the reads Orbax still has in flight fail later,
-    each printing a traceback long after the error was raised (hundreds for three reads of
-    truncated files, at random): TensorStore's callbacks into Orbax's closed event loop, Orbax's
-    read coroutines finalised with their error, asyncio's "exception was never retrieved" for its
-    tasks. From the first call on, this process drops exactly those reports: process-wide, where
-    Python reports them after the restore returned; Orbax (0.12) cannot wait for or cancel them.
-    tests/test_hostile_files.py fails once a failed read leaves none, or they are printed."""
+    """Called before a restore. When one fails, the reads Orbax still has in flight fail later, each
+    printing a traceback long after (Orbax cannot wait for or cancel them); from the first call on,
+    this process drops exactly those reports."""
     if not getattr(sys.unraisablehook, "drops_orbax_orphans", False):
         previous = sys.unraisablehook
 
@@ -155,8 +141,7 @@ def _not_an_orbax_orphan(record: std_logging.LogRecord) -> bool:
 
 
 def _os_error_code(e: Exception) -> int | None:
-    """The errno of a failed write: an OSError's own, or the one tensorstore (under Orbax) puts in
-    the text of its ValueError ("... [os_error_code='28']"); None when the disk is not the cause."""
+    """The errno of a failed write (an OSError's, or in tensorstore's ValueError), else None."""
     if isinstance(e, OSError):
         return e.errno if e.errno is not None else errno.EIO
     if match := re.search(r"os_error_code='?(\d+)", str(e)):
@@ -174,10 +159,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
 
 
 def restore_newest_good(mngr: ocp.CheckpointManager, abstract_state):
-    """(state, meta) of the newest checkpoint that reads back, or None when there is none; a
-    damaged one is moved to `unreadable_checkpoints/` with a warning. Several processes must
-    agree on the step (a restore failing on one only would hang them in different barriers), so
-    there process 0 alone finds it, reading without barriers, and all restore it once broadcast."""
+    """(state, meta) of the newest checkpoint that reads back (a damaged one is moved aside), or
+    None; with several processes, process 0 finds the step (a failure on one would hang all)."""
     if jax.process_count() > 1:
         step = _newest_readable_step(mngr)
         mngr.reload()  # the steps process 0 moved aside are gone from every listing now
@@ -255,8 +238,7 @@ def steps(directory) -> list[int]:
 
 
 def read_variables(directory, step: int):
-    """(variables, meta) of `step` without its config: {"params", "batch_stats"} as numpy arrays
-    exactly as saved (latent kernels unclamped, no Adam moments), on any number of devices."""
+    """(variables, meta) of `step`: {"params", "batch_stats"} as numpy arrays exactly as saved."""
     directory = Path(directory).absolute()
     if step not in steps(directory):
         raise CheckpointError(f"{directory}: no checkpoint of step {step}; steps there: "

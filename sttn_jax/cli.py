@@ -1,9 +1,6 @@
-"""What the command-line tools share: absl flags for multi-host start-up, XLA's persistent
-compilation cache, one logging path (absl logging: --verbosity, and a log file in the workdir; the
-native libraries' log lines only at --verbosity >= 1), the parsing of the command line with every
-mistake as one line (`sttn_jax.cli_parse`: run, define_config_flag, print_config,
-check_output_file, usage_error), and every expected error as one line `error: ...` on stderr with
-exit status 2."""
+"""What the command-line tools share: multi-host start-up flags, XLA's compilation cache, one
+logging path, the command line's parsing (`sttn_jax.cli_parse`), and every expected error as one
+line `error: ...` on stderr with exit status 2."""
 import contextlib
 import logging as std_logging
 import os
@@ -33,8 +30,7 @@ def define_distributed_flags() -> None:
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster "
                       "auto-detection (TPU pods, SLURM) even without the three flags above.")
-    # JAX's default is 100 s. 30 s still spans any pause of the heartbeat thread (it runs outside
-    # Python) and stops the others in under a minute (28.6 s after a peer's SIGKILL on CPU).
+    # JAX's default is 100 s; 30 s still spans any pause of the (native) heartbeat thread.
     flags.DEFINE_integer("heartbeat_timeout_seconds", 30, "Multi-host runs: a process silent "
                          "this long counts as dead, and every other process then stops.")
 
@@ -51,10 +47,8 @@ def start(argv, distributed: bool = True) -> None:
 
 
 def enable_compilation_cache(setting: str) -> str | None:
-    """Points JAX's persistent compilation cache at `setting` (see --compilation_cache_dir) unless
-    JAX already has one (JAX_COMPILATION_CACHE_DIR); returns the directory in use, or None.
-    "auto" stays off on a CPU: JAX's cache key for CPU executables does not name the host's
-    instruction set, so a cache shared between machines could hand one code it cannot run."""
+    """Points JAX's compilation cache at `setting` unless JAX has one; returns the directory, or
+    None. "auto" is off on a CPU: the cache key there does not name the instruction set."""
     import jax
 
     if jax.config.jax_compilation_cache_dir:
@@ -72,10 +66,8 @@ def enable_compilation_cache(setting: str) -> str | None:
 
 
 def init_distributed() -> None:
-    """jax.distributed.initialize() for multi-process runs; nothing for one process. When a
-    process dies, the others stop within the heartbeat timeout (plus the step in progress): a
-    collective already exchanging data with it fails at once (`_LostPeer`: exit status 1); anywhere
-    else JAX's runtime aborts (SIGABRT, exit status 134) naming the task that went silent."""
+    """jax.distributed.initialize() for multi-process runs. When a process dies, a collective with
+    it fails at once (`_LostPeer`); else JAX aborts within the heartbeat timeout."""
     import jax
 
     many = FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
@@ -87,8 +79,7 @@ def init_distributed() -> None:
 
 
 class _LostPeer(app.ExceptionHandler):
-    """A collective failed on a broken connection: one `error:` line and an immediate exit (a normal
-    one would wait in the shutdown barrier for the lost process, then abort with stack traces)."""
+    """A collective failed on a broken connection: one `error:` line and an immediate exit."""
 
     def wants(self, exc) -> bool:
         import jax
@@ -106,9 +97,7 @@ class _LostPeer(app.ExceptionHandler):
 
 
 def _own_lines_at_info(record) -> bool:
-    """Below WARNING only sttn-jax's own lines, unless --verbosity >= 1 (Orbax and clu log every
-    step of their work at INFO through absl too); TFDS's warnings about the folders it scans (a
-    version folder without dataset_info.json, ...) only at --verbosity >= 1 as well."""
+    """Below WARNING only sttn-jax's own lines (and no TFDS warnings) unless --verbosity >= 1."""
     if FLAGS.verbosity >= 1:
         return True
     if "tensorflow_datasets" in record.pathname:
@@ -117,17 +106,11 @@ def _own_lines_at_info(record) -> bool:
             or Path(record.pathname).name in TOOLS)
 
 
-def quiet_native_logs(verbosity: int) -> None:
-    """TensorFlow's (and so oneDNN's and XLA's) C++ log lines below FATAL only at --verbosity >= 1:
-    on a CPU they include an `E0000 ... oneDNN supports DT_UINT8 only on platforms with AVX-512`
-    that reads like a failure and is none. Read once, when TensorFlow or jaxlib is first loaded:
-    so called before either is imported. Numerics are untouched (this is logging only)."""
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbosity >= 1 else "3"
-
-
 def setup_logging() -> None:
     """Our lines at --verbosity (INFO by default) on stderr; the libraries' from WARNING up."""
-    quiet_native_logs(FLAGS.verbosity)
+    # TensorFlow's (oneDNN's, XLA's) C++ lines below FATAL, harmless `E0000 ...` ones among them,
+    # only at --verbosity >= 1: read when TensorFlow or jaxlib loads, so set first.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if FLAGS.verbosity >= 1 else "3"
     for name in QUIET_LOGGERS:
         std_logging.getLogger(name).setLevel(std_logging.WARNING)
     logging.get_absl_handler().addFilter(_own_lines_at_info)
@@ -135,9 +118,8 @@ def setup_logging() -> None:
 
 @contextlib.contextmanager
 def one_line_errors(exit_status: dict | None = None):
-    """Expected failures print `error: <message>` and exit 2 (or their class's `exit_status`),
-    without a stack trace; the message is joined into one line, the last of stderr, whole. The
-    library's words for what a flag gives are turned into the flag's (`in_flag_words`)."""
+    """Expected failures print `error: <message>` as one line, in flag words (`in_flag_words`),
+    and exit 2 (or their class's `exit_status`), without a stack trace."""
     try:
         yield
     except EXPECTED as e:
@@ -147,8 +129,7 @@ def one_line_errors(exit_status: dict | None = None):
 
 
 def in_flag_words(e: BaseException) -> str:
-    """The message of `e` as a command-line user needs it: the library names its parameters, the
-    tools name their flags (this is the one table between the two)."""
+    """The message of `e` naming the tools' flags where the library names its parameters."""
     if isinstance(e, ArchMismatchError) and e.known:
         if (e.found, e.wanted) == ("resnet18_bwx2", "resnet18_ter"):
             fix = (f"merge it first (python merge.py --checkpoint {e.path} --out DST), or pass "
@@ -160,8 +141,7 @@ def in_flag_words(e: BaseException) -> str:
 
 
 def define_compilation_cache_flag() -> None:
-    """--compilation_cache_dir, which every tool defines (read by `start`; defined once even when
-    a tool's module is loaded twice in one process)."""
+    """--compilation_cache_dir, read by `start` (defined once even if a tool loads twice)."""
     if "compilation_cache_dir" in FLAGS:
         return
     flags.DEFINE_string(
@@ -172,10 +152,8 @@ def define_compilation_cache_flag() -> None:
 
 
 def config_for(config_flag, loaded):
-    """The config to evaluate the model `loaded` (a `model_io.LoadedModel`) with, and where it came
-    from: the --config file if given; else the config of the training run the model records (a
-    workdir's config.json, a merged model's or packed file's copy of it) over the defaults; else
-    the defaults. The --config.KEY overrides apply on top in every case."""
+    """(config, origin) to evaluate `loaded` with: the --config file if given, else the training
+    run's config it records over the defaults, else the defaults; --config.KEY on top."""
     if config_flag.present:
         return config_flag.value, "--config"
     config = config_flag.value

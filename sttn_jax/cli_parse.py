@@ -1,8 +1,5 @@
-"""The command line as the tools parse it: absl flags with every usage mistake as one line
-`error: ...` and exit status 2 (a value of the wrong type, a missing or unknown flag, an unknown
-config key or unreadable config file), checked before anything is imported or written; --help
-with exit status 0; the config file flag (--config, --config.KEY=VALUE, --print_config); output
-files checked writable up front. `sttn_jax.cli` offers these to the tools."""
+"""The command line as the tools parse it: every usage mistake one line `error: ...` with exit
+status 2, before anything is imported or written; --help; the config file flag; output files."""
 import difflib
 import importlib.util
 import os
@@ -75,10 +72,8 @@ def _lookup(config, key: str):
 
 
 def check_config_overrides(argv, name: str, config_file: str) -> None:
-    """Refuses a config file that cannot be read, a `--NAME.KEY` override of a key the file lacks
-    (with the closest key) and a value of the wrong type, before absl parses anything. Checked here
-    rather than read from ml_collections' errors: those are an AttributeError, or an error raised
-    only when the config is first used, neither meant for users."""
+    """Refuses an unreadable config file, an override of a key it lacks or of the wrong type, before
+    absl parses anything (ml_collections' own errors are not meant for users, some come late)."""
     try:
         config = _read_config_file(config_file)
     except Exception as e:  # noqa: BLE001 - any failure of the file becomes one line
@@ -138,9 +133,8 @@ def _parse_flags(argv, required=()):
 
 
 def define_config_flag(default: str | None, help_string: str, print_flag: bool = True) -> None:
-    """--config (a config file; --config.KEY=VALUE overrides one key) and --print_config. A
-    default file is read while the flag is defined, with the overrides of sys.argv: they are
-    checked first, so that a mistake there is one line too."""
+    """--config (a config file; --config.KEY=VALUE overrides one key) and --print_config; a
+    default file's overrides in sys.argv are checked first, so a mistake there is one line too."""
     if print_flag:
         flags.DEFINE_bool("print_config", False, "Print the effective config (every key, after "
                           "the --config.KEY overrides) as JSON and exit.")

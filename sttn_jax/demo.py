@@ -6,7 +6,6 @@ report and plots. Same TFDS pipeline, training, merge and evaluation code as Ima
 
   python -m sttn_jax.demo [--workdir runs/demo] [--config.key=value ...] [--print_config]
 """
-from __future__ import annotations
 
 import time
 from pathlib import Path

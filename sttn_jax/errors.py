@@ -1,6 +1,5 @@
-"""The errors sttn-jax expects: bad input, unusable files, a full disk. Each message names what is
-wrong and the fix; the command-line tools print it as one `error: ...` line and exit with status 2
-(`sttn_jax.cli.one_line_errors`). Anything else is a bug and keeps its traceback."""
+"""The errors sttn-jax expects, each message naming what is wrong and the fix (the tools print it as
+one `error: ...` line, exit status 2). Anything else is a bug and keeps its traceback."""
 
 
 class ConfigError(ValueError):
@@ -12,10 +11,8 @@ class CheckpointError(ValueError):
 
 
 class ArchMismatchError(CheckpointError):
-    """A checkpoint holds another architecture than the one asked for. `found` may be one of
-    sttn-jax's archs or another model the file was recognised as (e.g. torchvision's resnet18).
-    The message speaks of the `arch` parameter; the command-line tools say it in their flags
-    (`sttn_jax.cli.in_flag_words`)."""
+    """A checkpoint holds another architecture than the one asked for (`found`: one of sttn-jax's
+    archs or another recognised model); the tools reword it in flags (`cli.in_flag_words`)."""
 
     def __init__(self, path, found: str, wanted: str, known: bool = True):
         from sttn_jax import archs  # archs raises errors of this module
@@ -35,8 +32,7 @@ class MergeCheckError(CheckpointError):
 
 
 class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written during training (disk full, quota, read-only disk); the
-    earlier checkpoints are intact and the same command resumes once the cause is fixed."""
+    """A checkpoint could not be written during training; the earlier checkpoints are intact."""
 
 
 class DatasetNotPreparedError(ValueError):

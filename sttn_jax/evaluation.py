@@ -1,12 +1,8 @@
 """Evaluation of a model from any source on a TFDS split: top-1, top-5, mean cross-entropy.
 
-`evaluate_checkpoint(config, source, ...)` is what eval.py runs: the model from `model_io.load`
-(its arch is what the source holds), data, sizes and dtype from the config, and train.py's eval
-step (`training.make_eval_step`: all devices, centre crops, the padded last batch masked out).
-bwx2 latent kernels are clamped to [-1, 1] first, as the original's validate() does, so a bwx2
-model and its merged ternary model give the same logits.
+`evaluate_checkpoint` is what eval.py runs, with train.py's eval step; bwx2 latent kernels are
+clamped first, as the original's validate() does, so a bwx2 model and its merge agree.
 """
-from __future__ import annotations
 
 import jax
 import numpy as np
@@ -43,10 +39,8 @@ def eval_config(config, loaded, split: str | None):
 
 def evaluate_checkpoint(config, source, *, arch: str | None = None, split: str | None = None,
                         step: int | None = None, progress: bool | None = None, loaded=None) -> dict:
-    """{"top1", "top5" (fractions), "loss" (mean cross-entropy), "num_examples", "arch",
-    "checkpoint", "split", "dataset", "image_size", "inference_dtype", "source"} of the model at
-    `source` over `split` (default config.eval_split). progress: a progress bar (process 0); None =
-    config.progress_bar. `loaded` (a `model_io.LoadedModel`) skips reading `source` again."""
+    """Top-1, top-5, loss and what was evaluated, of the model at `source` over `split`; `loaded`
+    (a `model_io.LoadedModel`) skips reading `source` again."""
     loaded = loaded or model_io.load(source, arch=arch, step=step)
     cfg = eval_config(config, loaded, split)
     mesh = training.make_mesh()
@@ -67,8 +61,9 @@ def evaluate_checkpoint(config, source, *, arch: str | None = None, split: str |
     variables = jax.device_put(jax.tree_util.tree_map(np.asarray, variables),
                                training.replicated(mesh))
     logging.info("evaluating %s on %s/%s, %s: %d batches of %d over %d device%s",
-                 loaded.describe(), cfg.dataset, cfg.eval_split, _inference(cfg.inference_dtype,
-                                                                            cfg.dtype),
+                 loaded.describe(), cfg.dataset, cfg.eval_split,
+                 "int8 inference (block convolutions in integers)"
+                 if cfg.inference_dtype == "int8" else cfg.dtype,
                  num_batches, cfg.eval_batch_size, mesh.devices.size,
                  "" if mesh.devices.size == 1 else "s")
     bar = Progress(cfg.progress_bar if progress is None else progress, num_batches, 0,
@@ -82,11 +77,6 @@ def evaluate_checkpoint(config, source, *, arch: str | None = None, split: str |
     return {**metrics, "arch": loaded.arch, "checkpoint": loaded.path, "split": cfg.eval_split,
             "dataset": cfg.dataset, "image_size": int(cfg.image_size),
             "inference_dtype": cfg.inference_dtype, "source": loaded.info()}
-
-
-def _inference(inference_dtype: str, dtype: str) -> str:
-    return ("int8 inference (block convolutions in integers)" if inference_dtype == "int8"
-            else f"{dtype}")
 
 
 def format_result(result: dict) -> str:

@@ -1,21 +1,9 @@
-"""The merge report: what the merged ternary network looks like, as a JSON-able dict, as text and
-as a plot.
-
-`build_merge_report(bwx2_params, ternary_variables, image_size=224)` gives
-- `layers`: per merged convolution (the 16 binary pairs), the fraction of its weights at each level
-  -2a, -a, 0, +a, +2a of T = alpha (sign W1 + sign W2) (+-a only where a latent weight is exactly
-  0, sign(0) = 0), its sparsity (the 0 level), alpha per output channel (mean / min / max) and its
-  MACs per image; `overall`: the same fractions over all ternary weights;
-- `parameters`: ternary (the merged conv kernels) + full precision (the rest) = the model's
-  parameter count (11,530,216 for resnet18_ter at 1000 classes); BatchNorm running statistics and
-  alphas are counted apart (not parameters of the float model);
-- `size_bytes`: the float32 parameters vs the packed model file's tensor data (`sttn_jax.packed`,
-  BatchNorm running statistics included);
-- `macs`: per image at `image_size`, ternary (the merged convolutions) vs full precision (stem, fc).
-`format_report` prints it as text tables, `save_plot` draws it (matplotlib's Agg backend: no
-display needed), `layer_table` lists the merged network module by module (`flax.linen.tabulate`).
+"""The merge report: what the merged ternary network looks like, as a JSON-able dict
+(`build_merge_report`), as text (`format_report`, `layer_table`) and as a plot (`save_plot`): per
+merged convolution its weights at each level -2a, -a, 0, +a, +2a (+-a only where a latent weight
+is exactly 0) and its alphas; ternary vs full-precision parameters (BatchNorm statistics and alphas
+counted apart), float32 vs packed size, and MACs per image.
 """
-from __future__ import annotations
 
 import math
 from pathlib import Path
@@ -38,7 +26,7 @@ REPORT_FORMAT = "sttn-jax merge report"
 
 def pair_layer_stats(w1, w2) -> dict:
     """Level counts/fractions, sparsity and alpha statistics of one binary pair (HWIO latent
-    kernels; clamped to [-1, 1] here, as the merge does: alpha depends on the clamp, signs not)."""
+    kernels, clamped to [-1, 1] as the merge does)."""
     w1, w2 = (np.clip(np.asarray(w, np.float64), -1, 1) for w in (w1, w2))
     levels = (np.sign(w1) + np.sign(w2)).astype(np.int64)  # in {-2, ..., 2}
     counts = np.bincount(levels.ravel() + 2, minlength=5)
@@ -99,8 +87,7 @@ def _category(key: tuple[str, ...], ternary_modules: set[str], flat: dict) -> st
 
 def build_merge_report(bwx2_params, ternary_variables, *, image_size: int = 224,
                        source: dict | None = None, check: dict | None = None) -> dict:
-    """The report of a merge: `bwx2_params` the latent model's parameters (for the levels and
-    alphas), `ternary_variables` the merged model (for the counts)."""
+    """The report of a merge of `bwx2_params` (levels, alphas) into `ternary_variables` (counts)."""
     num_classes = model_trees.num_classes_of(ternary_variables["params"])
     calls = {c["path"]: c for c in layer_calls(archs.TERNARY, num_classes, image_size)}
     pairs = dict(ops.binary_pairs(bwx2_params))
@@ -214,8 +201,7 @@ def format_report(rep: dict) -> str:
 
 
 def save_plot(rep: dict, path) -> Path:
-    """A PNG (matplotlib's Agg backend, pyplot's global state untouched): the ternary levels of
-    every merged convolution with its sparsity, its alphas, and the model's size and MACs."""
+    """The report as a PNG (matplotlib's Agg backend: pyplot's global state untouched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,24 +1,10 @@
-"""bwx2 -> ternary: each binary pair becomes one ternary convolution (the original
-`merge_from_bwx2_to_ternary.py`): weight = B1 + B2 = alpha (sign W1 + sign W2), bias = b1 + b2;
-every other tensor (stem, BatchNorm, PReLU, fc) is copied.
-
-- `merge_variables(variables)`: the merge itself.
-- `check_merge(bwx2_variables, ternary_variables, ...)`: both models on one batch of random
-  normal images, float32, eval mode; accepted when max|delta logit| / max|bwx2 logit| <= 1e-5.
-- `merge_checkpoint(source, out, ...)`: what `merge.py` does: load a bwx2 model (workdir, model
-  checkpoint or .pth.tar), merge, check, and only then write the resnet18_ter model checkpoint,
-  its report (`sttn_jax.merge_report`) and optionally the packed file and the original's format.
-
-Exactness: the merged kernel comes from the same jitted `ops.fold_binary_pair` the bwx2 forward
-runs, so it is bit-identical to the kernel the bwx2 model convolves with, and so are the logits
-(0.0 difference on CPU at 32x32 and 224x224). An eager fold differs in the last bit of some
-alphas (another summation order): ~2e-7 relative in the logits, which can flip a ternary
-activation sitting at +-0.5.
+"""bwx2 -> ternary: each binary pair becomes one ternary convolution, weight = alpha (sign W1 +
+sign W2), bias = b1 + b2; every other tensor is copied. `merge_checkpoint` is what merge.py does.
+The kernel is folded by the same jitted op as the bwx2 forward, so the logits are bit-identical
+(an eager fold may differ in the last bit of an alpha, enough to flip an activation at +-0.5).
 """
-from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import shutil
 from pathlib import Path
@@ -30,7 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 import ops
-from sttn_jax import archs, interop, json_io, merge_report, model_io, model_trees, models
+from sttn_jax import archs, interop, json_io, merge_report, model_io, model_trees
 from sttn_jax import packed as packed_lib
 from sttn_jax.errors import CheckpointError, ConfigError, MergeCheckError
 from sttn_jax.interop import parity
@@ -51,9 +37,8 @@ def _fold_clamped(w1, w2):
 
 
 def merge_variables(variables):
-    """{"params", "batch_stats"} of a resnet18_ter model from those of a resnet18_bwx2 model. The
-    latent kernels are clamped to [-1, 1] first, as the original does before every binarization
-    (a no-op for its saved checkpoints)."""
+    """{"params", "batch_stats"} of a resnet18_ter model from those of a resnet18_bwx2 model, the
+    latent kernels clamped to [-1, 1] first as the original does before every binarization."""
     pairs = dict(ops.binary_pairs(variables["params"]))
     if not pairs:
         raise ValueError("these variables hold no binary pairs (kernel_1/kernel_2): not a "
@@ -72,18 +57,11 @@ def merge_variables(variables):
             "batch_stats": variables.get("batch_stats", {})}
 
 
-@functools.lru_cache(maxsize=None)
-def _apply_fn(arch: str, num_classes: int, act_backend: str):
-    module = models.create(arch, num_classes=num_classes, dtype=jnp.float32, act_backend=act_backend)
-    return jax.jit(lambda v, x: module.apply(v, x, train=False))
-
-
 def check_merge(bwx2_variables, ternary_variables, *, batch: int = DEFAULT_CHECK_BATCH,
                 image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0,
                 tolerance: float = MERGE_TOLERANCE, act_backend: str = "auto"):
-    """Both models (eval mode, float32; the bwx2 latent kernels clamped as the original's
-    validate() does) on `batch` random normal images: a `parity.ParityResult` of the ternary
-    logits against the bwx2 ones, passed when max|delta| / max|bwx2| <= tolerance."""
+    """A `parity.ParityResult` of the ternary logits against the bwx2 ones (eval mode, float32,
+    latent kernels clamped) on `batch` random normal images."""
     if batch < 1:
         raise ConfigError(f"the merge check needs a batch of at least 1 image, got {batch}")
     if problem := archs.image_size_problem(image_size):
@@ -93,8 +71,9 @@ def check_merge(bwx2_variables, ternary_variables, *, batch: int = DEFAULT_CHECK
     num_classes = model_trees.num_classes_of(bwx2_variables["params"])
     bw = {"params": ops.clamp_latent_kernels(bwx2_variables["params"]),
           "batch_stats": bwx2_variables.get("batch_stats", {})}
-    a = np.asarray(_apply_fn(BWX2, num_classes, act_backend)(bw, images))
-    b = np.asarray(_apply_fn(TERNARY, num_classes, act_backend)(ternary_variables, images))
+    a = np.asarray(parity.eval_fn(BWX2, num_classes, "float32", act_backend)(bw, images))
+    b = np.asarray(parity.eval_fn(TERNARY, num_classes, "float32", act_backend)(ternary_variables,
+                                                                               images))
     return parity.compare(b, a, "float32", tolerance)
 
 
@@ -109,11 +88,8 @@ class MergeResult:
 
 
 def _check_destinations(out: Path, source_path: Path, files: dict) -> None:
-    """Refuses, before anything is computed or written, outputs that cannot be written: `out`
-    (the model checkpoint directory) over the source or over something that is not a model
-    checkpoint, the output files (`files`: parameter name -> path or None) on a directory or on
-    each other, anything in a directory that cannot be written, and a PyTorch output without
-    torch. The messages name the parameters and paths; the tools say them in their flags."""
+    """Refuses, before any work, outputs that cannot be written (`files`: parameter name -> path or
+    None): over the source or each other, on directories, unwritable, or torch missing."""
     if out == source_path or out in source_path.parents:
         raise CheckpointError(f"the output directory {out} would overwrite the source "
                               f"{source_path}; pick a new directory")
@@ -149,22 +125,13 @@ def _check_destinations(out: Path, source_path: Path, files: dict) -> None:
                               f"(import failed: {e})") from None
 
 
-def _staged(path: Path) -> Path:
-    """Where an output is written before it is complete: beside it, renamed into place at the end."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | None = None,
                      batch: int = DEFAULT_CHECK_BATCH, image_size: int | None = None,
                      seed: int = 0, tolerance: float = MERGE_TOLERANCE, plot: bool = True,
                      echo: Callable[[str], None] = print) -> MergeResult:
-    """Loads the resnet18_bwx2 model at `source` (`model_io.load`; `step` for workdirs), merges
-    it, checks the logits, and only if the check passes writes `out` (a resnet18_ter model
-    checkpoint with merge_report.json/.png and layers.txt), `torch_out` (the original's PyTorch
-    format) and `packed` (the 2-bit file, `sttn_jax.packed`). image_size: of the check batch and
-    the report's MACs; None = the workdir's training image size, else 224. Raises MergeCheckError
-    (writing nothing) above `tolerance`, CheckpointError for sources that are not bwx2 models,
-    ConfigError for a check batch or image size the network cannot take."""
+    """Loads the resnet18_bwx2 model at `source`, merges it, checks the logits, and only if the
+    check passes writes `out` (a model checkpoint with its report), `torch_out` (the original's
+    format) and `packed` (the 2-bit file). image_size None: the run's, else 224."""
     loaded = model_io.load(source, step=step)
     if loaded.arch != BWX2:
         what = {"resnet18_ter": "an already merged ternary model",
@@ -195,8 +162,9 @@ def merge_checkpoint(source, out, *, torch_out=None, packed=None, step: int | No
              "num_classes": loaded.num_classes, "report": REPORT_JSON}
     if loaded.run_config:  # what evaluating the merged model needs to know of its data
         extra["config"] = loaded.run_config
-    outputs = {out: _staged(out)}
-    outputs.update({Path(f): _staged(Path(f)) for f in (packed, torch_out) if f is not None})
+    outputs = {out: json_io.staged_path(out)}
+    outputs.update({Path(f): json_io.staged_path(Path(f)) for f in (packed, torch_out)
+                    if f is not None})
     try:  # everything written aside first, renamed into place only when all of it is complete
         if packed is not None:  # first: it refuses what its format cannot hold
             packed_lib.write(outputs[Path(packed)], merged, TERNARY, meta=extra)

@@ -1,7 +1,5 @@
-"""What a run shows while it goes (process 0): TensorBoard events in `WORKDIR/tensorboard` (clu:
-metrics, learning rate, images/s and steps/s, per-kernel sparsity, hyperparameters, a profiler
-trace if config.profile_steps), a tqdm progress bar below the log lines (absl's stderr handler
-writes through tqdm while it is shown), and every log line also in `WORKDIR/train.log`."""
+"""What a run shows while it goes (process 0): TensorBoard events in `WORKDIR/tensorboard` (clu),
+a tqdm progress bar below the log lines, and every log line also in `WORKDIR/train.log`."""
 import contextlib
 import logging as std_logging
 import sys
@@ -47,8 +45,7 @@ class MetricWriter:
                                          and not isinstance(v, bool)})
 
     def write_sparsity(self, step: int, params) -> None:
-        """The fraction of zeros of every ternary kernel the binary pairs fold into (counted where
-        the parameters are: only the fractions leave the devices)."""
+        """The fraction of zeros of every folded ternary kernel (counted on the devices)."""
         fractions = jax.device_get(training.ternary_zero_fraction(params, per_kernel=True))
         self.writer.write_scalars(step, {f"sparsity/{k}": float(v) for k, v in fractions.items()})
 

@@ -1,18 +1,10 @@
 """One way to read a model, whatever holds it, and one way to save one.
 
-`load(source, arch=None, step=None)` reads
-- a training workdir of train.py: its best evaluated checkpoint by default, else the newest;
-  `step=N` picks step N; `WORKDIR/checkpoints` (the newest) or `WORKDIR/checkpoints/N` too;
-- a model checkpoint directory written by `save` (converted, merged, exported models);
-- a packed model file written by `merge.py --packed` (`sttn_jax.packed`);
-- an original PyTorch file (.pth/.pth.tar: a training checkpoint, {'state_dict'} or a bare
-  state_dict, with or without `module.`).
-The arch comes from the source itself; `arch` only checks it. Variables come back as stored (bwx2
-latent kernels unclamped: evaluation and merging clamp them, as the original does before it
-binarizes), checked against the arch's tree and shapes and for NaN or Inf. Every problem is a
-CheckpointError naming the path and the fix.
+`load` reads a training workdir (its best evaluated checkpoint, else the newest, or `step`; also
+`WORKDIR/checkpoints[/N]`), a model checkpoint directory written by `save`, a packed model file or
+an original PyTorch .pth/.pth.tar. The arch comes from the source (`arch` only checks it); the
+variables come back as stored and checked; every problem is a CheckpointError naming the fix.
 """
-from __future__ import annotations
 
 import dataclasses
 import json
@@ -50,8 +42,7 @@ class LoadedModel:
 
     @property
     def run_config(self) -> dict | None:
-        """The config of the training run the model comes from, where the source records it (a
-        workdir's config.json; the copy a merged model or packed file keeps), else None."""
+        """The training run's config, where the source records it, else None."""
         recorded = self.config if self.kind == WORKDIR else self.meta.get("config")
         return recorded if isinstance(recorded, dict) else None
 
@@ -78,8 +69,7 @@ class LoadedModel:
 
 
 def save(path, variables, arch: str, extra: dict | None = None) -> Path:
-    """Writes `variables` ({"params", "batch_stats"}) of `arch` as a model checkpoint directory at
-    `path` (replaced if it exists) with `sttn_model.json` naming the arch. Returns the path."""
+    """Writes `variables` of `arch` as a model checkpoint directory at `path` (replacing one)."""
     archs.check_arch(arch)
     path = Path(path).absolute()
     tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
@@ -125,8 +115,7 @@ def _load_model_dir(path: Path, arch) -> LoadedModel:
 
 
 def _workdir_parts(path: Path):
-    """(workdir, newest: whether `path` names its checkpoints/, step or None) when `path` is a
-    workdir, its checkpoints/ or a step directory in it; else None."""
+    """(workdir, newest, step or None) when `path` is a workdir, its checkpoints/ or a step."""
     def is_workdir(p):
         return p.is_dir() and (p / checkpoints.LATEST).is_dir()
 
@@ -140,8 +129,7 @@ def _workdir_parts(path: Path):
 
 
 def _select(workdir: Path, newest: bool, step):
-    """(step, how): `step` if given, else the best evaluated step (unless `newest`), else the
-    newest."""
+    """(step, how): `step`, else the best evaluated step (unless `newest`), else the newest."""
     kept = checkpoints.steps(workdir / checkpoints.LATEST)
     listing = f"{checkpoints.LATEST}/: {kept or 'none'}"
     if step is not None:
@@ -180,9 +168,8 @@ def _load_workdir(path: Path, parts, arch, step) -> LoadedModel:
 
 
 def load(source, arch: str | None = None, step: int | None = None) -> LoadedModel:
-    """The model at `source` (see the module docstring). arch: None accepts what the source holds,
-    else it must match; step: a training step, workdirs only. The variables are checked here, once
-    (tree, shapes, finite values): no tool computes with or derives from a damaged model."""
+    """The model at `source`; `arch` None accepts what it holds; `step`: workdirs only. The
+    variables are checked here, once (tree, shapes, finite values), for every tool."""
     loaded = _read(source, arch, step)
     where = loaded.path if loaded.kind != WORKDIR else f"{loaded.path} (step {loaded.step})"
     model_trees.check_variables(where, loaded.variables, loaded.arch)
@@ -190,8 +177,7 @@ def load(source, arch: str | None = None, step: int | None = None) -> LoadedMode
 
 
 def _is_packed(path: Path) -> bool:
-    """A packed model file, also one whose zip directory is damaged: its first member is
-    header.npy (a torch file's is data.pkl), so it gets the packed format's message and fix."""
+    """A packed model file, also one whose zip directory is damaged (first member header.npy)."""
     with open(path, "rb") as f:
         head = f.read(64)
     return packed.is_packed_file(path) or (head.startswith(b"PK\x03\x04") and b"header.npy" in head)

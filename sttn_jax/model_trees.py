@@ -1,6 +1,5 @@
 """A model's variables as a tree: which arch and class count a tree is, the shapes each arch's
 tree has, and the check every model read from a file passes (`model_io.load`)."""
-from __future__ import annotations
 
 import functools
 
@@ -33,17 +32,15 @@ def _floating(leaf) -> bool:  # an array or an abstract one; bfloat16 included
 
 @functools.lru_cache(maxsize=16)
 def variable_shapes(arch: str, num_classes: int) -> dict:
-    """{"collection/.../name": ShapeDtypeStruct} of `arch`'s variables, in the model's order
-    (cached: 85 ms to build, and every model loaded is checked against them)."""
+    """{"collection/.../name": ShapeDtypeStruct} of `arch`'s variables, in the model's order."""
     tree = jax.eval_shape(lambda: models.init_variables(models.create(arch, num_classes),
                                                         jax.random.PRNGKey(0)))
     return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
 def check_variables(path, variables, arch: str) -> None:
-    """Refuses variables that are not `arch`'s (another tree, other shapes than the model's at
-    their class count, integers where it has floats or the reverse) or that hold NaN or infinite
-    values, naming `path` and what is wrong."""
+    """Refuses variables that are not `arch`'s (tree, shapes at their class count, float or not)
+    or that hold NaN or infinite values, naming `path` and what is wrong."""
     try:
         classes = num_classes_of(variables["params"])
     except (KeyError, TypeError, IndexError):

@@ -1,18 +1,10 @@
 """The packed model file: a merged resnet18_ter model with its 16 ternary kernels at 2 bits a weight.
 
-An uncompressed NumPy .npz archive (a zip of .npy arrays: nothing is pickled, and zip keeps a
-CRC-32 per member) of a few flat arrays, each in the model's own tensor order:
-- "header": JSON (format, version, arch, num_classes, the caller's meta) as bytes;
-- "codes": the ternary kernels' weights, four 2-bit fields a byte (0: 0, 1: +2a, 2: -2a, 3: +-a,
-  whose sign is the next bit of "half_signs": a latent weight was exactly 0, sign(0) = 0);
-- "alphas": float32, one per output channel of each ternary kernel;
-- "float32", "int32": every other tensor (stem, biases, BatchNorm scale, bias and running
-  statistics, PReLU, fc; the BatchNorm counters) raveled and concatenated.
-The names and shapes are those of `models.create("resnet18_ter", num_classes)`, so the file holds
-no table of them; reading checks every size against the model. `read` gives back what `write` was
-given, bit for bit.
+An uncompressed .npz (nothing pickled; a CRC-32 per member) of flat arrays in the model's order:
+"header" (JSON bytes); "codes", four 2-bit fields a byte (0: 0, 1: +2a, 2: -2a, 3: +-a, its sign
+the next bit of "half_signs"); "alphas" (float32 per output channel); "float32" and "int32", every
+other tensor raveled. Names and shapes come from the model; `read` checks every size.
 """
-from __future__ import annotations
 
 import json
 import os
@@ -22,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from flax import traverse_util
 
-from sttn_jax import archs, model_trees, quantize
+from sttn_jax import archs, json_io, model_trees, quantize
 from sttn_jax.errors import CheckpointError
 
 FORMAT, VERSION = "sttn-jax packed model", 1
@@ -76,8 +68,7 @@ def payload_breakdown(variables) -> dict[str, int]:
 
 
 def write(path, variables, arch: str = archs.TERNARY, meta: dict | None = None) -> Path:
-    """Writes the merged `variables` as a packed file at `path` (atomically: the old file or the
-    new one). Raises CheckpointError, writing nothing, for what the format cannot hold."""
+    """Writes the merged `variables` as a packed file at `path`, whole (CheckpointError if not)."""
     path = Path(path)
     if arch != archs.TERNARY:
         raise CheckpointError(f"{path}: the packed format holds {archs.TERNARY} models, not "
@@ -90,15 +81,10 @@ def write(path, variables, arch: str = archs.TERNARY, meta: dict | None = None) 
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: not written: {e}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, header=np.frombuffer(header, np.uint8), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with json_io.written_aside(path) as staged, open(staged, "wb") as f:
+        np.savez(f, header=np.frombuffer(header, np.uint8), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -147,8 +133,7 @@ def _unpack(arrays: dict, num_classes: int) -> dict:
 
 
 def read(path) -> tuple[dict, str, dict]:
-    """(variables, arch, meta) of the packed file at `path`, bit for bit what `write` was given.
-    Raises CheckpointError naming the file and the fix for anything else."""
+    """(variables, arch, meta) of the packed file at `path`; CheckpointError for anything else."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as archive:

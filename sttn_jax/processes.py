@@ -1,14 +1,6 @@
-"""Waiting for the other processes of a multi-process run without XLA's 30-second limit.
-
-The first time a program's collectives run, XLA's CPU collectives (Gloo) give the processes 30 s,
-a fixed limit, to meet ("Gloo context initialization failed: ... GetKeyValue() timed out"); a
-process arriving later fails them all. Processes do arrive that far apart: only process 0 writes
-JAX's compilation cache, so on a resume it loads the train step in a second while the others
-compile it again (measured: a process held 45 s before its first step stopped both, exit 1);
-process 0 alone also builds the data sets it can make and reads the checkpoints through before
-the others learn which step to restore. JAX's coordination service (the one behind
-jax.distributed) has barriers that wait as long as asked, through Orbax's `multihost` helpers;
-its heartbeats still stop everyone if a process dies while the others wait."""
+"""Waiting for the other processes of a multi-process run without the fixed 30 s that XLA's CPU
+collectives give them to meet (process 0 alone may load the compilation cache, build data sets or
+read checkpoints): the coordination service's barriers wait as long as asked."""
 import itertools
 from typing import Callable
 
@@ -30,8 +22,7 @@ def wait_for_all(name: str) -> None:
 
 
 def first_call_together(jitted, name: str) -> Callable:
-    """`jitted` (a jax.jit function) whose first call compiles it for its arguments, then waits
-    for every process to have compiled it before it runs; `jitted` itself with one process."""
+    """`jitted` whose first call compiles, then waits for every process to have compiled it."""
     if jax.process_count() == 1:
         return jitted
     compiled = []

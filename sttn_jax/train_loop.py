@@ -1,10 +1,6 @@
-"""`train_and_evaluate(config, workdir)`: the whole training run, resumable; what train.py calls,
-built from the steps of `sttn_jax.training`.
-
-The workdir holds `checkpoints/` (the last k steps and the best evaluated one), `tensorboard/`,
-`config.json`, `train.log` and, at the end, `final_metrics.json`. An interrupted run (killed,
-preempted, out of disk) resumes exactly: the state comes from the newest complete checkpoint, and
-the data stream is a pure function of (seed, epoch, data_shards), the batches seen skipped."""
+"""`train_and_evaluate(config, workdir)`: the whole training run, what train.py calls. The workdir
+holds `checkpoints/`, `tensorboard/`, `config.json`, `train.log` and `final_metrics.json`; an
+interrupted run resumes exactly (the data stream is a function of (seed, epoch, data_shards))."""
 import json
 import signal
 import threading
@@ -57,8 +53,7 @@ def load_teacher(config):
 
 
 def train_and_evaluate(config, workdir, take_over_lock: bool = False) -> dict:
-    """Trains (or resumes) in `workdir`; returns the final metrics
-    {"step", "train": {...}, "eval": {...} or None, "best_top1", "skipped_nonfinite_steps"}."""
+    """Trains (or resumes) in `workdir`; returns the final metrics (as in final_metrics.json)."""
     workdir = Path(workdir)
     mesh = training.make_mesh()
     training.check_config(config, mesh.devices.size)
@@ -114,8 +109,7 @@ def _train(config, workdir: Path, mesh, teacher) -> dict:
                 progress.update(step)
                 writer.step(step)
                 if step % config.log_every_steps == 0 or step == total_steps:
-                    # timed once this step's metrics are back: the steps since the last log
-                    # line have run, not just been dispatched
+                    # timed once this step's metrics are back: the steps have run, not just queued
                     metrics = dict(metrics, ternary_zero_fraction=training.ternary_zero_fraction(
                         state.params))
                     last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -234,10 +228,8 @@ class _NonFiniteWatch:
 
 
 class _TermSignal:
-    """SIGTERM (preemption) as "save and stop after this step", at the same step on every process.
-    Several processes: the notice may reach one host only, and a save is collective, so JAX's
-    preemption service (from jax.distributed.initialize) takes SIGTERM on any host and
-    `reached_preemption_sync_point` turns True at one step on all."""
+    """SIGTERM (preemption) as "save and stop after this step", at the same step on every process
+    (there through JAX's preemption service: the notice may reach one host only)."""
 
     def __init__(self):
         self.received, self._old = False, None

@@ -1,13 +1,7 @@
-"""The workdir of a training run: one run at a time, writable, with room for its checkpoints.
-
-The lock, `WORKDIR/.lock`, is flock'ed for the run and names its host and pid. The kernel drops a
-flock when its process dies, however it dies: on one host a live holder always refuses a second run
-and a dead one never blocks the next. Flocks may not carry across hosts (shared filesystems): a
-lock file written on another host is refused unless --take_over_lock.
-
-With several processes, process 0 takes the lock and every process then reads the lock file back:
-they must share the workdir (process 0 writes the checkpoints, all of them read them to resume),
-and a workdir on each host's own disk is refused at the start, not at the first resume."""
+"""The workdir of a training run: one run at a time, writable, with room for its checkpoints. The
+lock, `WORKDIR/.lock`, is flock'ed for the run (the kernel drops it when the process dies) and
+names its host and pid; one written on another host is refused unless --take_over_lock. Process 0
+takes it and every process reads it back: a workdir not shared by all is refused at the start."""
 import contextlib
 import fcntl
 import json
@@ -37,8 +31,7 @@ def _holder(path: Path) -> dict:
 
 
 def _acquire(path: Path, take_over: bool) -> tuple[int, int]:
-    """(the locked file descriptor of `path`, the run's random id written in it), or
-    WorkdirLockedError naming the holder."""
+    """(the locked file descriptor of `path`, the run's id), or WorkdirLockedError."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -92,8 +85,7 @@ def lock(workdir: Path, take_over: bool = False):
 
 
 def _check_shared(path: Path, run: int) -> None:
-    """Every process sees the lock file of run `run` that process 0 wrote, or all stop with a
-    ConfigError naming those that do not (all processes decide together, round by round)."""
+    """Every process sees the lock file process 0 wrote for `run`, or all stop (ConfigError)."""
     for _ in range(SHARED_CHECK_ROUNDS):
         mine = np.int32(_holder(path).get("run") == run)
         seen = np.ravel(multihost_utils.process_allgather(mine))
@@ -129,7 +121,7 @@ def free_bytes(path: Path) -> int:
 
 def check_space(workdir: Path, need: int) -> None:
     """Refuses a disk without room for one more checkpoint of `need` bytes (Orbax deletes the oldest
-    only after writing the new one), rather than fail at the first save, perhaps hours in."""
+    only after writing the new one), rather than fail hours in."""
     free = free_bytes(workdir)
     if free < need:
         raise ConfigError(f"workdir {workdir} has {free >> 20} MiB free but one checkpoint of this "

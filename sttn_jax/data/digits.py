@@ -1,12 +1,7 @@
-"""`sttn_digits`: scikit-learn's embedded 8x8 handwritten digits as a TFDS dataset (no download).
-
-1797 images (`sklearn.datasets.load_digits`), values 0..16 scaled to 0..255 (round(v * 255 / 16)),
-upsampled 4x by pixel replication to 32x32, grey replicated to RGB, stored as PNG; labels 0..9.
-Fixed split, stratified and free of any random generator: within each digit class, in the original
-order, every 5th example (positions 4, 9, 14, ...) is test: 1442 train, 355 test.
-`ensure_digits(data_dir)` builds it into data_dir once (about a second).
+"""`sttn_digits`: scikit-learn's embedded 8x8 handwritten digits as a TFDS dataset (no download):
+the 1797 images scaled to 0..255 and upsampled 4x to 32x32 RGB PNGs; a fixed stratified split:
+every 5th example of each class is test (1442 train, 355 test). `ensure_digits` builds it once.
 """
-from __future__ import annotations
 
 import functools
 import os

@@ -1,13 +1,9 @@
 """A tiny fabricated ILSVRC2012, prepared by the real TFDS `imagenet2012` builder from the two
-tars it expects in its manual_dir (train: an inner tar of JPEGs per synset; val:
-`ILSVRC2012_val_%08d.JPEG` files), so smoke runs read the records the real ImageNet gives.
-
-The builder labels validation images by position: it zips the package's `validation_labels.txt`
-(one synset per image number) with `sorted(tar.getnames())`, skipping directory members. So the
-val tar holds a member for every image number up to the last one needed: a JPEG (keeping its true
-label) where that label is a fabricated class, an empty directory entry otherwise.
+tars it expects in its manual_dir, so smoke runs read the records the real ImageNet gives. The
+builder labels validation images by position (`validation_labels.txt` zipped with the sorted
+member names, directories skipped), so the val tar holds a member for every image number up to the
+last needed: a JPEG where its true label is a fabricated class, an empty directory otherwise.
 """
-from __future__ import annotations
 
 import colorsys
 import importlib.util
@@ -20,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sttn_jax import json_io
 from sttn_jax.data import tf_import
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -53,8 +50,7 @@ def _class_colour(c: int, num_classes: int) -> np.ndarray:
 
 def _class_jpeg(c: int, num_classes: int, image_size: Sequence[int], k: int,
                 rng: np.random.Generator) -> bytes:
-    """A learnable JPEG of class c: class colour, class-specific stripes, noise, random shift; of
-    (h, w) = image_size, transposed for odd k so both shorter-side cases are exercised."""
+    """A learnable JPEG of class c, transposed for odd k so both shorter-side cases occur."""
     from PIL import Image
 
     h, w = int(image_size[0]), int(image_size[1])
@@ -84,9 +80,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes | None) -> None:
 
 def fabricate_imagenet(manual_dir, num_classes: int = 4, train_per_class: int = 6,
                        val_per_class: int = 2, image_size=(40, 56), seed: int = 0) -> dict:
-    """Writes the two tars into manual_dir: the first `num_classes` synsets of TFDS's label list,
-    `train_per_class` training JPEGs each and the first `val_per_class` validation images of each
-    (by image number, keeping their true labels), of (h, w) = `image_size`, alternately transposed.
+    """Writes the two tars into manual_dir for the first `num_classes` synsets of TFDS's list.
     Returns {manual_dir, synsets, labels, num_train, num_val, val_image_numbers}."""
     if not 1 <= num_classes <= 1000:
         raise ValueError(f"num_classes must be in 1..1000, got {num_classes}")
@@ -97,8 +91,7 @@ def fabricate_imagenet(manual_dir, num_classes: int = 4, train_per_class: int = 
     rng = np.random.default_rng(seed)
 
     # Train: outer tar of per-synset tars.
-    tmp = manual_dir / (TRAIN_TAR + ".tmp")
-    with tarfile.open(tmp, "w") as outer:
+    with json_io.written_aside(manual_dir / TRAIN_TAR) as tmp, tarfile.open(tmp, "w") as outer:
         for c, syn in enumerate(synsets):
             inner_buf = io.BytesIO()
             with tarfile.open(fileobj=inner_buf, mode="w") as inner:
@@ -106,7 +99,6 @@ def fabricate_imagenet(manual_dir, num_classes: int = 4, train_per_class: int = 
                     _add(inner, f"{syn}_{10000 + k}.JPEG",
                          _class_jpeg(c, num_classes, image_size, k, rng))
             _add(outer, f"{syn}.tar", inner_buf.getvalue())
-    os.replace(tmp, manual_dir / TRAIN_TAR)
 
     # Validation: val_labels[k - 1] is the synset of image number k.
     val_labels = _tfds_imagenet_file("validation_labels.txt").read_text().split()
@@ -117,15 +109,13 @@ def fabricate_imagenet(manual_dir, num_classes: int = 4, train_per_class: int = 
             taken[syn] += 1
             chosen.append(number)
     chosen_set = set(chosen)
-    tmp = manual_dir / (VAL_TAR + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
+    with json_io.written_aside(manual_dir / VAL_TAR) as tmp, tarfile.open(tmp, "w") as tar:
         for number in range(1, max(chosen, default=0) + 1):
             data = None  # a placeholder: keeps the builder's positional labels aligned
             if number in chosen_set:
                 data = _class_jpeg(class_of[val_labels[number - 1]], num_classes, image_size,
                                    number, rng)
             _add(tar, f"ILSVRC2012_val_{number:08d}.JPEG", data)
-    os.replace(tmp, manual_dir / VAL_TAR)
 
     return {"manual_dir": str(manual_dir), "synsets": synsets, "labels": list(range(num_classes)),
             "num_train": num_classes * train_per_class, "num_val": len(chosen),
@@ -144,8 +134,7 @@ def prepare_imagenet(data_dir, manual_dir, num_shards: int | None = None) -> flo
 
 
 def ensure_fake_imagenet(data_dir, num_shards: int | None = None, **fabricate_kwargs) -> bool:
-    """Fabricates (into data_dir/manual/imagenet2012) and prepares a tiny imagenet2012 in
-    data_dir unless one is there; True when it did so now (about a second)."""
+    """Fabricates and prepares a tiny imagenet2012 in data_dir unless there; True if it did now."""
     data_dir = os.fspath(data_dir)
     if tf_import.tfds().builder("imagenet2012", data_dir=data_dir).is_prepared():
         return False

@@ -1,22 +1,8 @@
 """The input pipelines: tf.data over TFDS, one epoch of this process's batches at a time.
-
-`make_train_dataset(config, epoch=..., skip_batches=...)`: the epoch's shuffle, random crops and
-flips, full batches only, read as shards (`sources.train_layout`): each shard a stream whose file
-order, shuffle buffer, crops and flips are seeded from (seed, epoch, shard) and the example's
-position in it, so the global batches are a pure function of (seed, epoch, data_shards).
-`skip_batches=k`: exactly the stream without its first k batches, not decoding them (exact resume).
-
-`make_eval_dataset(config, split=None)`: read order, centre crops; the last batch is padded with
-zero images of mask 0, and processes with fewer batches get all-padding batches, so every process
-yields `sources.eval_steps` batches of one shape and every example counts exactly once.
-
-`numpy_batches(ds)`: a dataset's elements as numpy, the spent iterator released on a helper thread.
-
-Elements: {"image": float32 (batch, size, size, 3), "label": int32 (batch,), "mask": float32
-(batch,)}, the batch being this process's part of the global one. Transforms: the original's
-torchvision ones (`transforms`), exact; training may take the fast mode (config.input_mode).
+Training shards are seeded from (seed, epoch, shard): the global batches are a pure function of
+(seed, epoch, data_shards) and `skip_batches` resumes exactly. Evaluation pads with zero images of
+mask 0: every process yields `sources.eval_steps` batches and every example counts once.
 """
-from __future__ import annotations
 
 import threading
 
@@ -45,8 +31,7 @@ def _as_rgb(image):
 
 
 def _transform(builder, config, train: bool):
-    """(decoders for as_dataset, (image[, seed]) -> transform), training in config.input_mode. An
-    encoded image stays encoded: a JPEG's transform decodes only what its crop reads."""
+    """(decoders for as_dataset, (image[, seed]) -> transform); encoded images stay encoded."""
     tfds = tf_import.tfds()
     kw = dict(image_size=config.image_size, resize_size=config.resize_size or None)
     if train:
@@ -60,10 +45,8 @@ def _transform(builder, config, train: bool):
 
 
 def _map(ds, fn):
-    """ds.map(fn) in parallel, in order, without AutoGraph: the transforms write their few
-    data-dependent branches as tf.cond, and AutoGraph's conversion took 2.1 of the 5.1 s that
-    building and reading the smoke pipelines took (2-core CPU) and left its generated sources
-    in the temporary directory of every killed run."""
+    """ds.map(fn) in parallel, in order, without AutoGraph: the transforms use tf.cond, and the
+    conversion is slow and leaves generated sources behind in killed runs."""
     tf = tf_import.tf()
     return ds.map(tf.autograph.experimental.do_not_convert(fn),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -121,9 +104,8 @@ def make_train_dataset(config, *, epoch: int = 0, skip_batches: int = 0, process
 
 
 def numpy_batches(ds):
-    """Yields `ds.as_numpy_iterator()`'s elements; once spent or closed, the iterator is deleted on
-    a helper thread, since deleting it can wait for its autotuning thread's period (up to a
-    minute; docs/design.md, "Input pipeline") while the devices stand idle."""
+    """Yields `ds.as_numpy_iterator()`'s elements; the spent iterator is deleted on a helper
+    thread, since deleting it can wait up to a minute for its autotuning thread."""
     iterator = ds.as_numpy_iterator()
     try:
         yield from iterator

@@ -1,11 +1,7 @@
 """PIL's fixed-point bicubic resampling (Pillow's Resample.c for 8-bit images) in TF ops, over a
 window of the output only: the resize behind the exact transforms (`sttn_jax.data.transforms`).
-
-Bicubic with a = -0.5, widened by the downscale factor; integer weights with 22 fraction bits;
-each pass along an axis rounded to uint8, in Pillow's order of passes. Only the window a crop keeps
-is computed: its columns over the source rows its rows read, then its rows (or the reverse).
+Integer weights with 22 fraction bits, each pass rounded to uint8, in Pillow's order of passes.
 """
-from __future__ import annotations
 
 from sttn_jax.data.tf_import import tf as _tf
 
@@ -22,9 +18,8 @@ def _bicubic(x):
 
 
 def precompute_coeffs(in_size, out_size, start, count: int):
-    """PIL's taps for output pixels start .. start + count - 1 of an in_size -> out_size resize on
-    one axis: (source index, integer weight), int32 (count, taps), 0 past a pixel's support. PIL's
-    float64 ops in PIL's order (the sum as a cumulative sum), so the weights are PIL's exactly."""
+    """PIL's taps (source index, integer weight), int32 (count, taps), for outputs start ..
+    start + count - 1 of an in_size -> out_size resize, in PIL's float64 order: PIL's exactly."""
     tf = _tf()
     f64 = tf.float64
     scale = tf.cast(in_size, f64) / tf.cast(out_size, f64)
@@ -58,8 +53,7 @@ def _pass(x, index, k):
 
 
 def vertical_first(in_h, in_w, out_h, out_w):
-    """Pillow 13's order of passes: vertical first when the height shrinks by more than twice as
-    many pixels as the width (older Pillow: always horizontal first)."""
+    """Pillow 13's order of passes: vertical first when the height shrinks over twice as much."""
     tf = _tf()
     return tf.logical_and(out_h < in_h, 2 * (in_w - out_w) < in_h - out_h)
 
@@ -82,8 +76,7 @@ class Window:
 
     def resample(self, region):
         """The window (float32 0..255) from the uint8 source region: PIL's two passes in Pillow's
-        order, without a tf.cond around them (ops in a cond run slower in tf.data), transposing
-        float32 (faster than int32 in TF, measured)."""
+        order, without a tf.cond around them (slower in tf.data)."""
         tf = _tf()
         first = self.vertical_first
         (index_a, k_a), (index_b, k_b) = tf.cond(

@@ -1,11 +1,7 @@
-"""The TFDS datasets behind the pipelines: opening them (never downloading), their splits, their
-shards over processes, and the checks and preparation a run needs before its first step.
-
-A training split is cut into `num_shards` equal shards (config.data_shards; 0: one per process);
-process p reads shards p*S/P .. (p+1)*S/P - 1. Global batch b is the b-th sub-batch of every shard,
-shard after shard, so the batches depend on (seed, epoch, num_shards), not on the process count.
+"""The TFDS datasets behind the pipelines (never downloaded), their splits and shards, and the
+checks and preparation a run needs first. Each process reads whole shards of a training split;
+global batch b is the b-th sub-batch of every shard, so it does not depend on the process count.
 """
-from __future__ import annotations
 
 import dataclasses
 import difflib
@@ -86,8 +82,7 @@ class TrainLayout:
 
 
 def train_layout(config, process_index=None, process_count=None) -> TrainLayout:
-    """The shards of config.train_split this process reads, checked against the process count
-    and the global batch (ConfigError naming config.data_shards otherwise)."""
+    """The shards of config.train_split this process reads (ConfigError for bad data_shards)."""
     index, count = process_of(process_index, process_count)
     num_shards = config.data_shards or count
     if num_shards < 0 or num_shards % count:
@@ -110,8 +105,7 @@ def train_layout(config, process_index=None, process_count=None) -> TrainLayout:
 
 
 def eval_steps(config, split: str, process_count=None) -> int:
-    """Batches every process yields for `split`: ceil(largest process part / per-process batch)
-    (the shorter parts are padded with masked batches)."""
+    """Batches every process yields for `split` (the shorter parts padded with masked batches)."""
     count = process_count or jax.process_count()
     builder = config_builder(config)
     split_examples(builder, split)
@@ -121,8 +115,7 @@ def eval_steps(config, split: str, process_count=None) -> int:
 
 
 def prepare(config) -> None:
-    """Builds the data sets sttn-jax can make itself (the fabricated ImageNet, the embedded digits)
-    on process 0, the others waiting until it is done."""
+    """Builds the data sets sttn-jax can make itself on process 0, the others waiting."""
     if config.fabricate_data and config.dataset != "imagenet2012":
         raise ConfigError("config.fabricate_data fabricates an imagenet2012; set "
                           "--config.dataset=imagenet2012 or --config.fabricate_data=False")
@@ -136,9 +129,8 @@ def prepare(config) -> None:
 
 
 def check(config, split_keys=("train_split", "eval_split")) -> None:
-    """Opens config.dataset and the splits named by `split_keys` before anything is built: a typo
-    in --config.eval_split would otherwise surface after an epoch of training, an unknown dataset
-    as TFDS's multi-page list of every dataset. ConfigError names the key and the choices."""
+    """Opens config.dataset and the splits named by `split_keys` before anything is built (a typo
+    would otherwise surface after an epoch); ConfigError names the key and the choices."""
     if config.input_mode not in transforms.MODES:
         raise ConfigError(f"config.input_mode={config.input_mode!r}: choose one of "
                           f"{', '.join(transforms.MODES)}")

@@ -1,6 +1,5 @@
-"""TensorFlow and TFDS, imported once and on first use, with every GPU hidden from TensorFlow so
-that the input pipeline never takes accelerator memory from JAX. Nothing else in sttn-jax imports
-TensorFlow."""
+"""TensorFlow and TFDS, imported once, on first use, and only here, with every GPU hidden from
+TensorFlow so that the input pipeline never takes accelerator memory from JAX."""
 import contextlib
 import functools
 import os
@@ -8,9 +7,8 @@ import re
 import sys
 import tempfile
 
-# What TensorFlow's native libraries print to stderr while they load, before its log level applies
-# (absl's C++ logging writes everything until it is initialised): the oneDNN notice, once per
-# library, and the CPU feature notes. Dropped unless TF_CPP_MIN_LOG_LEVEL is 0 (--verbosity >= 1).
+# What TensorFlow's native libraries print while they load, before its log level applies;
+# dropped unless TF_CPP_MIN_LOG_LEVEL is 0 (--verbosity >= 1).
 _LOAD_NOISE = re.compile(r"^(?:[IW]\d{4} .*\] |WARNING: All log messages before absl::InitializeLog"
                          r"|To enable the following instructions: )")
 
@@ -42,8 +40,7 @@ def _native_stderr_filtered():
 @functools.cache
 def tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # Triton 3.7 imported after TensorFlow 2.21 crashes the process (a segmentation fault,
-    # measured), imported before it does not: jax-triton and torch import it later on.
+    # Triton imported after TensorFlow crashes the process; jax-triton and torch import it later.
     if "tensorflow" not in sys.modules:
         with contextlib.suppress(ImportError):
             import triton  # noqa: F401

@@ -4,13 +4,10 @@
          RandomHorizontalFlip(0.5), ToTensor, Normalize(ImageNet mean/std)
   eval:  the same Resize, CenterCrop(image_size), ToTensor, Normalize
 
-mode="exact" (default): PIL's pixels, bit for bit: PIL's own resampling (`resample`) over the crop
-window only, and from encoded JPEG bytes only the source region that window reads is decoded
-(libjpeg with the accurate integer DCT, as PIL decodes). mode="fast": only the source box under the
-window is decoded (at half resolution where that still covers the resized size) and resized in one
-pass with a box filter: pixels a few 255ths from exact. The crop and flip are the same in both.
+mode="exact" (default): PIL's pixels bit for bit, resampling (`resample`) and decoding (JPEG) only
+what the crop window reads. mode="fast": the source box under the window decoded (at half
+resolution where it suffices) and box-filtered: pixels a few 255ths from exact, same crop and flip.
 """
-from __future__ import annotations
 
 import numpy as np
 
@@ -24,9 +21,8 @@ _DCT = "INTEGER_ACCURATE"  # libjpeg's default IDCT, PIL's: bit-identical pixels
 
 
 def _to_output(image, normalize):
-    """HWC 0..255 -> float32 ToTensor() and Normalize ("imagenet", None/"none" or a (mean, std)
-    pair) as one multiply-add a value (within 2 float32 ulps of (x / 255 - mean) / std), on the
-    (H, W*3) view: TF broadcasts a row that long faster."""
+    """HWC 0..255 -> float32 ToTensor() and Normalize ("imagenet", None/"none" or (mean, std)) as
+    one multiply-add (within 2 float32 ulps), on the (H, W*3) view, which TF broadcasts faster."""
     tf = _tf()
     if normalize is None or (isinstance(normalize, str) and normalize.lower() == "none"):
         mean, std = 0.0, 1.0
@@ -60,10 +56,8 @@ def resized_shape(height, width, size: int):
 
 
 def _geometry(seed, image_size: int, resize_size: int | None, random_flip: bool = False):
-    """(height, width) -> (resized h, resized w, top, left, flip), as torchvision computes them:
-    with a stateless `seed`, RandomCrop and RandomHorizontalFlip; with seed None, CenterCrop at
-    int(round((side - crop) / 2)) (half to even, as Python's round) and no flip. resize_size None:
-    round(image_size * 256 / 224), the original's 256 at 224."""
+    """(height, width) -> (resized h, resized w, top, left, flip) as torchvision computes them:
+    RandomCrop and flip from a stateless `seed`, or (None) CenterCrop rounding half to even."""
     tf = _tf()
     size = resize_size or int(round(image_size * 256 / 224))
     if size < image_size:
@@ -87,9 +81,8 @@ def _geometry(seed, image_size: int, resize_size: int | None, random_flip: bool 
 
 
 def _decode_jpeg_region(encoded, win, width):
-    """The source region a window reads, decoding only that region of the JPEG. Widened by one
-    column on each side and cut back: chroma upsampling treats a cropped decode's edges as image
-    edges, so its first and last columns can differ from a full decode's (the inner ones never)."""
+    """The source region a window reads, decoding only it, widened by one column each side and cut
+    back: chroma upsampling treats a cropped decode's edges as image edges."""
     tf = _tf()
     col0 = tf.maximum(win.col0 - 1, 0)
     col1 = tf.minimum(win.col0 + win.num_cols + 1, width)
@@ -114,8 +107,7 @@ def _source_box(in_h, in_w, out_h, out_w, top, left, size: int):
 
 
 def _fast_resize(box, flip, size: int):
-    """The source box -> (size, size, 3) float32 0..255, mirrored if `flip`, by TF's "area" (box)
-    filter: it antialiases when shrinking."""
+    """The source box -> (size, size, 3) float32 0..255, mirrored if `flip` (antialiased)."""
     tf = _tf()
     out = tf.image.resize(box, [size, size], method="area")
     return tf.cond(flip, lambda: tf.reverse(out, axis=[1]), lambda: out)
@@ -151,8 +143,8 @@ def _from_image(image, geometry, image_size, normalize, mode):
 
 
 def _from_encoded(encoded, geometry, image_size, normalize, mode):
-    """A JPEG: header size -> geometry -> only the region the window reads is decoded; other
-    formats whole. The tf.conds hold only decoding: in tf.data, ops in a cond run slower."""
+    """Decodes only what the window reads of a JPEG, other formats whole; the tf.conds hold only
+    decoding (ops in a cond run slower in tf.data)."""
     tf = _tf()
     _check_mode(mode)
     is_jpeg = tf.io.is_jpeg(encoded)
@@ -205,8 +197,7 @@ def preprocess_for_eval(image, *, image_size: int = 224, resize_size: int | None
 def preprocess_encoded_for_train(encoded, seed, *, image_size: int = 224,
                                  resize_size: int | None = None, normalize="imagenet",
                                  random_flip: bool = True, mode: str = "exact"):
-    """`preprocess_for_train(decode(encoded), seed, ...)`, decoding only the part of a JPEG the
-    crop reads (fast mode: at half resolution where it suffices)."""
+    """`preprocess_for_train(decode(encoded), seed, ...)`, decoding only what the crop reads."""
     geometry = _geometry(seed, image_size, resize_size, random_flip)
     return _from_encoded(encoded, geometry, image_size, normalize, mode)
 

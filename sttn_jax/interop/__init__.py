@@ -1,7 +1,5 @@
-"""PyTorch <-> JAX interop: reading and writing the original STTN checkpoints
-(`load_torch_checkpoint(path, arch=None)`, `save_torch_checkpoint(variables, arch, path)`), the
-PyTorch reference of the original (`interop.reference`), logit parity with it (`interop.parity`)
-and `python -m sttn_jax.interop {convert,export,parity}`. Importing it does not import torch."""
+"""PyTorch <-> JAX interop: the original STTN checkpoints, the PyTorch reference of the original,
+logit parity with it, and `python -m sttn_jax.interop`. Importing it does not import torch."""
 from sttn_jax.interop.names import infer_arch
 from sttn_jax.interop.torch_io import (load_torch_checkpoint, read_state_dict,
                                        state_dict_to_variables)

@@ -10,10 +10,8 @@
 
 Errors print one line `error: ...` and exit with status 2.
 """
-from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from absl import flags
 
-from sttn_jax import archs, cli
+from sttn_jax import archs, cli, json_io
 
 COMMANDS = {"convert": 2, "export": 2, "parity": 0}  # command -> number of arguments
 flags.DEFINE_enum("arch", None, list(archs.ARCHS), "The arch the source must hold (default: "
@@ -57,15 +55,11 @@ def convert(command, src, dst) -> int:
                 and not model_io.is_model_checkpoint(out):
             raise ValueError(f"{dst} exists and is not a model checkpoint; give a new directory "
                              "(an existing model checkpoint is replaced)")
-        staged = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:  # written aside, renamed into place once complete
+        with json_io.written_aside(out) as staged:
             model_io.save(staged, loaded.variables, loaded.arch,
                           extra={"converted_from": loaded.path})
             if out.exists():
                 shutil.rmtree(out)
-            os.replace(staged, out)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
     else:
         out = interop.save_torch_checkpoint(loaded.variables, loaded.arch, dst)
     print(f"{command}ed {src} ({loaded.arch}) -> {out}")
@@ -93,13 +87,9 @@ def parity() -> int:
               else "the PyTorch reference (sttn_jax.interop.reference)")
     print(parity_lib.format_report(results, loaded.arch, images.shape, source))
     if FLAGS.out:
-        staged = Path(FLAGS.out).with_name(f".{Path(FLAGS.out).name}.{os.getpid()}.tmp")
-        try:  # whole or not at all
+        with json_io.written_aside(FLAGS.out) as staged:
             staged.write_text(json.dumps(parity_lib.as_json(results, loaded.arch, images.shape,
                                                             source), indent=2))
-            os.replace(staged, FLAGS.out)
-        finally:
-            staged.unlink(missing_ok=True)
         print(f"wrote {FLAGS.out}")
     return 0 if parity_lib.passed(results) else 1
 

@@ -1,17 +1,7 @@
 """PyTorch state_dict keys <-> Flax variable paths, computed from the abstract Flax variable tree
 (torch is not imported). The models name their modules after the PyTorch ones, with `_` where
-PyTorch has `.` before an index (`features_4` <-> `features.4`, `layer1_0` <-> `layer1.0`):
-
-    params/features_0/kernel              features.0.weight        (7,7,3,64) HWIO <-> OIHW
-    params/features_1/{scale,bias}        features.1.{weight,bias}
-    batch_stats/features_1/{mean,var}     features.1.running_{mean,var}
-    batch_stats/.../num_batches_tracked   ....num_batches_tracked  int32 () <-> int64 ()
-    params/features_2/slope               features.2.weight        (PReLU)
-    params/features_4/conv1/kernel_1      features.4.conv1_1.weight (the binary pair of bwx2)
-    params/features_4/conv1/bias_2        features.4.conv1_2.bias
-    params/fc/kernel                      fc.weight                (in,out) <-> (out,in)
+PyTorch has `.` before an index: params/features_4/conv1/kernel_1 <-> features.4.conv1_1.weight.
 """
-from __future__ import annotations
 
 import dataclasses
 import functools
@@ -19,8 +9,7 @@ import re
 
 from sttn_jax import archs, model_trees
 
-# How an array is laid out on each side: HWIO <-> OIHW, (in, out) <-> (out, in), the same, and
-# BatchNorm's num_batches_tracked, an int32 scalar in Flax and an int64 scalar in torch.
+# How an array is laid out on each side (COUNT: num_batches_tracked, int32 <-> int64 scalar).
 CONV, DENSE, VECTOR, COUNT = "conv", "dense", "vector", "count"
 TORCH_AXES = {CONV: (3, 2, 0, 1), DENSE: (1, 0)}  # Flax -> torch transposes; others: the same
 PARAMS, BATCH_STATS = "params", "batch_stats"
@@ -93,8 +82,7 @@ TORCHVISION_RESNETS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False):
 
 
 def torchvision_resnet(keys) -> str | None:
-    """Which torchvision ResNet ('resnet18' .. 'resnet152') a state_dict holds (prefix already
-    stripped), from its blocks per stage and their type; None for anything else."""
+    """Which torchvision ResNet a state_dict (prefix stripped) holds, from its blocks, else None."""
     keys = list(keys)
     blocks = tuple(len({k.split(".")[1] for k in keys if k.startswith(f"layer{i}.")})
                    for i in range(1, 5))
@@ -102,8 +90,8 @@ def torchvision_resnet(keys) -> str | None:
 
 
 def infer_arch(keys) -> str | None:
-    """The arch whose signature key is among `keys` (prefix already stripped), else None. The
-    resnet50 key is also in every other torchvision ResNet, so resnet50 needs its block layout."""
+    """The arch whose signature key is among `keys` (prefix stripped), else None; resnet50 also
+    needs its block layout (its key is in every torchvision ResNet)."""
     keys = set(keys)
     found = [arch for arch, key in SIGNATURE_KEYS.items() if key in keys]
     if len(found) != 1 or (found[0] == "resnet50" and torchvision_resnet(keys) != "resnet50"):

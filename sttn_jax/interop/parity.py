@@ -1,12 +1,7 @@
-"""The JAX models' eval-mode logits against the PyTorch reference's (`interop.reference`), same
-weights and batch, float64 and float32: max |delta logit|, relative error max|delta| /
-max|reference| and top-1 agreement. resnet18_bwx2 runs as the original's validate() does.
-
-Judged in float64 only: activations are ternarized at +-0.5, and in float32 one within rounding of
-a threshold legitimately lands on the other level in one framework, moving the logits far more
-than the rounding. In float64 that does not happen on real data: a difference > ~1e-12 is a bug.
+"""The JAX models' eval-mode logits against the PyTorch reference's, same weights and batch, in
+float64 and float32: max |delta logit|, relative error and top-1 agreement. Judged in float64 only:
+in float32 an activation within rounding of +-0.5 may land on the other level in one framework.
 """
-from __future__ import annotations
 
 import dataclasses
 import functools
@@ -86,12 +81,13 @@ def jax_logits(variables, arch: str, images_nchw, dtype: str = "float64",
         v = cast_floats(variables, dtype)
         if arch == "resnet18_bwx2":  # the original clamps before it binarizes, also to evaluate
             v = {**v, "params": ops.clamp_latent_kernels(v["params"])}
-        return np.asarray(_eval_fn(arch, num_classes, jnp.dtype(dtype).name, act_backend)(v, x))
+        return np.asarray(eval_fn(arch, num_classes, jnp.dtype(dtype).name, act_backend)(v, x))
 
 
 @functools.lru_cache(maxsize=None)
-def _eval_fn(arch: str, num_classes: int, dtype: str, act_backend: str):
-    """The jitted eval-mode apply of one model configuration (cached: compiled once per shape)."""
+def eval_fn(arch: str, num_classes: int, dtype: str, act_backend: str):
+    """The jitted eval-mode apply of one model configuration (cached: compiled once per shape);
+    the parity and merge checks share it."""
     module = models.create(arch, num_classes=num_classes, dtype=jnp.dtype(dtype),
                            act_backend=act_backend)
     return jax.jit(lambda v, x: module.apply(v, x, train=False))

@@ -1,8 +1,5 @@
-"""The PyTorch reference of the original STTN code (docs/original.md) that parity is judged
-against: its models (`reference_modules`), `util.BinOp` and main.py's validate step (its training
-step, for the tests: tests/reference_training.py). Deliberately unoptimised: it mirrors the original's arithmetic (two convolutions
-per pair, in-place clamp/binarize/restore, the gradient rule on `.grad`). torch: on first use."""
-from __future__ import annotations
+"""The PyTorch reference that parity is judged against: the original's models, `util.BinOp` and
+validate step, mirroring its arithmetic (two convolutions per pair, in-place binarize/restore)."""
 
 from sttn_jax.interop.reference_modules import _classes  # noqa: F401 - also for tests
 
@@ -28,9 +25,8 @@ def build(arch: str, num_classes: int = 1000, device=None):
 
 
 class BinOp:
-    """`util.BinOp` of the original, step for step. Targets: every Conv2d/Linear in
-    `named_modules()` order but the first, those in a `branch` and the last (fc): for
-    resnet18_bwx2 the 32 block convolutions, consecutive targets forming the pairs."""
+    """`util.BinOp` of the original, step for step: every Conv2d/Linear but the first, the
+    `branch` ones and fc; for resnet18_bwx2 the 32 block convolutions, in pairs."""
 
     def __init__(self, model):
         c = _classes()

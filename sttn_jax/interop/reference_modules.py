@@ -1,15 +1,10 @@
-"""The original's models as PyTorch modules, for `interop.reference`: `ResNet18_BNN` of
-resnet18_bwx2 / resnet18_ter (the original's module names and registration order, so its
-checkpoints load), the CUDA extension's ternary activation, and torchvision's ResNet-50. Built on
-first use (torch is imported then)."""
-from __future__ import annotations
+"""The original's models as PyTorch modules, for `interop.reference` (its module names and
+registration order, so its checkpoints load), and torchvision's ResNet-50; torch on first use."""
 
 import functools
 import types
 
-# (in, out, stride) of the BasicBlocks features.4 ... features.11.
-RESNET18_BLOCKS = ((64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2),
-                   (256, 256, 1), (256, 512, 2), (512, 512, 1))
+from sttn_jax.archs import RESNET18_BLOCKS
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,9 +1,6 @@
-"""Reading the original PyTorch checkpoints (docs/original.md, "Checkpoint files"): main.py's
-training checkpoint, {'state_dict'} or a bare state_dict, with or without nn.DataParallel's
-`module.` prefix, into Flax variables (float32, int32 `num_batches_tracked`). Read with
-`torch.load(weights_only=True)`: a file that would run code when unpickled is refused, never run.
-A bad file is one CheckpointError naming it and the fix. torch is imported on first use."""
-from __future__ import annotations
+"""Reading the original PyTorch checkpoints (a training checkpoint, {'state_dict'} or a bare
+state_dict, `module.` prefix or not) into Flax variables, with `torch.load(weights_only=True)`:
+a file whose unpickling would run code is refused. torch is imported on first use."""
 
 import collections
 import re
@@ -48,8 +45,7 @@ def _key_mismatch(missing, unexpected, noun: str = "") -> str:
 
 
 def read_torch_file(path):
-    """`torch.load(path, weights_only=True, map_location="cpu")`, with one CheckpointError for a
-    missing, damaged or foreign file, and for one whose unpickling would run code (refused)."""
+    """`torch.load(path, weights_only=True)` on the CPU, every failure one CheckpointError."""
     torch = _import_torch()
     path = Path(path)
     if not path.exists():
@@ -78,8 +74,7 @@ def read_torch_file(path):
 
 
 def _check_zip(path: Path, head: bytes) -> None:
-    """Refuses a file that is not an intact zip archive before torch.load, which checks no CRC (a
-    flipped tensor byte loads as another number); zipfile checks each member's (20 ms for 46 MB)."""
+    """Refuses a file that is not an intact zip archive before torch.load, which checks no CRC."""
     if not zipfile.is_zipfile(path):
         if head.startswith(b"PK\x03\x04"):  # a zip archive's first bytes
             raise CheckpointError(f"{path}: truncated or damaged (a zip archive without its "
@@ -107,7 +102,7 @@ def _is_tensor_dict(obj, torch) -> bool:
 
 def extract_state_dict(obj, path="<checkpoint>"):
     """(state_dict without a `module.` prefix, info {'prefixed', 'arch', 'kind'}) of a loaded
-    checkpoint object: a training checkpoint, {'state_dict'} or a bare state_dict."""
+    checkpoint object."""
     torch = _import_torch()
     info = {"prefixed": False, "arch": None, "kind": "state_dict"}
     if isinstance(obj, dict) and "state_dict" in obj:
@@ -164,8 +159,7 @@ def _to_numpy(tensor, entry, path):
 
 def state_dict_to_variables(state_dict, arch: str | None = None, path="<state_dict>",
                             num_classes: int | None = None):
-    """Flax variables from a torch state_dict (keys without `module.`); arch and num_classes
-    default to what the keys and fc.weight say. A missing `num_batches_tracked` counts as 0."""
+    """Flax variables of a torch state_dict without `module.` (num_batches_tracked 0 if absent)."""
     return _convert(state_dict, arch, path, num_classes)[0]
 
 
@@ -207,8 +201,7 @@ def _convert(state_dict, arch, path, num_classes):
 
 
 def load_torch_checkpoint_with_info(path, arch: str | None = None):
-    """(variables, arch, info) of an original PyTorch checkpoint; info: what the file says of
-    itself (its kind, and the epoch and best_prec1 of a training checkpoint)."""
+    """(variables, arch, info: its kind, epoch and best_prec1) of an original PyTorch checkpoint."""
     obj = read_torch_file(path)
     state_dict, info = extract_state_dict(obj, path)
     variables, arch = _convert(state_dict, arch, path, None)
@@ -222,6 +215,5 @@ def load_torch_checkpoint_with_info(path, arch: str | None = None):
 
 
 def load_torch_checkpoint(path, arch: str | None = None, num_classes: int | None = None):
-    """Flax variables {"params", "batch_stats"} of `arch` (one of archs.ARCHS, or None: from the
-    keys) from an original PyTorch checkpoint; num_classes None: from fc.weight."""
+    """Flax variables of an original PyTorch checkpoint; arch, num_classes None: from the keys."""
     return state_dict_to_variables(read_state_dict(path)[0], arch, path, num_classes)

@@ -1,17 +1,14 @@
-"""Writing the original's checkpoint format: {'state_dict'} with nn.DataParallel's `module.` keys
-in the original's registration order and int64 `num_batches_tracked`, which the original code
-loads unchanged; `torch_io` reads it back bit for bit. torch is imported on first use."""
-from __future__ import annotations
+"""Writing the original's checkpoint format, which the original code loads unchanged and
+`torch_io` reads back bit for bit. torch is imported on first use."""
 
 import collections
 import functools
-import os
 from pathlib import Path
 
 import numpy as np
 from flax import traverse_util
 
-from sttn_jax import archs, model_trees
+from sttn_jax import archs, json_io, model_trees
 from sttn_jax.errors import CheckpointError
 from sttn_jax.interop import names, reference
 from sttn_jax.interop.names import BATCH_STATS, COUNT, PARAMS, TORCH_AXES
@@ -20,16 +17,15 @@ from sttn_jax.interop.torch_io import DATA_PARALLEL_PREFIX, _import_torch, _key_
 
 @functools.lru_cache(maxsize=None)
 def _torch_order(arch: str, num_classes: int) -> list[str]:
-    """The original's state_dict key order (registration order), from the reference model, built
-    on the CPU: on "meta" torch imports torch._dynamo, and Triton's LLVM, into a JAX process."""
+    """The original's state_dict key order, from the reference model built on the CPU ("meta"
+    would import torch._dynamo and Triton's LLVM into a JAX process)."""
     return list(reference.build(arch, num_classes).state_dict().keys())
 
 
 def variables_to_state_dict(variables, arch: str, prefix: str = DATA_PARALLEL_PREFIX,
                             params_only: bool | None = None, where: str = "variables"):
     """An OrderedDict of torch tensors in the original's layout and key order from {"params",
-    "batch_stats"} (only the parameters, a gradient tree maybe, without statistics or with
-    params_only). Floats keep their dtype; num_batches_tracked becomes an int64 scalar."""
+    "batch_stats"} (or params only); floats keep their dtype, num_batches_tracked is int64."""
     torch = _import_torch()
     archs.check_arch(arch)
     if not hasattr(variables, "get") or PARAMS not in variables:
@@ -81,13 +77,11 @@ def gradients_to_torch_state_dict(grads, arch: str, prefix: str = ""):
 
 def save_torch_checkpoint(variables, arch: str, path, extra: dict | None = None,
                           prefix: str = DATA_PARALLEL_PREFIX):
-    """Writes `torch.save({'state_dict': ..., **extra}, path)` with nn.DataParallel keys, which the
-    original code loads unchanged (atomically: written aside, then renamed). Returns the path."""
+    """Writes `torch.save({'state_dict': ..., **extra}, path)` with nn.DataParallel keys, whole."""
     torch = _import_torch()
     path = Path(path)
     sd = variables_to_state_dict(variables, arch, prefix=prefix, where=f"cannot write {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": sd, **(extra or {})}, tmp)
-    os.replace(tmp, path)
+    with json_io.written_aside(path) as staged:
+        torch.save({"state_dict": sd, **(extra or {})}, staged)
     return path
