@@ -22,6 +22,8 @@ def test_damaged_checkpoint_is_skipped_and_training_resumes_from_an_older_one(sm
     for f in damaged.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "meta" not in f.parts:
             f.write_bytes(b"\0garbage" * 3)
+    # as if killed after its last save: a finished run (final metrics written) is not run again
+    (tmp_path / train_loop.FINAL_METRICS).unlink()
     with caplog.at_level(logging.INFO, logger="absl"):
         result = train_loop.train_and_evaluate(cfg, tmp_path)  # resumes from step 1
     assert result["step"] == 2
