@@ -352,7 +352,7 @@ for read in (lambda: model_io.load(model), lambda: checkpoints.read_variables(wo
         read()
     except EXPECTED as e:
         print(type(e).__name__, flush=True)
-time.sleep(3)  # the reads still in flight end meanwhile
+time.sleep(3)  # the reads in flight fail meanwhile: without the hook they print (test below)
 """
 
 
