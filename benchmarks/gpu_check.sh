@@ -19,8 +19,11 @@
 # nothing else, then:
 #   1. the GPU-only tests: pytest -q tests/test_ops.py -k "gpu and not lowers"   (tests.log; the
 #      test that lowers for a GPU without one runs in CI, and would cost device time here)
-#   2. python benchmarks/run.py --compare-backends --compare-stems   (bench.json, bench.log; the
-#      stem forms add about a minute)
+#   2. python benchmarks/run.py --compare-backends --compare-stems --compare-teacher-bn
+#      (bench.json, bench.log): the defaults, then each option on and off (the activation's
+#      backend, the stem forms, the teacher's BatchNorm on its running statistics; int8 against
+#      float inference is in the main run), and a "wins" line per comparison: the fastest
+#      setting. The stem forms add about a minute, the teacher's mode half of one.
 #   3. if 80 s are left: python benchmarks/profile_steps.py, where the device time of the bfloat16
 #      training and inference steps goes (profile.json; the table in the output)
 #   4. if 150 s are left: python benchmarks/run.py --only train --remat on, the training step
@@ -111,7 +114,7 @@ fi
 # -- 2. benchmark ------------------------------------------------------------------------------
 t=$(( $(left) - 15 )); (( t < 60 )) && t=60
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-timeout "$t" python benchmarks/run.py --compare-backends --compare-stems \
+timeout "$t" python benchmarks/run.py --compare-backends --compare-stems --compare-teacher-bn \
   --output "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 log "benchmark: exit $rc"

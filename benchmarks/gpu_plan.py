@@ -42,6 +42,12 @@ TRAIN_CASES = [(dtype, backend, remat) for dtype in ("fp32", "bf16")
 EVAL_CASES = [(mode, backend) for mode in bench.EVAL_MODES for backend in ("xla", "triton")]
 # --smoke: the Triton kernel inside XLA's GPU pipeline (remat on, as on a GPU) and int8 inference
 SMOKE_TRAIN_CASES, SMOKE_EVAL_CASES = [("fp32", "triton", "on")], [("int8", "xla")]
+# Options that change what is computed (off by default), planned beside the defaults' cases
+TEACHER_BN_EVAL_CASES = [(dtype, "xla", "off") for dtype in ("fp32", "bf16")]
+# What a convolution of int8 operands may write: the model's int32 sums as float32, or a
+# 2-byte float directly (preferred_element_type)
+INT8_CONV_OUTPUTS = {"float32": (jnp.int32, jnp.float32), "bfloat16": (jnp.bfloat16, None),
+                     "float16": (jnp.float16, None)}
 KERNEL_CALL = re.compile(r'custom_call_target="triton_kernel_call')
 NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
 
@@ -92,9 +98,10 @@ def _int8_operands(line: str, text: str) -> bool:
 
 
 def plan_train(device, dtype: str, backend: str, remat: str, batch: int, image_size: int,
-               stem_conv: str = "conv") -> dict:
-    """The training step of benchmarks/run.py (student, train-mode teacher, Adam) for `device`."""
-    config = bench.train_config(dtype, backend, batch, image_size, remat, stem_conv)
+               stem_conv: str = "conv", teacher_bn_train_mode: bool = True) -> dict:
+    """The training step of benchmarks/run.py (student, teacher, Adam) for `device`."""
+    config = bench.train_config(dtype, backend, batch, image_size, remat, stem_conv,
+                                teacher_bn_train_mode)
     return summary(xla_plan.lower_train_step(config, training.make_mesh([device])).compile())
 
 
@@ -106,6 +113,25 @@ def plan_eval(device, mode: str, backend: str, batch: int, image_size: int,
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32, sharding=placed)
     fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
     return summary(fn.lower(xla_plan.abstract(variables, placed), images).compile())
+
+
+def int8_conv_outputs(device) -> dict:
+    """What XLA's GPU compiler makes of a 3x3 convolution of int8 operands asked for each output
+    type of INT8_CONV_OUTPUTS: {type: {"int8_operands": whether cuDNN reads int8, "writes": the
+    type the convolution writes}}. Why int8 inference writes 4 bytes per output value."""
+    placed = jax.sharding.SingleDeviceSharding(device)
+    x = jax.ShapeDtypeStruct((8, 16, 16, 64), jnp.int8, sharding=placed)
+    w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.int8, sharding=placed)
+    out = {}
+    for name, (sums, then) in INT8_CONV_OUTPUTS.items():
+        def conv(x, w, sums=sums, then=then):
+            y = layers.conv2d(x, w, 1, 1, preferred_element_type=sums)
+            return y if then is None else y.astype(then)
+        text = jax.jit(conv).lower(x, w).compile().as_text()
+        line = next(line for line in text.splitlines() if "__cudnn$conv" in line)
+        out[name] = {"int8_operands": _int8_operands(line, text),
+                     "writes": re.search(r"= \((\w+)\[", line).group(1)}
+    return out
 
 
 def parse_args(argv=None):
@@ -135,20 +161,29 @@ def main(argv=None) -> int:
         print(f"... train {name}", file=sys.stderr, flush=True)
         result["train"][name] = plan_train(device, dtype, backend, remat, args.batch,
                                            args.image_size, args.stem_conv)
+    for dtype, backend, remat in [] if args.smoke else TEACHER_BN_EVAL_CASES:
+        name = f"{dtype}/{backend}/remat={remat}/teacher_bn=eval"
+        print(f"... train {name}", file=sys.stderr, flush=True)
+        result["train"][name] = plan_train(device, dtype, backend, remat, args.batch,
+                                           args.image_size, args.stem_conv, False)
     for mode, backend in SMOKE_EVAL_CASES if args.smoke else EVAL_CASES:
         name = f"{mode}/{backend}"
         print(f"... eval {name}", file=sys.stderr, flush=True)
         result["eval"][name] = plan_eval(device, mode, backend, args.batch, args.image_size,
                                          args.stem_conv)
+    result["int8_conv_outputs"] = int8_conv_outputs(device)
     lines = [f"XLA's plan for one {device.device_kind}, batch {args.batch}, "
              f"{args.image_size}x{args.image_size}, stem_conv {args.stem_conv} (compiled without "
              "a GPU; not a measurement)",
-             f"{'step':<32}{'planned peak GiB':>17}{'temp GiB':>10}{'kernels':>9}{'moved GB':>10}"
+             f"{'step':<42}{'planned peak GiB':>17}{'temp GiB':>10}{'kernels':>9}{'moved GB':>10}"
              f"{'Triton calls':>14}{'int8 convs':>12}"]
     for step, r in xla_plan.steps(result):
-        lines.append(f"{step:<32}{r['planned_peak_gib']:>17.2f}{r['temp_gib']:>10.2f}"
+        lines.append(f"{step:<42}{r['planned_peak_gib']:>17.2f}{r['temp_gib']:>10.2f}"
                      f"{r['kernels']:>9}{r['moved_gb']:>10.2f}{r['kernel_calls']:>14}"
                      f"{r['cudnn_int8_convs']:>12}")
+    lines.append("a convolution of int8 operands asked for " + ", ".join(
+        f"{t}: {'int8' if r['int8_operands'] else 'operands converted to ' + r['writes']} "
+        f"convolution writing {r['writes']}" for t, r in result["int8_conv_outputs"].items()))
     print("\n".join(lines))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

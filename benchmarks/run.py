@@ -118,6 +118,9 @@ def parse_args(argv=None):
     p.add_argument("--compare-stems", action="store_true",
                    help="also time the bf16 training step and inference (where those sections run) "
                         "with every stem_conv form")
+    p.add_argument("--compare-teacher-bn", action="store_true",
+                   help="also time the bf16 training step with the teacher's BatchNorm on its "
+                        "running statistics (config.teacher_bn_train_mode=False)")
     p.add_argument("--stem-conv", choices=tuple(layers.CONV_FORMS),
                    default=default_config.get_config().stem_conv,
                    help="config.stem_conv of the training and inference steps (default: the "
@@ -187,13 +190,15 @@ def peak_bytes(device):
 
 # -- measurements -----------------------------------------------------------------------------
 def train_config(dtype: str, backend: str, batch: int, image_size: int, remat: str,
-                 stem_conv: str = "conv"):
-    """The measured training step's config: STUDENT distilled from a train-mode TEACHER."""
+                 stem_conv: str = "conv", teacher_bn_train_mode: bool = True):
+    """The measured training step's config: STUDENT distilled from TEACHER, whose BatchNorm runs
+    in training mode as the original's (teacher_bn_train_mode=False: the option that uses its
+    running statistics)."""
     config = default_config.get_config()
     config.arch, config.teacher_arch, config.num_classes = STUDENT, TEACHER, NUM_CLASSES
     config.dtype, config.act_backend = CONFIG_DTYPE[dtype], backend
     config.batch_size, config.image_size = batch, image_size
-    config.teacher_bn_train_mode = True
+    config.teacher_bn_train_mode = teacher_bn_train_mode
     config.remat, config.stem_conv = remat, stem_conv
     return config
 
@@ -229,13 +234,14 @@ class Bench:
             self._ternary = merging.merge_variables(self.student_variables())
         return self._ternary
 
-    def train_program(self, dtype: str, backend: str, stem_conv: str | None = None):
+    def train_program(self, dtype: str, backend: str, stem_conv: str | None = None,
+                      teacher_bn_train_mode: bool = True):
         """(call, compiled, compile seconds, planned temp bytes) of the full training step; each
         `call()` runs one step on the same batch, the state carried along. stem_conv: default
         --stem-conv."""
         a = self.args
         config = train_config(dtype, backend, a.batch, a.image_size, a.remat,
-                              stem_conv or a.stem_conv)
+                              stem_conv or a.stem_conv, teacher_bn_train_mode)
         tx = training.create_optimizer(config, training.learning_rate_fn(config, 1000))
         state = training.create_train_state(config, self.mesh, tx,
                                             variables=self.student_variables())
@@ -253,16 +259,19 @@ class Bench:
         call.remat = training.use_remat(config)
         return call, step, compile_s, temp
 
-    def train(self, dtype: str, backend: str, name: str, stem_conv: str | None = None) -> float:
+    def train(self, dtype: str, backend: str, name: str, stem_conv: str | None = None,
+              teacher_bn_train_mode: bool = True) -> float:
         """Images/s of the full training step."""
         a = self.args
-        call, _, compile_s, temp = self.train_program(dtype, backend, stem_conv)
+        call, _, compile_s, temp = self.train_program(dtype, backend, stem_conv,
+                                                      teacher_bn_train_mode)
         seconds = median_seconds(call, a.steps, a.warmup, a.steps_per_sample)
         loss = float(call()[1]["loss"])
         self.details[name] = {"median_ms": seconds * 1e3, "compile_s": compile_s,
                               "compiled_temp_gib": None if temp is None else temp / GIB,
                               "final_loss": loss, "act_backend": backend,
-                              "remat": call.remat, "stem_conv": stem_conv or a.stem_conv}
+                              "remat": call.remat, "stem_conv": stem_conv or a.stem_conv,
+                              "teacher_bn_train_mode": teacher_bn_train_mode}
         return a.batch / seconds
 
     def inference_program(self, mode: str, backend: str, stem_conv: str | None = None):
@@ -408,7 +417,7 @@ def run(args, save=lambda result: None) -> dict:
         **{key: None for key in RESULT_KEYS},
         "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
         "warmup": args.warmup, "backend": args.backend,
-        "remat": args.remat,
+        "remat": args.remat, "stem_conv": args.stem_conv,
         "backend_resolved": resolved_backends(args.backend),
         "act_shape": list(args.act_shape), "calls_per_sample": args.calls_per_sample,
         "steps_per_sample": args.steps_per_sample,
@@ -458,6 +467,9 @@ def run(args, save=lambda result: None) -> dict:
     if args.compare_stems:
         result["compare_stems"] = {}
         compare_stems(bench, result, measure, result["compare_stems"])
+    if args.compare_teacher_bn and "train" in args.only:
+        result["compare_teacher_bn"] = {}
+        compare_teacher_bn(bench, result, measure, result["compare_teacher_bn"])
     if "stem" in args.only:
         result["stem_ms"] = {}
         for dtype in DTYPES:
@@ -525,6 +537,44 @@ def compare_stems(bench, result, measure, out: dict) -> None:
                 row[form] = measure(name, lambda n=name, f=form: timed("bf16", a.backend, n, f))
 
 
+def compare_teacher_bn(bench, result, measure, out: dict) -> None:
+    """Fills `out` with the images/s of the bfloat16 training step with the teacher's BatchNorm in
+    training mode (the default: the main run's) and on its running statistics ("eval")."""
+    key, name = "train_bf16_img_s", "train_bf16_teacher_bn_eval"
+    out[key] = {"train": result.get(key), "eval": measure(name, lambda: bench.train(
+        "bf16", bench.args.backend, name, teacher_bn_train_mode=False))}
+
+
+def lever_rows(result: dict):
+    """(row, {setting: images/s}, the default setting) of every comparison the run made."""
+    for key, r in (result.get("compare_backends") or {}).items():
+        if key.endswith("_img_s"):
+            resolved = result["backend_resolved"][key.split("_")[1]]
+            yield key + " by backend", {b: r[b] for b in ("triton", "xla")}, resolved
+    for key, row in (result.get("compare_stems") or {}).items():
+        yield key + " by stem", row, result.get("stem_conv", "conv")
+    for key, row in (result.get("compare_teacher_bn") or {}).items():
+        yield key + " by teacher BN mode", row, "train"
+    for floats, int8 in (("fp32", "int8"), ("bf16", "int8_bf16")):
+        yield (f"eval_{floats}_img_s by inference dtype",
+               {floats: result.get(f"eval_{floats}_img_s"), int8: result.get(f"eval_{int8}_img_s")},
+               floats)
+
+
+def winners(result: dict) -> list[str]:
+    """One line per comparison: the fastest setting, and by how much it beats the default."""
+    lines = []
+    for label, row, default in lever_rows(result):
+        timed = {k: v for k, v in row.items() if v}
+        if len(timed) < 2 or default not in timed:
+            continue
+        best = max(timed, key=timed.get)
+        gain = 100 * (timed[best] / timed[default] - 1)
+        lines.append(f"wins {label}: {best}" + ("" if best == default else
+                                                   f" ({gain:+.1f}% over {default})"))
+    return lines
+
+
 # -- report -----------------------------------------------------------------------------------
 def fmt(value, digits=1):
     return "-" if value is None else f"{value:,.{digits}f}"
@@ -582,10 +632,12 @@ def table(result: dict) -> str:
                          + (f"  triton {100 * (ratio - 1):+.1f}%" if ratio else ""))
         if cmp["triton_unavailable"]:
             lines.append(f"triton unavailable: {cmp['triton_unavailable']}")
-    for key, row in (result.get("compare_stems") or {}).items():
-        label = key.removesuffix("_img_s").replace("_", " ") + " by stem"
-        lines.append(f"{label:<26}" + ", ".join(f"{form} {fmt(v)}" for form, v in row.items())
-                     + " img/s")
+    for comparison, by in (("compare_stems", "stem"), ("compare_teacher_bn", "teacher BN")):
+        for key, row in (result.get(comparison) or {}).items():
+            label = key.removesuffix("_img_s").replace("_", " ") + " by " + by
+            lines.append(f"{label:<26}" + ", ".join(f"{k} {fmt(v)}" for k, v in row.items())
+                         + " img/s")
+    lines += winners(result)
     for name, err in result["errors"].items():
         lines.append(f"ERROR {name}: {err.splitlines()[0][:200]}")
     return "\n".join(lines)

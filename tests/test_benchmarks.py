@@ -23,7 +23,7 @@ SETTING_KEYS = ("batch", "image_size", "steps", "warmup", "backend", "jax_versio
 def test_benchmark_smoke_writes_every_key(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke",
-                           "--compare-backends", "--output", str(out)],
+                           "--compare-backends", "--compare-teacher-bn", "--output", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(out.read_text())
@@ -51,6 +51,38 @@ def test_benchmark_smoke_writes_every_key(tmp_path):
     # the table
     assert "train step bf16" in proc.stdout and "copy fp32" in proc.stdout and str(out) in proc.stdout
     assert "eval bf16 triton/xla" in proc.stdout
+    # the teacher's BatchNorm on its running statistics, beside the default's main run
+    row = result["compare_teacher_bn"]["train_bf16_img_s"]
+    assert row["train"] == result["train_bf16_img_s"] and row["eval"] > 0
+    assert result["details"]["train_bf16_teacher_bn_eval"]["teacher_bn_train_mode"] is False
+    assert result["details"]["train_bf16"]["teacher_bn_train_mode"] is True
+    for label in ("train_bf16_img_s by teacher BN mode", "eval_bf16_img_s by inference dtype"):
+        assert f"wins {label}: " in proc.stdout, label
+    # a comparison with one setting timed (no Triton here) has no winner
+    assert ("wins train_fp32_img_s by backend: " in proc.stdout) == (not cmp["triton_unavailable"])
+
+
+def test_benchmark_names_the_fastest_setting_of_each_comparison():
+    """winners(): one line per comparison that timed the default and another setting, naming the
+    fastest and its gain over the default; untimed settings (None) are left out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    result = {"backend_resolved": {"fp32": "xla", "bf16": "xla"}, "stem_conv": "conv",
+              "compare_backends": {"train_bf16_img_s": {"triton": 110.0, "xla": 100.0},
+                                   "train_fp32_img_s": {"triton": None, "xla": 50.0},
+                                   "triton_unavailable": None},
+              "compare_stems": {"train_bf16_img_s": {"conv": 100.0, "im2col": 90.0}},
+              "compare_teacher_bn": {"train_bf16_img_s": {"train": 100.0, "eval": 125.0}},
+              "eval_fp32_img_s": 40.0, "eval_int8_img_s": 30.0,
+              "eval_bf16_img_s": None, "eval_int8_bf16_img_s": 60.0}
+    assert bench.winners(result) == [
+        "wins train_bf16_img_s by backend: triton (+10.0% over xla)",
+        "wins train_bf16_img_s by stem: conv",
+        "wins train_bf16_img_s by teacher BN mode: eval (+25.0% over train)",
+        "wins eval_fp32_img_s by inference dtype: fp32"]
 
 
 def test_benchmark_times_inference_with_every_stem_form(tmp_path):
@@ -140,6 +172,13 @@ def test_gpu_plan_compiles_training_and_int8_inference_for_an_h100_without_one(t
     assert train["kernels"] > 100 and train["moved_gb"] > 0
     int8 = result["eval"]["int8/xla"]
     assert int8["cudnn_int8_convs"] == 9 and int8["kernel_calls"] == 0
+    # Only a float32 output keeps a convolution of int8 operands in int8 (4 bytes written per
+    # value); asked for bfloat16 or float16, XLA converts the operands and convolves floats. If
+    # this fails, XLA writes 2-byte floats from int8: int8 inference can then move fewer bytes.
+    assert result["int8_conv_outputs"] == {
+        "float32": {"int8_operands": True, "writes": "f32"},
+        "bfloat16": {"int8_operands": False, "writes": "bf16"},
+        "float16": {"int8_operands": False, "writes": "f16"}}
     assert "not a measurement" in proc.stdout and "stem_conv im2col" in proc.stdout
 
 
