@@ -23,7 +23,7 @@
 #      (bench.json, bench.log): the defaults, then each option on and off (the activation's
 #      backend, the stem forms, the teacher's BatchNorm on its running statistics; int8 against
 #      float inference is in the main run), and a "wins" line per comparison: the fastest
-#      setting. The stem forms add about a minute, the teacher's mode half of one.
+#      setting. The stem forms add about a minute, the teacher's mode one more training step.
 #   3. if 80 s are left: python benchmarks/profile_steps.py, where the device time of the bfloat16
 #      training and inference steps goes (profile.json; the table in the output)
 #   4. if 150 s are left: python benchmarks/run.py --only train --remat on, the training step

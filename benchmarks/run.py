@@ -6,6 +6,8 @@
     python benchmarks/run.py --only input         # the host input pipeline, images/s per CPU core
     python benchmarks/run.py --compare-backends   # also training and inference, triton vs xla
     python benchmarks/run.py --compare-stems      # also bf16 training and inference per stem form
+    python benchmarks/run.py --compare-teacher-bn # also bf16 training, the teacher's BatchNorm on
+                                                  # its running statistics (the table ends in "wins" lines)
     python benchmarks/run.py --only train --remat on  # the training step recomputing in backward
 
 Measurements (synthetic data already on the device, `jax.block_until_ready` after each sample,
@@ -552,7 +554,7 @@ def lever_rows(result: dict):
             resolved = result["backend_resolved"][key.split("_")[1]]
             yield key + " by backend", {b: r[b] for b in ("triton", "xla")}, resolved
     for key, row in (result.get("compare_stems") or {}).items():
-        yield key + " by stem", row, result.get("stem_conv", "conv")
+        yield key + " by stem", row, result["stem_conv"]
     for key, row in (result.get("compare_teacher_bn") or {}).items():
         yield key + " by teacher BN mode", row, "train"
     for floats, int8 in (("fp32", "int8"), ("bf16", "int8_bf16")):
