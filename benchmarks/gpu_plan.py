@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import run as bench  # benchmarks/run.py: the measured steps' configuration
 import xla_plan
 from ops import ternary
-from sttn_jax import layers, training
+from sttn_jax import convolutions, training
 
 TARGET = Path(__file__).resolve().parent / "h100_target.txtpb"
 TRAIN_CASES = [(dtype, backend, remat) for dtype in ("fp32", "bf16")
@@ -125,7 +125,7 @@ def int8_conv_outputs(device) -> dict:
     out = {}
     for name, (sums, then) in INT8_CONV_OUTPUTS.items():
         def conv(x, w, sums=sums, then=then):
-            y = layers.conv2d(x, w, 1, 1, preferred_element_type=sums)
+            y = convolutions.conv2d(x, w, 1, 1, preferred_element_type=sums)
             return y if then is None else y.astype(then)
         text = jax.jit(conv).lower(x, w).compile().as_text()
         line = next(line for line in text.splitlines() if "__cudnn$conv" in line)
@@ -140,7 +140,7 @@ def parse_args(argv=None):
                    help="batch 8, 32x32; training fp32/triton/remat=on, inference int8 (the test)")
     p.add_argument("--batch", type=int, help="global batch (256)")
     p.add_argument("--image-size", type=int, help="square image side (224)")
-    p.add_argument("--stem-conv", choices=tuple(layers.CONV_FORMS), default="conv",
+    p.add_argument("--stem-conv", choices=tuple(convolutions.CONV_FORMS), default="conv",
                    help="config.stem_conv of every step planned (conv)")
     p.add_argument("--output", help="JSON path (default: print only)")
     args = p.parse_args(argv)

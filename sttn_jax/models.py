@@ -176,7 +176,7 @@ def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: s
     ResNet-18s): the stem and every block under jax.checkpoint with REMAT_POLICY, for training:
     the same function (identical values in float64; float32 may round differently), about a
     quarter of the activation memory for the backward pass. stem_conv: how the 7x7 stem
-    convolution is computed, a key of `layers.CONV_FORMS` (the same sums; a speed choice)."""
+    convolution is computed, a key of `convolutions.CONV_FORMS` (the same sums; a speed choice)."""
     check_arch(arch)
     if problem := stem_conv_problem(stem_conv):
         raise ValueError(f"unknown stem_conv {stem_conv!r}; {problem}")

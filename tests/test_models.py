@@ -13,7 +13,7 @@ from jax.ad_checkpoint import print_saved_residuals
 import pytest
 
 import ops
-from sttn_jax import archs, layers, merging, models
+from sttn_jax import archs, convolutions, layers, merging, models
 
 PARAM_COUNTS = {"resnet18_bwx2": 22_519_528, "resnet18_ter": 11_530_216, "resnet50": 25_557_032}
 STATE_KEYS = {"resnet18_bwx2": 249, "resnet18_ter": 217, "resnet50": 320}  # torch state_dict sizes
@@ -327,13 +327,13 @@ def test_the_triton_backend_path_runs_under_remat(monkeypatch):
 @pytest.mark.parametrize("shape", [(32, 34, 7, 3), (33, 35, 7, 3), (15, 17, 4, 1), (9, 9, 5, 0),
                                    (10, 11, 1, 0)])
 def test_conv_forms_compute_the_convolution_and_its_gradients(x64, form, shape):
-    """`layers.CONV_FORMS` (the models' stem_conv): values and both gradients of a stride-2
+    """`convolutions.CONV_FORMS` (the models' stem_conv): values and both gradients of a stride-2
     convolution in float64, at odd and even sizes and kernels, with and without padding."""
     h, w, k, padding = shape
     rng = np.random.default_rng(k)
     x, kernel = rng.normal(size=(2, h, w, 3)), rng.normal(size=(k, k, 3, 5))
-    want, want_vjp = jax.vjp(lambda a, b: layers.conv2d(a, b, 2, padding), x, kernel)
-    got, got_vjp = jax.vjp(lambda a, b: layers.CONV_FORMS[form](a, b, 2, padding), x, kernel)
+    want, want_vjp = jax.vjp(lambda a, b: convolutions.conv2d(a, b, 2, padding), x, kernel)
+    got, got_vjp = jax.vjp(lambda a, b: convolutions.CONV_FORMS[form](a, b, 2, padding), x, kernel)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     g = rng.normal(size=want.shape)
@@ -345,10 +345,10 @@ def test_im2col_keeps_no_patches_for_the_backward_pass(capsys):
     """The im2col form rebuilds its patches in the backward pass: what it keeps is the size of its
     input, where the patches are k*k times that."""
     x, kernel = jnp.ones((2, 32, 32, 3)), jnp.ones((7, 7, 3, 64))
-    print_saved_residuals(lambda k: jnp.sum(layers.CONV_FORMS["im2col"](x, k, 2, 3)), kernel)
+    print_saved_residuals(lambda k: jnp.sum(convolutions.CONV_FORMS["im2col"](x, k, 2, 3)), kernel)
     saved = capsys.readouterr().out
     assert "f32[2,16,16,147]" not in saved and "f32[2,32,32,3]" in saved, saved
-    print_saved_residuals(lambda k: jnp.sum(layers.conv2d_as_dot(x, k, 2, 3)), kernel)
+    print_saved_residuals(lambda k: jnp.sum(convolutions.conv2d_as_dot(x, k, 2, 3)), kernel)
     assert "f32[2,16,16,147]" in capsys.readouterr().out  # what it would keep
 
 
@@ -375,7 +375,7 @@ def test_stem_conv_reaches_the_stems_and_nothing_else(x64, variables32):
     v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a,
                                variables32[archs.BWX2])
     outs = [models.create(archs.BWX2, 1000, jnp.float64, stem_conv=form).apply(
-        v, x, train=True, mutable=["batch_stats"]) for form in layers.CONV_FORMS]
+        v, x, train=True, mutable=["batch_stats"]) for form in convolutions.CONV_FORMS]
     for out in outs[1:]:
         for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(outs[0])):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
