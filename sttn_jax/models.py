@@ -134,7 +134,8 @@ class Bottleneck(nn.Module):
         bn = lambda name: BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name=name)  # noqa: E731
         out = nn.relu(bn("bn1")(conv(self.planes, 1, 1, 0, "conv1")(x), train))
         out = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, 1, "conv2")(out), train))
-        out = bn("bn3")(conv(self.planes * 4, 1, 1, 0, "conv3")(out), train)
+        # bn3 folded into conv3: XLA makes the sum with x and relu part of the convolution
+        out = conv(self.planes * 4, 1, 1, 0, "conv3")(out, functools.partial(bn("bn3"), train=train))
         if self.downsample:
             x = bn("downsample_1")(conv(out.shape[-1], 1, self.stride, 0, "downsample_0")(x), train)
         return nn.relu(out + x)

@@ -213,6 +213,94 @@ def test_batchnorm_float32_statistics_do_not_cancel_once_the_running_mean_tracks
                                rtol=1e-5)
 
 
+class ConvBN(nn.Module):
+    """A 1x1 convolution and its BatchNorm, written out or folded (the teacher's conv3/bn3)."""
+    fold: bool
+    dtype: object = jnp.float64
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train):
+        conv = layers.Conv(6, 1, use_bias=False, dtype=self.dtype, name="conv")
+        bn = layers.BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="bn")
+        return conv(x, batch_norm=functools.partial(bn, train=train)) if self.fold else bn(
+            conv(x), train)
+
+
+def conv_bn_variables(x, dtype=jnp.float64):
+    v = ConvBN(False, dtype).init(jax.random.PRNGKey(0), x, train=False)
+    v = jax.tree_util.tree_map(lambda a: a.astype(dtype) if a.dtype == jnp.float32 else a, v)
+    rng = np.random.default_rng(1)
+    v["params"]["bn"] = {"scale": jnp.asarray(rng.normal(1, 0.5, 6), dtype),
+                         "bias": jnp.asarray(rng.normal(0, 0.5, 6), dtype)}
+    return v
+
+
+@pytest.mark.parametrize("synced", [False, True])
+def test_batchnorm_folded_into_its_convolution_is_the_same_function(x64, synced):
+    """The teacher's conv3 + bn3 as one convolution: float64 outputs and running statistics equal
+    the written-out pair's, in training (statistics from the input's moments, over 8 devices'
+    shards when synchronised) and in evaluation; the parameters are the same tree."""
+    x = jnp.asarray(np.random.default_rng(0).normal(0.7, 2.0, (16, 5, 4, 3)))
+    v = conv_bn_variables(x)
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(
+        ConvBN(True).init(jax.random.PRNGKey(0), x, train=False))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("d",))
+    axis = "d" if synced else None
+
+    def run(fold, train):
+        def f(v, x):
+            y, upd = ConvBN(fold, axis_name=axis).apply(v, x, train=train, mutable=["batch_stats"])
+            return y, jax.tree_util.tree_map(lambda a: jax.lax.pmean(a, "d"), upd)
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(jax.P(), jax.P("d")),
+                                     out_specs=(jax.P("d"), jax.P())))(v, x)
+
+    for train in (True, False):
+        (y, upd), (want, want_upd) = run(True, train), run(False, train)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-12, atol=1e-12)
+        for a, b in zip(jax.tree_util.tree_leaves(upd), jax.tree_util.tree_leaves(want_upd)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+        moved = np.abs(np.asarray(upd["batch_stats"]["bn"]["mean"])).max()
+        assert (moved > 0.05) == train  # training updated the running mean, evaluation did not
+
+
+def test_folded_batchnorm_float32_statistics_against_float64():
+    """In float32, the folded statistics (second moments about zero, products exact) normalise as
+    float64 does for an input whose convolution has |mean| = 10 x std: outputs within 1e-4."""
+    rng = np.random.default_rng(0)
+    x = (10 + rng.normal(0, 1, (64, 8, 8, 3))).astype(np.float32)
+    v = conv_bn_variables(x, jnp.float32)
+    v["params"]["conv"]["kernel"] = jnp.full((1, 1, 3, 6), 1 / 3, jnp.float32)
+    y = ConvBN(True, jnp.float32).apply(v, x, train=True, mutable=["batch_stats"])[0]
+    conv = x.astype(np.float64).mean(-1, keepdims=True) * np.ones(6)
+    norm = (conv - conv.mean((0, 1, 2))) / np.sqrt(conv.var((0, 1, 2)) + 1e-5)
+    p = v["params"]["bn"]
+    want = norm * np.asarray(p["scale"], np.float64) + np.asarray(p["bias"], np.float64)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=0, atol=1e-4)
+
+
+def test_training_folds_only_where_the_statistics_cost_little(x64):
+    """The folded statistics' channels x channels x outputs product is paid whatever the batch:
+    training folds with at least FOLD_MIN_ROWS rows (pixels on a device) per input channel and
+    computes the convolution and its BatchNorm apart below that, the same values either way."""
+    for rows in (layers.FOLD_MIN_ROWS * 3, layers.FOLD_MIN_ROWS * 3 - 1):
+        x = jnp.asarray(np.random.default_rng(0).normal(0.5, 2.0, (rows, 1, 1, 3)))
+        v = conv_bn_variables(x)
+        fold = lambda v, x: ConvBN(True).apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
+        products = [e for e in jax.make_jaxpr(fold)(v, x).eqns if e.primitive.name == "dot_general"]
+        assert bool(products) == (rows >= 3 * layers.FOLD_MIN_ROWS)
+        want = ConvBN(False).apply(v, x, train=True, mutable=["batch_stats"])
+        for a, b in zip(jax.tree_util.tree_leaves(fold(v, x)), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+def test_only_a_plain_1x1_convolution_folds_its_batchnorm():
+    x = jnp.ones((2, 4, 4, 3))
+    conv, bn = layers.Conv(4, 3, padding=1, use_bias=False), layers.BatchNorm()
+    with pytest.raises(ValueError, match="^only a 1x1 stride-1 convolution"):
+        conv.init(jax.random.PRNGKey(0), x, batch_norm=functools.partial(bn, train=True))
+
+
 SHORT_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f64": jnp.float64, "bool": jnp.bool_,
                 "i8": jnp.int8}
 
