@@ -213,6 +213,48 @@ def test_batchnorm_float32_statistics_do_not_cancel_once_the_running_mean_tracks
                                rtol=1e-5)
 
 
+def written_out_batchnorm(x, scale, bias, shift, axis_name, eps=1e-5):
+    """Training BatchNorm as plain jnp (autodiff's gradient): shifted moments, pmean if synced."""
+    m1, m2 = jnp.mean(x - shift, axis=(0, 1, 2)), jnp.mean(jnp.square(x - shift), axis=(0, 1, 2))
+    if axis_name:
+        m1, m2 = jax.lax.pmean((m1, m2), axis_name)
+    mean, var = m1 + shift, jnp.maximum(m2 - m1 ** 2, 0)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, mean
+
+
+@pytest.mark.parametrize("synced", [False, True])
+def test_batchnorm_gradient_rule_equals_autodiff(x64, synced):
+    """BatchNorm's written-out gradient (one reduction) equals autodiff's of the plain function:
+    float64 gradients for x, scale and bias, the loss and the running mean, on 8 devices'
+    shards, statistics per device or synchronised."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(2, 3, (16, 5, 5, 6)), rng.normal(size=(16, 5, 5, 6))
+    p = {"scale": rng.normal(size=6), "bias": rng.normal(size=6)}
+    stats = {"mean": rng.normal(size=6), "var": np.ones(6), "num_batches_tracked": np.int32(0)}
+    axis = "d" if synced else None
+    bn = layers.BatchNorm(dtype=jnp.float64, axis_name=axis)
+
+    def both(p, x, w):
+        def ours(p, x):
+            y, upd = bn.apply({"params": p, "batch_stats": stats}, x, True, mutable=["batch_stats"])
+            return jax.lax.pmean(jnp.sum(y * w * y), "d"), upd["batch_stats"]["mean"]
+
+        def plain(p, x):
+            y, mean = written_out_batchnorm(x, p["scale"], p["bias"], stats["mean"], axis)
+            return jax.lax.pmean(jnp.sum(y * w * y), "d"), 0.9 * stats["mean"] + 0.1 * mean
+
+        grad = functools.partial(jax.value_and_grad, argnums=(0, 1), has_aux=True)
+        return grad(ours)(p, x), grad(plain)(p, x)
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("d",))
+    out = ((jax.P(), jax.P() if synced else jax.P("d")), (jax.P(), jax.P("d")))
+    got, want = jax.jit(jax.shard_map(both, mesh=mesh, in_specs=(jax.P(), jax.P("d"), jax.P("d")),
+                                      out_specs=(out, out)))(p, x, w)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+    assert np.abs(np.asarray(got[1][1])).max() > 0.1  # a real gradient for x compared
+
+
 class ConvBN(nn.Module):
     """A 1x1 convolution and its BatchNorm, written out or folded (the teacher's conv3/bn3)."""
     fold: bool
