@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import run as bench  # benchmarks/run.py: the measured steps' configuration
 import xla_plan
 from ops import ternary
-from sttn_jax import layers, training
+from sttn_jax import convolutions, training
 
 TARGET = Path(__file__).resolve().parent / "h100_target.txtpb"
 TRAIN_CASES = [(dtype, backend, remat) for dtype in ("fp32", "bf16")
@@ -60,16 +60,20 @@ def h100():
                                         topology="1x1x1").devices[0]
 
 
-def kernels_and_bytes(text: str) -> tuple[int, int]:
-    """(kernels, bytes moved) of the entry computation of optimized HLO `text`."""
+def entry_instructions(text: str):
+    """(name, type, opcode, operands) of each instruction of optimized HLO `text`'s entry
+    computation."""
     entry = text[text.index("\nENTRY"):]
     entry = entry[:entry.index("\n}")]
-    sizes, kernels, moved = {}, 0, 0
     for line in entry.splitlines()[1:]:
-        m = xla_plan.INSTRUCTION.match(line)
-        if not m:
-            continue
-        name, hlo_type, opcode, operands = m.groups()
+        if m := xla_plan.INSTRUCTION.match(line):
+            yield m.groups()
+
+
+def kernels_and_bytes(text: str) -> tuple[int, int]:
+    """(kernels, bytes moved) of the entry computation of optimized HLO `text`."""
+    sizes, kernels, moved = {}, 0, 0
+    for name, hlo_type, opcode, operands in entry_instructions(text):
         sizes[name] = xla_plan.type_bytes(hlo_type)
         if opcode in NOT_KERNELS:
             continue
@@ -82,7 +86,10 @@ def kernels_and_bytes(text: str) -> tuple[int, int]:
 def summary(compiled) -> dict:
     text = compiled.as_text()
     kernels, moved = kernels_and_bytes(text)
+    # copies: kernels that move data and compute nothing (state updated through a temporary)
+    copies = sum(1 for *_, opcode, _ in entry_instructions(text) if opcode == "copy")
     return {**xla_plan.memory(compiled), "kernels": kernels, "moved_gb": moved / 1e9,
+            "copies": copies,
             "kernel_calls": len(KERNEL_CALL.findall(text)),
             "cudnn_convs": text.count('custom_call_target="__cudnn$conv'),
             "cudnn_int8_convs": sum(1 for line in text.splitlines()
@@ -125,7 +132,7 @@ def int8_conv_outputs(device) -> dict:
     out = {}
     for name, (sums, then) in INT8_CONV_OUTPUTS.items():
         def conv(x, w, sums=sums, then=then):
-            y = layers.conv2d(x, w, 1, 1, preferred_element_type=sums)
+            y = convolutions.conv2d(x, w, 1, 1, preferred_element_type=sums)
             return y if then is None else y.astype(then)
         text = jax.jit(conv).lower(x, w).compile().as_text()
         line = next(line for line in text.splitlines() if "__cudnn$conv" in line)
@@ -140,7 +147,7 @@ def parse_args(argv=None):
                    help="batch 8, 32x32; training fp32/triton/remat=on, inference int8 (the test)")
     p.add_argument("--batch", type=int, help="global batch (256)")
     p.add_argument("--image-size", type=int, help="square image side (224)")
-    p.add_argument("--stem-conv", choices=tuple(layers.CONV_FORMS), default="conv",
+    p.add_argument("--stem-conv", choices=tuple(convolutions.CONV_FORMS), default="conv",
                    help="config.stem_conv of every step planned (conv)")
     p.add_argument("--output", help="JSON path (default: print only)")
     args = p.parse_args(argv)
@@ -175,12 +182,12 @@ def main(argv=None) -> int:
     lines = [f"XLA's plan for one {device.device_kind}, batch {args.batch}, "
              f"{args.image_size}x{args.image_size}, stem_conv {args.stem_conv} (compiled without "
              "a GPU; not a measurement)",
-             f"{'step':<42}{'planned peak GiB':>17}{'temp GiB':>10}{'kernels':>9}{'moved GB':>10}"
-             f"{'Triton calls':>14}{'int8 convs':>12}"]
+             f"{'step':<42}{'planned peak GiB':>17}{'temp GiB':>10}{'kernels':>9}{'copies':>8}"
+             f"{'moved GB':>10}{'Triton calls':>14}{'int8 convs':>12}"]
     for step, r in xla_plan.steps(result):
         lines.append(f"{step:<42}{r['planned_peak_gib']:>17.2f}{r['temp_gib']:>10.2f}"
-                     f"{r['kernels']:>9}{r['moved_gb']:>10.2f}{r['kernel_calls']:>14}"
-                     f"{r['cudnn_int8_convs']:>12}")
+                     f"{r['kernels']:>9}{r['copies']:>8}{r['moved_gb']:>10.2f}"
+                     f"{r['kernel_calls']:>14}{r['cudnn_int8_convs']:>12}")
     lines.append("a convolution of int8 operands asked for " + ", ".join(
         f"{t}: {'int8' if r['int8_operands'] else 'operands converted to ' + r['writes']} "
         f"convolution writing {r['writes']}" for t, r in result["int8_conv_outputs"].items()))

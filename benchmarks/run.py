@@ -23,7 +23,7 @@ median of --steps samples after --warmup untimed ones, each program compiled bef
 - stem: the 7x7 stem convolution's forward and kernel gradient (what a training step runs of it)
   on the batch, float32 and bfloat16, milliseconds: with the images' 3 channels, as the models
   run it; zero-padded to 4 and 8 channels; and the other forms the models can take
-  (`config.stem_conv`, `layers.CONV_FORMS`): a 4x4 stride-1 convolution over 2x2 space-to-depth
+  (`config.stem_conv`, `convolutions.CONV_FORMS`): a 4x4 stride-1 convolution over 2x2 space-to-depth
   blocks of 12 channels, and one matrix product over the 49 shifted windows ("im2col": 147-long
   rows instead of 3-channel convolution kernels). All compute the same sums; they ask whether the
   GPU has faster kernels for the other shapes (padding: not on an H200). --compare-stems then
@@ -73,13 +73,13 @@ import numpy as np  # noqa: E402
 import ops  # noqa: E402
 from configs import default as default_config  # noqa: E402
 from ops import ternary as ternary_mod  # noqa: E402
-from sttn_jax import archs, layers, merging, models, quantize, training  # noqa: E402
+from sttn_jax import archs, convolutions, merging, models, quantize, training  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SECTIONS = ("train", "eval", "stem", "act", "copy", "input")
 DEFAULT_SECTIONS = SECTIONS[:5]
 # input channels, or one of the models' other forms (`stem_conv`)
-STEM_VARIANTS = ("3", "4", "8") + tuple(form for form in layers.CONV_FORMS if form != "conv")
+STEM_VARIANTS = ("3", "4", "8") + tuple(form for form in convolutions.CONV_FORMS if form != "conv")
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # inference modes: (dtype of the float parts, inference_dtype)
 EVAL_MODES = {"fp32": (jnp.float32, None), "bf16": (jnp.bfloat16, None),
@@ -123,7 +123,7 @@ def parse_args(argv=None):
     p.add_argument("--compare-teacher-bn", action="store_true",
                    help="also time the bf16 training step with the teacher's BatchNorm on its "
                         "running statistics (config.teacher_bn_train_mode=False)")
-    p.add_argument("--stem-conv", choices=tuple(layers.CONV_FORMS),
+    p.add_argument("--stem-conv", choices=tuple(convolutions.CONV_FORMS),
                    default=default_config.get_config().stem_conv,
                    help="config.stem_conv of the training and inference steps (default: the "
                         "config's)")
@@ -371,8 +371,8 @@ class Bench:
 
 def stem_conv(variant: str):
     """The stem convolution (7x7, stride 2, padding 3) of STEM_VARIANTS: `conv(x, kernel)`."""
-    if variant in layers.CONV_FORMS:
-        return lambda x, kernel: layers.CONV_FORMS[variant](x, kernel, 2, 3)
+    if variant in convolutions.CONV_FORMS:
+        return lambda x, kernel: convolutions.CONV_FORMS[variant](x, kernel, 2, 3)
     return lambda x, kernel: stem_conv_padded(x, kernel, int(variant))
 
 
@@ -382,7 +382,7 @@ def stem_conv_padded(x, kernel, channels: int):
     extra = channels - x.shape[-1]
     x = jnp.pad(x, ((0, 0),) * 3 + ((0, extra),))
     kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra), (0, 0)))
-    return layers.conv2d(x, kernel, 2, 3)
+    return convolutions.conv2d(x, kernel, 2, 3)
 
 
 def resolved_backends(backend: str) -> dict:
@@ -533,7 +533,7 @@ def compare_stems(bench, result, measure, out: dict) -> None:
         key = f"{kind}_bf16_img_s"
         row = out[key] = {a.stem_conv: result.get(key)}
         timed = bench.train if kind == "train" else bench.inference
-        for form in layers.CONV_FORMS:
+        for form in convolutions.CONV_FORMS:
             if form != a.stem_conv:
                 name = f"{kind}_bf16_stem_{form}"
                 row[form] = measure(name, lambda n=name, f=form: timed("bf16", a.backend, n, f))
@@ -613,7 +613,7 @@ def table(result: dict) -> str:
         row(f"eval {EVAL_ARCH} {mode}", f"eval_{mode}_img_s", "img/s", f"eval_{mode}")
     for dtype, times in (result.get("stem_ms") or {}).items():
         lines.append(f"{'stem conv ' + dtype + ' fwd+dW':<26}" + ", ".join(
-            f"{v if v in layers.CONV_FORMS else v + ' channels'} {ms:.3f} ms"
+            f"{v if v in convolutions.CONV_FORMS else v + ' channels'} {ms:.3f} ms"
             for v, ms in times.items()))
     for dtype in DTYPES:
         copy = result.get(f"copy_gbps_{dtype}")

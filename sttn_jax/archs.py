@@ -2,7 +2,7 @@
 `*_problem` functions (None, or why not and what fits): configs, flags and modules refuse alike."""
 
 from sttn_jax.errors import ConfigError
-from sttn_jax.layers import CONV_FORMS
+from sttn_jax.convolutions import CONV_FORMS
 
 BWX2, TERNARY, TEACHER = "resnet18_bwx2", "resnet18_ter", "resnet50"
 ARCHS = {

@@ -16,7 +16,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from ops import fold_binary_pair
-from ops.pooling import output_size, window_views
+from sttn_jax.convolutions import CONV_FORMS, conv2d, conv2d_as_dot
 
 Dtype = Any
 # Names of values that training with remat keeps for the backward pass (`models.REMAT_POLICY`).
@@ -35,59 +35,45 @@ def torch_default_bias(fan_in: int) -> Callable:
     return functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
 
 
-def conv2d(x, kernel, stride: int, padding: int, **kwargs):
-    """PyTorch Conv2d arithmetic (symmetric explicit padding) in NHWC/HWIO."""
-    return lax.conv_general_dilated(
-        x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def batch_norm_train(x, shift, scale, bias, axis_name: str | None, epsilon: float):
+    """(y, mean, var): training BatchNorm over all but the last axis (and `axis_name`'s devices)
+    with the biased variance, in shift's dtype. Both statistics in one pass over x, one reduction
+    (the two-pass variance reads x twice), of x - shift: `shift` is the running mean, the same on
+    every device, so that the difference of squares does not cancel when |mean| >> std once the
+    running mean tracks the batch's. Its gradient is BatchNorm's, written out: one reduction of
+    the two sums it needs where autodiff takes several (XLA's H100 plan of the training step: 11 %
+    fewer kernels); mean and var are for the running averages and carry no gradient."""
+    return _bn_fwd(x, shift, scale, bias, axis_name, epsilon)[0]
 
 
-def conv2d_as_dot(x, kernel, stride: int, padding: int, **kwargs):
-    """`conv2d(x, kernel, stride, padding)` as one matrix product over the k*k shifted windows of
-    the padded input (im2col): the same sums. `kwargs` go to `jnp.dot` (`preferred_element_type`).
-    Used for int8 inputs smaller than the kernel, which XLA's GPU backend rewrites into a
-    convolution that cuDNN has no int8 kernel for (seen compiling for sm_90: "Can't lower one or
-    more integer convolutions"); such maps are at most 2x2, so the k*k copies cost nothing."""
-    k, c = kernel.shape[0], x.shape[-1]
-    # the windows in HWIO order of the kernel's rows: (n, oh, ow, k * k * c)
-    patches = jnp.concatenate(window_views(x, k, stride, padding), axis=-1)
-    return jnp.dot(patches, kernel.reshape(k * k * c, -1), **kwargs)
+def _bn_fwd(x, shift, scale, bias, axis_name, epsilon):
+    xs = x.astype(shift.dtype)
+    moments = jnp.mean(jnp.stack([xs - shift, jnp.square(xs - shift)]),
+                       axis=tuple(range(1, xs.ndim)))
+    if axis_name is not None:  # one collective for both (equal per-device batches)
+        moments = lax.pmean(moments, axis_name)
+    m1, m2 = moments
+    mean = checkpoint_name(m1 + shift, BN_STATS)
+    var = checkpoint_name(jnp.maximum(m2 - jnp.square(m1), 0), BN_STATS)
+    y = (xs - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
+    return (y, mean, var), (x, shift, mean, var, scale)
 
 
-def conv2d_space_to_depth(x, kernel, stride: int, padding: int):
-    """`conv2d(x, kernel, 2, padding)` as a stride-1 convolution without padding over the padded
-    input's 2x2 blocks stacked into 4x the channels, the kernel (zero-padded to an even size)
-    stacked alike: the same products, summed in another order. Stride 2 only."""
-    if stride != 2:
-        raise ValueError(f"conv2d_space_to_depth computes stride-2 convolutions, not stride "
-                         f"{stride}")
-    n, h, w, c = x.shape
-    k, o = kernel.shape[0], kernel.shape[-1]
-    oh, ow = output_size(x, k, stride, padding)
-    x = jnp.pad(x, ((0, 0), (padding, padding + h % 2), (padding, padding + w % 2), (0, 0)))
-    hb, wb = x.shape[1] // 2, x.shape[2] // 2
-    x = x.reshape(n, hb, 2, wb, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hb, wb, 4 * c)
-    kb = (k + 1) // 2
-    kernel = jnp.pad(kernel, ((0, 2 * kb - k), (0, 2 * kb - k), (0, 0), (0, 0)))
-    kernel = kernel.reshape(kb, 2, kb, 2, c, o).transpose(0, 2, 1, 3, 4, 5)
-    kernel = kernel.reshape(kb, kb, 4 * c, o)
-    # the blocks' extra row and column (odd sizes, or padding past the last window) are cut off
-    return conv2d(x, kernel, 1, 0)[:, :oh, :ow]
+def _bn_bwd(axis_name, epsilon, residuals, cotangents):
+    x, shift, mean, var, scale = residuals  # x in its own dtype: bfloat16 stays bfloat16
+    dy = cotangents[0]
+    rstd = lax.rsqrt(var + epsilon)
+    xhat = (x.astype(shift.dtype) - mean) * rstd
+    sums = jnp.sum(jnp.stack([dy, dy * xhat]), axis=tuple(range(1, x.ndim)))
+    n, total = math.prod(x.shape[:-1]), sums
+    if axis_name is not None:
+        total, n = lax.psum(sums, axis_name), n * lax.psum(1, axis_name)
+    dx = (scale * rstd) * (dy - total[0] / n - xhat * (total[1] / n))
+    return dx.astype(x.dtype), jnp.zeros_like(shift), sums[1], sums[0]
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2, 3))
-def conv2d_im2col(x, kernel, stride: int, padding: int):
-    """`conv2d_as_dot` whose backward pass rebuilds the patches from `x` instead of keeping them
-    (XLA's H100 plan of the bfloat16 training step with it as the stems: 0.8 GiB less at the peak,
-    1.2 GB more moved)."""
-    return conv2d_as_dot(x, kernel, stride, padding)
-
-
-# The ways `Conv` can compute its convolution, all the same sums. They differ in the GPU kernels
-# they become: a 7x7 stride-2 convolution over 3 channels (the stem) ran at ~34 TFLOP/s in cuDNN on
-# an H200 (docs/performance.md); space-to-depth makes it a 4x4 one over 12 channels, im2col a matrix
-# product with rows of 147.
-CONV_FORMS = {"conv": conv2d, "space_to_depth": conv2d_space_to_depth, "im2col": conv2d_im2col}
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -102,31 +88,34 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        c = x.shape[-1]
+    def __call__(self, x, train: bool, conv_kernel=None):
+        """BatchNorm of x; or, given `conv_kernel` (a 1x1 HWIO kernel, stride 1, no bias), of that
+        convolution of x, computed as one convolution with the normalisation folded into its
+        kernel and a bias: the batch statistics come from x's mean and second moments, so the
+        convolution's output is written once, normalised (`folded_statistics`)."""
+        c = x.shape[-1] if conv_kernel is None else conv_kernel.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), self.param_dtype))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), self.param_dtype))
         tracked = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
         sdt = jnp.promote_types(self.dtype, jnp.float32)  # bfloat16 statistics are too coarse
+        if conv_kernel is not None:  # the kernel as the convolution computes with it
+            conv_kernel = conv_kernel.astype(self.dtype)
+            if train and math.prod(x.shape[:-1]) < FOLD_MIN_ROWS * x.shape[-1]:  # not worth it
+                x, conv_kernel = conv2d(x.astype(self.dtype), conv_kernel, 1, 0), None
         xs = x.astype(sdt)
-        axes = tuple(range(x.ndim - 1))
         if train:
-            # Both statistics in one pass over x: XLA fuses the two sums into one read of x, where
-            # the two-pass variance reads x twice (XLA's H100 plan of the bfloat16 training step:
-            # 13 % fewer bytes moved). Shifted by the running mean, the same on every device, so
-            # that the difference of squares does not cancel when |mean| >> std once the running
-            # mean tracks the batch's: the shifted-data variance, with the two-pass value and
-            # gradient.
-            shift = lax.stop_gradient(ra_mean.value.astype(sdt))
-            centred = xs - shift
-            m1, m2 = jnp.mean(centred, axis=axes), jnp.mean(jnp.square(centred), axis=axes)
             n = math.prod(x.shape[:-1])
-            if self.axis_name is not None:  # one collective for both (equal per-device batches)
-                m1, m2 = lax.pmean((m1, m2), self.axis_name)
+            if conv_kernel is not None:
+                mean, var = folded_statistics(x.astype(self.dtype), conv_kernel, self.axis_name)
+            else:  # scale and bias as varying as x: the rule returns this device's sums
+                like_x = jnp.zeros_like(xs[(0,) * (x.ndim - 1)])
+                y, mean, var = batch_norm_train(
+                    x, lax.stop_gradient(ra_mean.value.astype(sdt)), scale.astype(sdt) + like_x,
+                    bias.astype(sdt) + like_x, self.axis_name, self.epsilon)
+            if self.axis_name is not None:
                 n = n * lax.psum(1, self.axis_name)
-            mean, var = m1 + shift, jnp.maximum(m2 - jnp.square(m1), 0)
             if isinstance(n, int) and n < 2:
                 raise ValueError(f"BatchNorm in training needs more than one value per channel, "
                                  f"got input of shape {x.shape}; use a larger batch or image")
@@ -140,10 +129,45 @@ class BatchNorm(nn.Module):
                 ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
                 ra_var.value = ((1 - m) * ra_var.value + m * unbiased).astype(ra_var.value.dtype)
                 tracked.value = tracked.value + 1
+            if conv_kernel is None:
+                return y.astype(self.dtype)
         else:
             mean, var = ra_mean.value.astype(sdt), ra_var.value.astype(sdt)
         inv = lax.rsqrt(var + self.epsilon) * scale.astype(sdt)
+        if conv_kernel is not None:
+            kernel = (conv_kernel.astype(sdt) * inv).astype(self.dtype)
+            return conv2d(x.astype(self.dtype), kernel, 1, 0) + (
+                bias.astype(sdt) - mean * inv).astype(self.dtype)
         return ((xs - mean) * inv + bias.astype(sdt)).astype(self.dtype)
+
+
+# Training folds a BatchNorm into its 1x1 convolution when the input has at least this many rows
+# (pixels on a device) per channel: the statistics' C x C x outputs product then costs at most
+# about 1/8 of the convolution (a small batch per device would pay more than it saves).
+FOLD_MIN_ROWS = 8
+
+
+def folded_statistics(x, kernel, axis_name: str | None = None):
+    """Batch mean and biased variance, per output channel, of the 1x1 convolution of x by kernel,
+    without computing it: mean = E[x] W and E[y^2] = diag(W^T E[x x^T] W), from one reduction and
+    one C x C matrix product over x (products exact, sums in float32 or wider). In float32 the
+    variance is exact to about 1e-7 x (1 + mean^2 / var) relative (second moments about zero).
+    `axis_name`: both moments averaged over that mapped axis (equal per-device batches)."""
+    sdt = jnp.promote_types(x.dtype, jnp.float32)
+    flat = x.reshape(-1, x.shape[-1])
+    first = jnp.mean(flat.astype(sdt), axis=0)
+    # the matrix product reads x as the convolution does: not recomputed from its producer (which
+    # would write that producer's output as well)
+    stored = lax.optimization_barrier(flat)
+    second = jnp.dot(stored.T, stored, precision=lax.Precision.HIGHEST,
+                     preferred_element_type=sdt) / flat.shape[0]
+    if axis_name is not None:
+        first, second = lax.pmean((first, second), axis_name)
+    w = kernel.reshape(kernel.shape[-2:]).astype(sdt)
+    # one small matrix product for both: E[x] W in its last row
+    moments = jnp.dot(jnp.concatenate([second, first[None]]), w, precision=lax.Precision.HIGHEST)
+    mean = moments[-1]
+    return mean, jnp.maximum(jnp.sum(w * moments[:-1], axis=0) - jnp.square(mean), 0)
 
 
 class PReLU(nn.Module):
@@ -172,10 +196,17 @@ class Conv(nn.Module):
     form: str = "conv"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, batch_norm: Callable | None = None):
+        """conv(x), or with `batch_norm` (a BatchNorm module's bound call, `train` given) that
+        BatchNorm of it, folded into this 1x1 convolution (`BatchNorm.__call__`'s conv_kernel)."""
         k, cin = self.kernel_size, x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features),
                             self.param_dtype)
+        if batch_norm is not None:
+            if (k, self.stride, self.padding, self.use_bias) != (1, 1, 0, False):
+                raise ValueError("only a 1x1 stride-1 convolution without bias or padding folds "
+                                 "its BatchNorm")
+            return batch_norm(x, conv_kernel=kernel)
         y = CONV_FORMS[self.form](x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
                                   self.padding)
         y = checkpoint_name(y, CONV_OUT)

@@ -134,7 +134,8 @@ class Bottleneck(nn.Module):
         bn = lambda name: BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name=name)  # noqa: E731
         out = nn.relu(bn("bn1")(conv(self.planes, 1, 1, 0, "conv1")(x), train))
         out = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, 1, "conv2")(out), train))
-        out = bn("bn3")(conv(self.planes * 4, 1, 1, 0, "conv3")(out), train)
+        # bn3 folded into conv3: XLA makes the sum with x and relu part of the convolution
+        out = conv(self.planes * 4, 1, 1, 0, "conv3")(out, functools.partial(bn("bn3"), train=train))
         if self.downsample:
             x = bn("downsample_1")(conv(out.shape[-1], 1, self.stride, 0, "downsample_0")(x), train)
         return nn.relu(out + x)
@@ -176,7 +177,7 @@ def create(arch: str, num_classes: int = 1000, dtype=jnp.float32, act_backend: s
     ResNet-18s): the stem and every block under jax.checkpoint with REMAT_POLICY, for training:
     the same function (identical values in float64; float32 may round differently), about a
     quarter of the activation memory for the backward pass. stem_conv: how the 7x7 stem
-    convolution is computed, a key of `layers.CONV_FORMS` (the same sums; a speed choice)."""
+    convolution is computed, a key of `convolutions.CONV_FORMS` (the same sums; a speed choice)."""
     check_arch(arch)
     if problem := stem_conv_problem(stem_conv):
         raise ValueError(f"unknown stem_conv {stem_conv!r}; {problem}")

@@ -5,10 +5,10 @@ whole training run, and train.py is its command line.
 A training step is the original algorithm (docs/original.md, "Weight binarization"): clamp the
 latent kernels to [-1, 1] (persistently), run teacher and student, take the gradient of the
 distillation loss through the folded convolutions (`ops.fold_binary_pair` applies the original
-gradient rule), average it over the data axis, let Adam update the latent weights. `shard_map`
-over the mesh axis "data" (every device of every process) replicates parameters and splits
-batches; BatchNorm statistics are synchronised over it with config.sync_batch_stats, else each
-device normalises its own shard (as the original's DataParallel)."""
+gradient rule), average it over the data axis, let Adam update the latent weights. `shard_map` over
+the mesh axis "data" (every device of every process) replicates parameters and splits batches;
+BatchNorm statistics are synchronised over it with config.sync_batch_stats, else each device
+normalises its own shard (as the original's DataParallel)."""
 import functools
 import math
 from typing import Any, Callable
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.layout import Layout, with_layout_constraint
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import ops
@@ -176,15 +177,21 @@ def topk_correct(logits, labels, k: int):
 @functools.partial(jax.jit, static_argnames="per_kernel")  # one program, not one per kernel shape
 def ternary_zero_fraction(params, per_kernel: bool = False):
     """Fraction of zeros in the ternary kernels the pairs fold into (sign W1 = -sign W2), over all
-    of them, or {path: fraction} with `per_kernel`. A property of the state, counted where the
-    parameters are when the loop logs or evaluates, not a metric of the train step (XLA would add
-    kernels to every step for it)."""
+    of them, or {path: fraction} with `per_kernel`. A property of the state, counted when the loop
+    logs or evaluates, not a metric of the train step (XLA would add kernels to every step)."""
     pairs = dict(ops.binary_pairs(params))
     zeros = {k: jnp.sum(ops.folded_zeros(p["kernel_1"], p["kernel_2"])) for k, p in pairs.items()}
     if per_kernel:
         return {k: zeros[k] / p["kernel_1"].size for k, p in pairs.items()}
     total = sum(p["kernel_1"].size for p in pairs.values())
     return sum(zeros.values()) / total if pairs else jnp.zeros(())
+
+
+def in_parameter_layout(grad):
+    """A kernel's gradient in the parameters' layout (cuDNN writes it output-channel major): Adam
+    then updates the state in place, not through transposed copies (by XLA's H100 plan)."""
+    return grad if grad.ndim != 4 else jax.lax.optimization_barrier(
+        with_layout_constraint(grad, Layout(tuple(range(4)))))
 
 
 def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
@@ -218,6 +225,8 @@ def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
             return jax.lax.pmean(loss, DATA_AXIS), (logits, updates["batch_stats"])
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if mesh.devices.flat[0].platform == "gpu":  # a TPU's layouts are tiled: XLA's choice
+            grads = jax.tree_util.tree_map(in_parameter_layout, grads)
         if not config.sync_batch_stats:
             batch_stats = jax.tree_util.tree_map(
                 lambda x: jax.lax.pmean(x, DATA_AXIS) if jnp.issubdtype(x.dtype, jnp.floating)

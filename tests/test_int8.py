@@ -27,7 +27,7 @@ import optax
 import pytest
 
 import ops
-from sttn_jax import layers, merging, models, quantize
+from sttn_jax import convolutions, layers, merging, models, quantize
 
 NUM_CLASSES = 10
 TER, BWX2 = "resnet18_ter", "resnet18_bwx2"
@@ -268,7 +268,7 @@ def _products(jaxpr):
 
 def test_block_convolutions_are_int8_times_int8_into_int32():
     """At 32x32 the maps of stages 3 and 4 are 2x2 and 1x1, smaller than the kernel: those 7
-    convolutions are int8 matrix products over the shifted windows (`layers.conv2d_as_dot`),
+    convolutions are int8 matrix products over the shifted windows (`convolutions.conv2d_as_dot`),
     the other 9 int8 convolutions; all int8 x int8 -> int32."""
     variables, x = _shapes(float_model=False)
     module = models.create(TER, NUM_CLASSES, inference_dtype="int8")
@@ -289,13 +289,13 @@ def test_block_convolutions_are_int8_times_int8_into_int32():
 
 @pytest.mark.parametrize("size, stride", [(1, 1), (2, 1), (2, 2), (3, 1), (4, 2), (7, 1), (7, 2)])
 def test_int8_convolution_as_a_matrix_product_gives_the_same_sums(size, stride):
-    """`layers.conv2d_as_dot` equals the int8 convolution exactly (padding 1, 3x3 kernel):
+    """`convolutions.conv2d_as_dot` equals the int8 convolution exactly (padding 1, 3x3 kernel):
     the same windows, the kernel's rows in the same order, for maps smaller and larger than it."""
     rng = np.random.default_rng(size * 10 + stride)
     x = jnp.asarray(rng.integers(-1, 2, size=(3, size, size + 1, 6)), jnp.int8)
     kernel = jnp.asarray(rng.integers(-2, 3, size=(3, 3, 6, 5)), jnp.int8)
-    want = layers.conv2d(x, kernel, stride, 1, preferred_element_type=jnp.int32)
-    got = layers.conv2d_as_dot(x, kernel, stride, 1, preferred_element_type=jnp.int32)
+    want = convolutions.conv2d(x, kernel, stride, 1, preferred_element_type=jnp.int32)
+    got = convolutions.conv2d_as_dot(x, kernel, stride, 1, preferred_element_type=jnp.int32)
     assert got.dtype == jnp.int32 and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
     assert np.abs(np.asarray(want)).max() > 0
@@ -311,7 +311,7 @@ def test_int8_layer_rounds_once():
     act = rng.integers(-1, 2, (4, 14, 14, 256)).astype(np.int8)
     kernel = quantize.kernel_from_codes(codes, scale)
     with jax.enable_x64(True):
-        ref = np.asarray(layers.conv2d(act.astype(np.float64), kernel.astype(np.float64), 1, 1))
+        ref = np.asarray(convolutions.conv2d(act.astype(np.float64), kernel.astype(np.float64), 1, 1))
     ref = ref + bias.astype(np.float64)
     int8 = layers.Int8TernaryConv(256).apply(
         {"params": {"codes": codes, "scale": scale, "bias": bias}}, act)

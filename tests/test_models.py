@@ -13,7 +13,7 @@ from jax.ad_checkpoint import print_saved_residuals
 import pytest
 
 import ops
-from sttn_jax import archs, layers, merging, models
+from sttn_jax import archs, convolutions, layers, merging, models
 
 PARAM_COUNTS = {"resnet18_bwx2": 22_519_528, "resnet18_ter": 11_530_216, "resnet50": 25_557_032}
 STATE_KEYS = {"resnet18_bwx2": 249, "resnet18_ter": 217, "resnet50": 320}  # torch state_dict sizes
@@ -213,6 +213,136 @@ def test_batchnorm_float32_statistics_do_not_cancel_once_the_running_mean_tracks
                                rtol=1e-5)
 
 
+def written_out_batchnorm(x, scale, bias, shift, axis_name, eps=1e-5):
+    """Training BatchNorm as plain jnp (autodiff's gradient): shifted moments, pmean if synced."""
+    m1, m2 = jnp.mean(x - shift, axis=(0, 1, 2)), jnp.mean(jnp.square(x - shift), axis=(0, 1, 2))
+    if axis_name:
+        m1, m2 = jax.lax.pmean((m1, m2), axis_name)
+    mean, var = m1 + shift, jnp.maximum(m2 - m1 ** 2, 0)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, mean
+
+
+@pytest.mark.parametrize("synced", [False, True])
+def test_batchnorm_gradient_rule_equals_autodiff(x64, synced):
+    """BatchNorm's written-out gradient (one reduction) equals autodiff's of the plain function:
+    float64 gradients for x, scale and bias, the loss and the running mean, on 8 devices'
+    shards, statistics per device or synchronised."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(2, 3, (16, 5, 5, 6)), rng.normal(size=(16, 5, 5, 6))
+    p = {"scale": rng.normal(size=6), "bias": rng.normal(size=6)}
+    stats = {"mean": rng.normal(size=6), "var": np.ones(6), "num_batches_tracked": np.int32(0)}
+    axis = "d" if synced else None
+    bn = layers.BatchNorm(dtype=jnp.float64, axis_name=axis)
+
+    def both(p, x, w):
+        def ours(p, x):
+            y, upd = bn.apply({"params": p, "batch_stats": stats}, x, True, mutable=["batch_stats"])
+            return jax.lax.pmean(jnp.sum(y * w * y), "d"), upd["batch_stats"]["mean"]
+
+        def plain(p, x):
+            y, mean = written_out_batchnorm(x, p["scale"], p["bias"], stats["mean"], axis)
+            return jax.lax.pmean(jnp.sum(y * w * y), "d"), 0.9 * stats["mean"] + 0.1 * mean
+
+        grad = functools.partial(jax.value_and_grad, argnums=(0, 1), has_aux=True)
+        return grad(ours)(p, x), grad(plain)(p, x)
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("d",))
+    out = ((jax.P(), jax.P() if synced else jax.P("d")), (jax.P(), jax.P("d")))
+    got, want = jax.jit(jax.shard_map(both, mesh=mesh, in_specs=(jax.P(), jax.P("d"), jax.P("d")),
+                                      out_specs=(out, out)))(p, x, w)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+    assert np.abs(np.asarray(got[1][1])).max() > 0.1  # a real gradient for x compared
+
+
+class ConvBN(nn.Module):
+    """A 1x1 convolution and its BatchNorm, written out or folded (the teacher's conv3/bn3)."""
+    fold: bool
+    dtype: object = jnp.float64
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train):
+        conv = layers.Conv(6, 1, use_bias=False, dtype=self.dtype, name="conv")
+        bn = layers.BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="bn")
+        return conv(x, batch_norm=functools.partial(bn, train=train)) if self.fold else bn(
+            conv(x), train)
+
+
+def conv_bn_variables(x, dtype=jnp.float64):
+    v = ConvBN(False, dtype).init(jax.random.PRNGKey(0), x, train=False)
+    v = jax.tree_util.tree_map(lambda a: a.astype(dtype) if a.dtype == jnp.float32 else a, v)
+    rng = np.random.default_rng(1)
+    v["params"]["bn"] = {"scale": jnp.asarray(rng.normal(1, 0.5, 6), dtype),
+                         "bias": jnp.asarray(rng.normal(0, 0.5, 6), dtype)}
+    return v
+
+
+@pytest.mark.parametrize("synced", [False, True])
+def test_batchnorm_folded_into_its_convolution_is_the_same_function(x64, synced):
+    """The teacher's conv3 + bn3 as one convolution: float64 outputs and running statistics equal
+    the written-out pair's, in training (statistics from the input's moments, over 8 devices'
+    shards when synchronised) and in evaluation; the parameters are the same tree."""
+    x = jnp.asarray(np.random.default_rng(0).normal(0.7, 2.0, (16, 5, 4, 3)))
+    v = conv_bn_variables(x)
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(
+        ConvBN(True).init(jax.random.PRNGKey(0), x, train=False))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("d",))
+    axis = "d" if synced else None
+
+    def run(fold, train):
+        def f(v, x):
+            y, upd = ConvBN(fold, axis_name=axis).apply(v, x, train=train, mutable=["batch_stats"])
+            return y, jax.tree_util.tree_map(lambda a: jax.lax.pmean(a, "d"), upd)
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(jax.P(), jax.P("d")),
+                                     out_specs=(jax.P("d"), jax.P())))(v, x)
+
+    for train in (True, False):
+        (y, upd), (want, want_upd) = run(True, train), run(False, train)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-12, atol=1e-12)
+        for a, b in zip(jax.tree_util.tree_leaves(upd), jax.tree_util.tree_leaves(want_upd)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+        moved = np.abs(np.asarray(upd["batch_stats"]["bn"]["mean"])).max()
+        assert (moved > 0.05) == train  # training updated the running mean, evaluation did not
+
+
+def test_folded_batchnorm_float32_statistics_against_float64():
+    """In float32, the folded statistics (second moments about zero, products exact) normalise as
+    float64 does for an input whose convolution has |mean| = 10 x std: outputs within 1e-4."""
+    rng = np.random.default_rng(0)
+    x = (10 + rng.normal(0, 1, (64, 8, 8, 3))).astype(np.float32)
+    v = conv_bn_variables(x, jnp.float32)
+    v["params"]["conv"]["kernel"] = jnp.full((1, 1, 3, 6), 1 / 3, jnp.float32)
+    y = ConvBN(True, jnp.float32).apply(v, x, train=True, mutable=["batch_stats"])[0]
+    conv = x.astype(np.float64).mean(-1, keepdims=True) * np.ones(6)
+    norm = (conv - conv.mean((0, 1, 2))) / np.sqrt(conv.var((0, 1, 2)) + 1e-5)
+    p = v["params"]["bn"]
+    want = norm * np.asarray(p["scale"], np.float64) + np.asarray(p["bias"], np.float64)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=0, atol=1e-4)
+
+
+def test_training_folds_only_where_the_statistics_cost_little(x64):
+    """The folded statistics' channels x channels x outputs product is paid whatever the batch:
+    training folds with at least FOLD_MIN_ROWS rows (pixels on a device) per input channel and
+    computes the convolution and its BatchNorm apart below that, the same values either way."""
+    for rows in (layers.FOLD_MIN_ROWS * 3, layers.FOLD_MIN_ROWS * 3 - 1):
+        x = jnp.asarray(np.random.default_rng(0).normal(0.5, 2.0, (rows, 1, 1, 3)))
+        v = conv_bn_variables(x)
+        fold = lambda v, x: ConvBN(True).apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
+        products = [e for e in jax.make_jaxpr(fold)(v, x).eqns if e.primitive.name == "dot_general"]
+        assert bool(products) == (rows >= 3 * layers.FOLD_MIN_ROWS)
+        want = ConvBN(False).apply(v, x, train=True, mutable=["batch_stats"])
+        for a, b in zip(jax.tree_util.tree_leaves(fold(v, x)), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+def test_only_a_plain_1x1_convolution_folds_its_batchnorm():
+    x = jnp.ones((2, 4, 4, 3))
+    conv, bn = layers.Conv(4, 3, padding=1, use_bias=False), layers.BatchNorm()
+    with pytest.raises(ValueError, match="^only a 1x1 stride-1 convolution"):
+        conv.init(jax.random.PRNGKey(0), x, batch_norm=functools.partial(bn, train=True))
+
+
 SHORT_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f64": jnp.float64, "bool": jnp.bool_,
                 "i8": jnp.int8}
 
@@ -327,13 +457,13 @@ def test_the_triton_backend_path_runs_under_remat(monkeypatch):
 @pytest.mark.parametrize("shape", [(32, 34, 7, 3), (33, 35, 7, 3), (15, 17, 4, 1), (9, 9, 5, 0),
                                    (10, 11, 1, 0)])
 def test_conv_forms_compute_the_convolution_and_its_gradients(x64, form, shape):
-    """`layers.CONV_FORMS` (the models' stem_conv): values and both gradients of a stride-2
+    """`convolutions.CONV_FORMS` (the models' stem_conv): values and both gradients of a stride-2
     convolution in float64, at odd and even sizes and kernels, with and without padding."""
     h, w, k, padding = shape
     rng = np.random.default_rng(k)
     x, kernel = rng.normal(size=(2, h, w, 3)), rng.normal(size=(k, k, 3, 5))
-    want, want_vjp = jax.vjp(lambda a, b: layers.conv2d(a, b, 2, padding), x, kernel)
-    got, got_vjp = jax.vjp(lambda a, b: layers.CONV_FORMS[form](a, b, 2, padding), x, kernel)
+    want, want_vjp = jax.vjp(lambda a, b: convolutions.conv2d(a, b, 2, padding), x, kernel)
+    got, got_vjp = jax.vjp(lambda a, b: convolutions.CONV_FORMS[form](a, b, 2, padding), x, kernel)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     g = rng.normal(size=want.shape)
@@ -345,10 +475,10 @@ def test_im2col_keeps_no_patches_for_the_backward_pass(capsys):
     """The im2col form rebuilds its patches in the backward pass: what it keeps is the size of its
     input, where the patches are k*k times that."""
     x, kernel = jnp.ones((2, 32, 32, 3)), jnp.ones((7, 7, 3, 64))
-    print_saved_residuals(lambda k: jnp.sum(layers.CONV_FORMS["im2col"](x, k, 2, 3)), kernel)
+    print_saved_residuals(lambda k: jnp.sum(convolutions.CONV_FORMS["im2col"](x, k, 2, 3)), kernel)
     saved = capsys.readouterr().out
     assert "f32[2,16,16,147]" not in saved and "f32[2,32,32,3]" in saved, saved
-    print_saved_residuals(lambda k: jnp.sum(layers.conv2d_as_dot(x, k, 2, 3)), kernel)
+    print_saved_residuals(lambda k: jnp.sum(convolutions.conv2d_as_dot(x, k, 2, 3)), kernel)
     assert "f32[2,16,16,147]" in capsys.readouterr().out  # what it would keep
 
 
@@ -375,7 +505,7 @@ def test_stem_conv_reaches_the_stems_and_nothing_else(x64, variables32):
     v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a,
                                variables32[archs.BWX2])
     outs = [models.create(archs.BWX2, 1000, jnp.float64, stem_conv=form).apply(
-        v, x, train=True, mutable=["batch_stats"]) for form in layers.CONV_FORMS]
+        v, x, train=True, mutable=["batch_stats"]) for form in convolutions.CONV_FORMS]
     for out in outs[1:]:
         for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(outs[0])):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)

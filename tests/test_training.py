@@ -340,6 +340,11 @@ def test_bf16_train_step_runs_every_convolution_and_matmul_in_bf16():
              if e.primitive.name in ("conv_general_dilated", "dot_general")]
     # the 17 student convolutions forward and backward, the 53 of the teacher forward, 2 classifiers
     assert len(heavy) > 100
+    # float32 on purpose: the teacher's folded BatchNorm statistics, [E[x x^T]; E[x]] W, a
+    # (channels + 1) x channels by channels x outputs product at full precision
+    exact = [e for e in heavy if "folded_statistics" in str(e.source_info.traceback)
+             and e.invars[0].aval.shape[0] == e.invars[0].aval.shape[1] + 1
+             == e.invars[1].aval.shape[0] + 1]
     leaks = [(e.primitive.name, [str(v.aval.dtype) for v in e.invars]) for e in heavy
-             if any(v.aval.dtype != jnp.bfloat16 for v in e.invars)]
+             if any(v.aval.dtype != jnp.bfloat16 for v in e.invars) and e not in exact]
     assert not leaks, leaks[:5]
