@@ -18,17 +18,14 @@ LATENT_KERNEL_NAMES = ("kernel_1", "kernel_2")
 GRADIENT_CUTOFF = 1.96
 
 
-def _reduce_axes(w):
-    return tuple(range(w.ndim - 1))
-
-
 def pair_alpha(w1, w2):
     """alpha = (sum|w1| + sum|w2|) / (2n) per output channel (last axis), n = fan-in."""
     if w1.shape != w2.shape:
         raise ValueError(f"a binary pair needs two kernels of one shape, got {w1.shape} and {w2.shape}")
-    axes = _reduce_axes(w1)
     n = math.prod(w1.shape[:-1])
-    return (jnp.sum(jnp.abs(w1), axis=axes) + jnp.sum(jnp.abs(w2), axis=axes)) / (2 * n)
+    # both kernels' sums as one reduction over them stacked
+    sums = jnp.sum(jnp.abs(jnp.stack([w1, w2])), axis=tuple(range(1, w1.ndim)))
+    return (sums[0] + sums[1]) / (2 * n)
 
 
 def folded_zeros(w1, w2):
@@ -50,19 +47,17 @@ def _fold_fwd(w1, w2):
     return _fold(w1, w2), (w1, w2)
 
 
-def latent_gradient(w, g):
-    """The original `updateBinaryGradWeight` for one latent kernel `w` given G = dL/d(binarized w)."""
-    s = jnp.sign(w).astype(g.dtype)
-    correction = s * jnp.mean(s * g, axis=_reduce_axes(w))
-    return jnp.where(jnp.abs(w) > GRADIENT_CUTOFF, jnp.zeros((), g.dtype), g) + correction
+def latent_gradients(kernels, g):
+    """The original `updateBinaryGradWeight` for latent kernels given the gradient G of their
+    binarized sum: G (zeroed where |W| > 1.96) + sign(W) * mean(sign(W) * G) per output channel,
+    the means of all kernels as one reduction."""
+    signs = [jnp.sign(w).astype(g.dtype) for w in kernels]
+    means = jnp.mean(jnp.stack([s * g for s in signs]), axis=tuple(range(1, g.ndim)))
+    return tuple((jnp.where(jnp.abs(w) > GRADIENT_CUTOFF, jnp.zeros((), g.dtype), g)
+                  + s * mean).astype(w.dtype) for w, s, mean in zip(kernels, signs, means))
 
 
-def _fold_bwd(res, g):
-    w1, w2 = res
-    return latent_gradient(w1, g).astype(w1.dtype), latent_gradient(w2, g).astype(w2.dtype)
-
-
-fold_binary_pair.defvjp(_fold_fwd, _fold_bwd)
+fold_binary_pair.defvjp(_fold_fwd, latent_gradients)
 
 
 def _is_latent_kernel(path) -> bool:
