@@ -16,11 +16,12 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from ops import fold_binary_pair
+from sttn_jax.batch_statistics import BN_STATS, FOLD_MIN_ROWS, batch_norm_train, folded_statistics
 from sttn_jax.convolutions import CONV_FORMS, conv2d, conv2d_as_dot
 
 Dtype = Any
-# Names of values that training with remat keeps for the backward pass (`models.REMAT_POLICY`).
-CONV_OUT, BN_STATS = "conv_out", "bn_stats"
+# Name of the convolutions' outputs that training with remat keeps (`models.REMAT_POLICY`).
+CONV_OUT = "conv_out"
 
 
 def normal_std_over_fan_in(key, shape, dtype=jnp.float32):
@@ -35,47 +36,6 @@ def torch_default_bias(fan_in: int) -> Callable:
     return functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def batch_norm_train(x, shift, scale, bias, axis_name: str | None, epsilon: float):
-    """(y, mean, var): training BatchNorm over all but the last axis (and `axis_name`'s devices)
-    with the biased variance, in shift's dtype. Both statistics in one pass over x, one reduction
-    (the two-pass variance reads x twice), of x - shift: `shift` is the running mean, the same on
-    every device, so that the difference of squares does not cancel when |mean| >> std once the
-    running mean tracks the batch's. Its gradient is BatchNorm's, written out: one reduction of
-    the two sums it needs where autodiff takes several (XLA's H100 plan of the training step: 11 %
-    fewer kernels); mean and var are for the running averages and carry no gradient."""
-    return _bn_fwd(x, shift, scale, bias, axis_name, epsilon)[0]
-
-
-def _bn_fwd(x, shift, scale, bias, axis_name, epsilon):
-    xs = x.astype(shift.dtype)
-    moments = jnp.mean(jnp.stack([xs - shift, jnp.square(xs - shift)]),
-                       axis=tuple(range(1, xs.ndim)))
-    if axis_name is not None:  # one collective for both (equal per-device batches)
-        moments = lax.pmean(moments, axis_name)
-    m1, m2 = moments
-    mean = checkpoint_name(m1 + shift, BN_STATS)
-    var = checkpoint_name(jnp.maximum(m2 - jnp.square(m1), 0), BN_STATS)
-    y = (xs - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
-    return (y, mean, var), (x, shift, mean, var, scale)
-
-
-def _bn_bwd(axis_name, epsilon, residuals, cotangents):
-    x, shift, mean, var, scale = residuals  # x in its own dtype: bfloat16 stays bfloat16
-    dy = cotangents[0]
-    rstd = lax.rsqrt(var + epsilon)
-    xhat = (x.astype(shift.dtype) - mean) * rstd
-    sums = jnp.sum(jnp.stack([dy, dy * xhat]), axis=tuple(range(1, x.ndim)))
-    n, total = math.prod(x.shape[:-1]), sums
-    if axis_name is not None:
-        total, n = lax.psum(sums, axis_name), n * lax.psum(1, axis_name)
-    dx = (scale * rstd) * (dy - total[0] / n - xhat * (total[1] / n))
-    return dx.astype(x.dtype), jnp.zeros_like(shift), sums[1], sums[0]
-
-
-batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
-
-
 class BatchNorm(nn.Module):
     """nn.BatchNorm2d semantics: training normalises with the biased batch variance and puts the
     unbiased one (n / (n - 1)) into the running average; momentum 0.1 weighs the new batch.
@@ -88,11 +48,15 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool, conv_kernel=None):
-        """BatchNorm of x; or, given `conv_kernel` (a 1x1 HWIO kernel, stride 1, no bias), of that
-        convolution of x, computed as one convolution with the normalisation folded into its
+    def __call__(self, x, train: bool, conv_kernel=None, input_bias=None):
+        """BatchNorm of x, or of x + `input_bias` (a per-channel shift, such as the bias of the
+        convolution before it: training's normalisation cancels it exactly, so there it moves the
+        running mean only and has gradient 0); or, given `conv_kernel` (1x1 HWIO, stride 1, no
+        bias), of that convolution of x, as one convolution with the normalisation folded into its
         kernel and a bias: the batch statistics come from x's mean and second moments, so the
-        convolution's output is written once, normalised (`folded_statistics`)."""
+        output is written once, normalised (`folded_statistics`)."""
+        if conv_kernel is not None and input_bias is not None:
+            raise ValueError("a folded 1x1 convolution has no bias: give conv_kernel or input_bias")
         c = x.shape[-1] if conv_kernel is None else conv_kernel.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
@@ -100,74 +64,49 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), self.param_dtype))
         tracked = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
         sdt = jnp.promote_types(self.dtype, jnp.float32)  # bfloat16 statistics are too coarse
+        if input_bias is not None and not train:  # added as the convolution adds its own bias
+            x, input_bias = x + input_bias.astype(self.dtype), None
+        centre = ra_mean.value if input_bias is None else ra_mean.value - input_bias  # x's
         if conv_kernel is not None:  # the kernel as the convolution computes with it
             conv_kernel = conv_kernel.astype(self.dtype)
             if train and math.prod(x.shape[:-1]) < FOLD_MIN_ROWS * x.shape[-1]:  # not worth it
                 x, conv_kernel = conv2d(x.astype(self.dtype), conv_kernel, 1, 0), None
-        xs = x.astype(sdt)
+        xs, m = x.astype(sdt), self.momentum
         if train:
-            n = math.prod(x.shape[:-1])
-            if conv_kernel is not None:
-                mean, var = folded_statistics(x.astype(self.dtype), conv_kernel, self.axis_name)
-            else:  # scale and bias as varying as x: the rule returns this device's sums
-                like_x = jnp.zeros_like(xs[(0,) * (x.ndim - 1)])
-                y, mean, var = batch_norm_train(
-                    x, lax.stop_gradient(ra_mean.value.astype(sdt)), scale.astype(sdt) + like_x,
-                    bias.astype(sdt) + like_x, self.axis_name, self.epsilon)
-            if self.axis_name is not None:
-                n = n * lax.psum(1, self.axis_name)
+            n = math.prod(x.shape[:-1]) * (1 if self.axis_name is None else lax.psum(1, self.axis_name))
             if isinstance(n, int) and n < 2:
                 raise ValueError(f"BatchNorm in training needs more than one value per channel, "
                                  f"got input of shape {x.shape}; use a larger batch or image")
-            # Named for remat (`sttn_jax.models.REMAT_POLICY`): its backward pass keeps these two
-            # numbers per channel and recomputes the normalisation from the saved input.
-            mean, var = checkpoint_name(mean, BN_STATS), checkpoint_name(var, BN_STATS)
-            if not self.is_initializing():
-                m = self.momentum
+            if conv_kernel is not None:
+                mean, var = folded_statistics(x.astype(self.dtype), conv_kernel, self.axis_name)
+                # Named for remat (`sttn_jax.models.REMAT_POLICY`): its backward pass keeps these
+                # two numbers per channel and recomputes the normalisation from the saved input.
+                mean, var = checkpoint_name(mean, BN_STATS), checkpoint_name(var, BN_STATS)
+                new_mean = (1 - m) * ra_mean.value + m * mean
+            else:  # scale and bias as varying as x: the rule returns this device's sums
+                like_x = jnp.zeros_like(xs[(0,) * (x.ndim - 1)])
+                y, moments = batch_norm_train(
+                    x, lax.stop_gradient(centre.astype(sdt)), scale.astype(sdt) + like_x,
+                    bias.astype(sdt) + like_x, self.axis_name, self.epsilon)
+                # the batch mean is centre + moments[0], so the running mean moves by m * moments[0]:
+                # both averages from the one array (XLA updates them in one kernel)
+                var = jnp.maximum(moments[1] - jnp.square(moments[0]), 0)
+                new_mean = ra_mean.value + m * moments[0]
+            if not self.is_initializing():  # each statistic keeps its dtype (float64 in parity)
+                ra_mean.value = new_mean.astype(ra_mean.value.dtype)
                 unbiased = var * (n / (n - 1))
-                # Keep each statistic's own dtype (float32, or float64 in parity checks).
-                ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
                 ra_var.value = ((1 - m) * ra_var.value + m * unbiased).astype(ra_var.value.dtype)
                 tracked.value = tracked.value + 1
             if conv_kernel is None:
                 return y.astype(self.dtype)
         else:
-            mean, var = ra_mean.value.astype(sdt), ra_var.value.astype(sdt)
+            mean, var = centre.astype(sdt), ra_var.value.astype(sdt)
         inv = lax.rsqrt(var + self.epsilon) * scale.astype(sdt)
         if conv_kernel is not None:
             kernel = (conv_kernel.astype(sdt) * inv).astype(self.dtype)
             return conv2d(x.astype(self.dtype), kernel, 1, 0) + (
                 bias.astype(sdt) - mean * inv).astype(self.dtype)
         return ((xs - mean) * inv + bias.astype(sdt)).astype(self.dtype)
-
-
-# Training folds a BatchNorm into its 1x1 convolution when the input has at least this many rows
-# (pixels on a device) per channel: the statistics' C x C x outputs product then costs at most
-# about 1/8 of the convolution (a small batch per device would pay more than it saves).
-FOLD_MIN_ROWS = 8
-
-
-def folded_statistics(x, kernel, axis_name: str | None = None):
-    """Batch mean and biased variance, per output channel, of the 1x1 convolution of x by kernel,
-    without computing it: mean = E[x] W and E[y^2] = diag(W^T E[x x^T] W), from one reduction and
-    one C x C matrix product over x (products exact, sums in float32 or wider). In float32 the
-    variance is exact to about 1e-7 x (1 + mean^2 / var) relative (second moments about zero).
-    `axis_name`: both moments averaged over that mapped axis (equal per-device batches)."""
-    sdt = jnp.promote_types(x.dtype, jnp.float32)
-    flat = x.reshape(-1, x.shape[-1])
-    first = jnp.mean(flat.astype(sdt), axis=0)
-    # the matrix product reads x as the convolution does: not recomputed from its producer (which
-    # would write that producer's output as well)
-    stored = lax.optimization_barrier(flat)
-    second = jnp.dot(stored.T, stored, precision=lax.Precision.HIGHEST,
-                     preferred_element_type=sdt) / flat.shape[0]
-    if axis_name is not None:
-        first, second = lax.pmean((first, second), axis_name)
-    w = kernel.reshape(kernel.shape[-2:]).astype(sdt)
-    # one small matrix product for both: E[x] W in its last row
-    moments = jnp.dot(jnp.concatenate([second, first[None]]), w, precision=lax.Precision.HIGHEST)
-    mean = moments[-1]
-    return mean, jnp.maximum(jnp.sum(w * moments[:-1], axis=0) - jnp.square(mean), 0)
 
 
 class PReLU(nn.Module):
@@ -269,7 +208,9 @@ class BinaryPairConv(_BlockConv):
     work, with the original gradients for all four parameters."""
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, batch_norm: Callable | None = None):
+        """conv(x), or with `batch_norm` (a BatchNorm module's bound call, `train` given) that
+        BatchNorm of it, which takes the biases as its input's shift (`BatchNorm`'s input_bias)."""
         k, cin = self.kernel_size, x.shape[-1]
         shape, bias_init = (k, k, cin, self.features), torch_default_bias(cin * k * k)
         w1 = self.param("kernel_1", normal_std_over_fan_in, shape, self.param_dtype)
@@ -277,8 +218,10 @@ class BinaryPairConv(_BlockConv):
         w2 = self.param("kernel_2", normal_std_over_fan_in, shape, self.param_dtype)
         b2 = self.param("bias_2", bias_init, (self.features,), self.param_dtype)
         kernel = fold_binary_pair(w1, w2).astype(self.dtype)
-        y = conv2d(x.astype(self.dtype), kernel, self.stride, self.padding)
-        return checkpoint_name(y, CONV_OUT) + (b1 + b2).astype(self.dtype)
+        y = checkpoint_name(conv2d(x.astype(self.dtype), kernel, self.stride, self.padding), CONV_OUT)
+        if batch_norm is not None:
+            return batch_norm(y, input_bias=b1 + b2)
+        return y + (b1 + b2).astype(self.dtype)
 
 
 class Dense(nn.Module):

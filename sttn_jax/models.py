@@ -55,6 +55,13 @@ class STTNBasicBlock(nn.Module):
     def _bn(self, name):
         return BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name=name)
 
+    def _conv_bn(self, conv_name, bn_name, stride, x, train):
+        """BatchNorm of a block convolution; a binary pair hands its bias to the BatchNorm."""
+        conv, bn = self._conv(conv_name, stride), self._bn(bn_name)
+        if isinstance(conv, BinaryPairConv):
+            return conv(x, batch_norm=functools.partial(bn, train=train))
+        return bn(conv(x), train)
+
     def _activation(self, x):
         out = ternary_activation(x, self.act_backend)
         return out.astype(jnp.int8) if self.inference_dtype == "int8" else out  # exact: -1, 0, 1
@@ -67,10 +74,10 @@ class STTNBasicBlock(nn.Module):
         shortcut = x
         if self.stride == 2:  # halve the map, zeros for the new channels
             shortcut = jnp.pad(max_pool(x, 2, 2), ((0, 0),) * 3 + ((0, x.shape[-1]),))
-        out = self._bn("bn_add1")(self._conv("conv1", self.stride)(out), train) + shortcut
+        out = self._conv_bn("conv1", "bn_add1", self.stride, out, train) + shortcut
         mid = PReLU(dtype=self.dtype, name="prelu1")(checkpoint_name(out, BLOCK_SUM))
         out = self._activation(self._bn("bn2")(mid, train))
-        out = self._bn("bn_add2")(self._conv("conv2", 1)(out), train) + mid
+        out = self._conv_bn("conv2", "bn_add2", 1, out, train) + mid
         return PReLU(dtype=self.dtype, name="prelu2")(out)
 
 

@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental.layout import Layout, with_layout_constraint
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import ops
-from sttn_jax import archs, models, processes
+from sttn_jax import archs, gradient_layout, models, processes
 from sttn_jax.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -187,13 +186,6 @@ def ternary_zero_fraction(params, per_kernel: bool = False):
     return sum(zeros.values()) / total if pairs else jnp.zeros(())
 
 
-def in_parameter_layout(grad):
-    """A kernel's gradient in the parameters' layout (cuDNN writes it output-channel major): Adam
-    then updates the state in place, not through transposed copies (by XLA's H100 plan)."""
-    return grad if grad.ndim != 4 else jax.lax.optimization_barrier(
-        with_layout_constraint(grad, Layout(tuple(range(4)))))
-
-
 def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`, jitted over the mesh, the teacher's
     variables (if any) bound once. A non-finite loss keeps the state but for the step counter."""
@@ -226,7 +218,7 @@ def make_train_step(config, mesh: Mesh, tx, teacher_variables=None) -> Callable:
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         if mesh.devices.flat[0].platform == "gpu":  # a TPU's layouts are tiled: XLA's choice
-            grads = jax.tree_util.tree_map(in_parameter_layout, grads)
+            grads = gradient_layout.arranged_for_gpu_update(grads)
         if not config.sync_batch_stats:
             batch_stats = jax.tree_util.tree_map(
                 lambda x: jax.lax.pmean(x, DATA_AXIS) if jnp.issubdtype(x.dtype, jnp.floating)

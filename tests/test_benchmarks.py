@@ -173,6 +173,9 @@ def test_gpu_plan_compiles_training_and_int8_inference_for_an_h100_without_one(t
     # the kernels' gradients in the parameters' layout: Adam updates the state in place (with
     # cuDNN's layout, the state is written through a temporary and copied: 90 copies here)
     assert train["copies"] < 10
+    # per-channel gradients of one length in one array: Adam updates each group in one kernel
+    # (measured 821 kernels here; 901 with one update per array)
+    assert train["kernels"] < 860
     int8 = result["eval"]["int8/xla"]
     assert int8["cudnn_int8_convs"] == 9 and int8["kernel_calls"] == 0
     # Only a float32 output keeps a convolution of int8 operands in int8 (4 bytes written per

@@ -343,6 +343,63 @@ def test_only_a_plain_1x1_convolution_folds_its_batchnorm():
         conv.init(jax.random.PRNGKey(0), x, batch_norm=functools.partial(bn, train=True))
 
 
+class PairBN(nn.Module):
+    """A block convolution (binary pair) and its BatchNorm: the bias handed over, or written out."""
+    hand_over: bool
+
+    @nn.compact
+    def __call__(self, x, train):
+        conv = layers.BinaryPairConv(6, dtype=jnp.float64, name="conv")
+        bn = layers.BatchNorm(dtype=jnp.float64, name="bn")
+        return conv(x, batch_norm=functools.partial(bn, train=train)) if self.hand_over else bn(
+            conv(x), train)
+
+
+def test_binary_pair_hands_its_bias_to_its_batchnorm(x64):
+    """BatchNorm(conv + b1 + b2) with the biases as BatchNorm's input shift: float64 outputs and
+    running statistics equal the written-out pair's, in training and evaluation. In training the
+    biases' gradient is exactly 0 (the written-out pair's is rounding: training's normalisation
+    cancels a per-channel shift) and every other gradient equal; in evaluation all equal."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(0.3, 1.5, (8, 5, 5, 4)), rng.normal(size=(8, 5, 5, 6))
+    v = PairBN(False).init(jax.random.PRNGKey(0), jnp.asarray(x), train=False)
+    v = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, v)
+    v["params"]["conv"]["bias_1"] = jnp.asarray(rng.normal(0, 2, 6))
+    v["params"]["bn"]["scale"] = jnp.asarray(rng.normal(1, 0.5, 6))
+    v["batch_stats"]["bn"]["mean"] = jnp.asarray(rng.normal(0, 2, 6))
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(
+        PairBN(True).init(jax.random.PRNGKey(0), jnp.asarray(x), train=False))
+
+    def run(hand_over, train):
+        def loss(params):
+            y, upd = PairBN(hand_over).apply({"params": params, "batch_stats": v["batch_stats"]},
+                                             x, train=train, mutable=["batch_stats"])
+            return jnp.sum(y * w), (y, upd["batch_stats"])
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
+
+    for train in (True, False):
+        ((_, (y, stats)), grads), ((_, (y0, stats0)), grads0) = run(True, train), run(False, train)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y0), rtol=1e-12, atol=1e-12)
+        for a, b in zip(jax.tree_util.tree_leaves(stats), jax.tree_util.tree_leaves(stats0)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+        flat, flat0 = (dict(jax.tree_util.tree_leaves_with_path(g)) for g in (grads, grads0))
+        scale = max(float(np.abs(g).max()) for g in flat0.values())
+        for key, g0 in flat0.items():
+            name = jax.tree_util.keystr(key)
+            if train and "bias_" in name:
+                assert not np.any(np.asarray(flat[key])), name
+                assert float(np.abs(g0).max()) <= 1e-12 * scale, name
+            else:
+                assert float(np.abs(g0).max()) > 1e-3 * scale, name  # a real gradient compared
+                np.testing.assert_allclose(np.asarray(flat[key]), np.asarray(g0), rtol=1e-10,
+                                           atol=1e-12 * scale, err_msg=name)
+    assert np.array_equal(stats["bn"]["mean"], v["batch_stats"]["bn"]["mean"])  # evaluation
+    bn = layers.BatchNorm()
+    with pytest.raises(ValueError, match="^a folded 1x1 convolution has no bias"):
+        bn.init(jax.random.PRNGKey(0), jnp.ones((2, 4, 4, 3)), train=True,
+                conv_kernel=jnp.ones((1, 1, 3, 4)), input_bias=jnp.ones(4))
+
+
 SHORT_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f64": jnp.float64, "bool": jnp.bool_,
                 "i8": jnp.int8}
 
