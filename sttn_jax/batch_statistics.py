@@ -23,9 +23,9 @@ def batch_norm_train(x, shift, scale, bias, axis_name: str | None, epsilon: floa
     stacked (no gradient: for the running averages). Both statistics in one pass over x, one
     reduction (the two-pass variance reads x twice), of x - shift: `shift` is x's running mean,
     the same on every device, so that the difference of squares does not cancel when
-    |mean| >> std once the running mean tracks the batch's. Its gradient is BatchNorm's, written out: one
-    reduction of the two sums it needs where autodiff takes several (XLA's H100 plan of the
-    training step: 11 % fewer kernels)."""
+    |mean| >> std once the running mean tracks the batch's. Its gradient is BatchNorm's, written
+    out: one reduction of the two sums it needs where autodiff takes several (XLA's H100 plan of
+    the training step: 11 % fewer kernels)."""
     return _bn_fwd(x, shift, scale, bias, axis_name, epsilon)[0]
 
 
